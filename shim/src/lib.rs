@@ -2,5 +2,19 @@
 //! container under runc/crun, supervises it, checkpoints and restores it with
 //! CRIU, and live-migrates it to a peer outer container.
 
+pub mod bundle;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod exec;
+pub mod migration;
+pub mod nested;
 pub mod oci_layout;
+pub mod reaper;
+pub mod runtime;
+pub mod spec;
+pub mod state;
+pub mod supervisor;
+pub mod sys;
 pub mod upper_diff;

@@ -1,0 +1,189 @@
+//! Local checkpoint and restore of the nested container: a directory holding
+//! the CRIU images (`criu/`), the writable layer (`rootfs-diff.tar`) and a
+//! small description (`ums-checkpoint.json`) naming the workload image by
+//! digest. The same directory restores in this outer container or in a fresh
+//! one started from the same workload image (that is the base of migration).
+//!
+//! The workload is frozen (runtime `pause`) before CRIU dumps it and stays
+//! frozen until the writable layer is packed, so memory and files agree.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::nested::{self, CheckpointDir, ImageInfo, Nested, NestedError};
+use crate::reaper::Reaper;
+use crate::runtime::{CheckpointOpts, Runtime};
+use crate::upper_diff;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot use checkpoint dir {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("checkpoint dir {0} is not empty")]
+    NotEmpty(PathBuf),
+    #[error("freeze failed: {0}")]
+    Freeze(#[source] crate::exec::ExecError),
+    #[error("dump failed: {0}")]
+    Dump(#[source] crate::exec::ExecError),
+    #[error("cannot pack the writable layer: {0}")]
+    Diff(#[source] upper_diff::DiffError),
+    #[error("{path} is not a ums checkpoint: {detail}")]
+    BadMeta { path: PathBuf, detail: String },
+    #[error("the checkpoint is of workload image {theirs}, this outer container has {ours}")]
+    WrongImage { theirs: String, ours: String },
+    #[error(transparent)]
+    Nested(#[from] NestedError),
+}
+
+/// What `ums-checkpoint.json` says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    pub ums_version: String,
+    pub runtime: crate::config::RuntimeKind,
+    pub image: ImageInfo,
+    pub created_unix_ms: u128,
+    pub tcp_established: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    pub freeze_ms: f64,
+    pub dump_ms: f64,
+    pub diff_ms: f64,
+    pub restore_ms: f64,
+    pub total_ms: f64,
+}
+
+pub fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// Freeze the workload and dump it into `images`; it stays frozen on success
+/// and is thawed again on failure.
+pub fn freeze_and_dump(
+    cfg: &Config,
+    reaper: &Reaper,
+    runtime: &Runtime,
+    n: &Nested,
+    images: &Path,
+    work: &Path,
+    t: &mut Timings,
+) -> Result<(), CheckpointError> {
+    let t0 = Instant::now();
+    runtime.pause(reaper, &n.id).map_err(CheckpointError::Freeze)?;
+    t.freeze_ms = ms(t0.elapsed());
+    let t1 = Instant::now();
+    let opts = CheckpointOpts {
+        image_path: images.into(),
+        work_path: work.into(),
+        leave_running: true,
+        tcp_established: cfg.tcp_established,
+    };
+    if let Err(e) = runtime.checkpoint(reaper, &n.id, &opts) {
+        thaw(reaper, runtime, n);
+        return Err(CheckpointError::Dump(e));
+    }
+    t.dump_ms = ms(t1.elapsed());
+    Ok(())
+}
+
+/// Let a frozen workload run again (after a failed or a leave-running checkpoint).
+pub fn thaw(reaper: &Reaper, runtime: &Runtime, n: &Nested) {
+    if let Err(e) = runtime.resume(reaper, &n.id) {
+        tracing::error!(error = %e, workload = %n.id, "cannot thaw the workload");
+    }
+}
+
+pub fn meta(cfg: &Config, n: &Nested) -> Meta {
+    Meta {
+        ums_version: env!("CARGO_PKG_VERSION").into(),
+        runtime: cfg.runtime,
+        image: n.image.clone(),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0),
+        tcp_established: cfg.tcp_established,
+    }
+}
+
+/// The `checkpoint` request: dump into `dir` (which must be empty or absent),
+/// then either thaw the workload (`leave_running`) or end it.
+/// Returns whether the workload still runs here.
+pub fn checkpoint_to_dir(
+    cfg: &Config,
+    reaper: &Reaper,
+    runtime: &Runtime,
+    n: &Nested,
+    dir: &Path,
+    leave_running: bool,
+) -> Result<Timings, CheckpointError> {
+    let t0 = Instant::now();
+    let mut t = Timings::default();
+    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(CheckpointError::NotEmpty(dir.into()));
+    }
+    let cd = CheckpointDir(dir);
+    std::fs::create_dir_all(cd.images()).map_err(|source| CheckpointError::Dir { path: dir.into(), source })?;
+    let work = dir.join("work");
+    freeze_and_dump(cfg, reaper, runtime, n, &cd.images(), &work, &mut t)?;
+    let t1 = Instant::now();
+    let packed = (|| {
+        let f = std::fs::File::create(cd.upper_diff()).map_err(|source| CheckpointError::Dir { path: dir.into(), source })?;
+        let w = std::io::BufWriter::with_capacity(1 << 20, f);
+        upper_diff::pack(&n.bundle.upper(), w).map_err(CheckpointError::Diff)?;
+        let m = serde_json::to_vec_pretty(&meta(cfg, n)).expect("meta serializes");
+        std::fs::write(cd.meta(), m).map_err(|source| CheckpointError::Dir { path: dir.into(), source })
+    })();
+    t.diff_ms = ms(t1.elapsed());
+    if let Err(e) = packed {
+        thaw(reaper, runtime, n);
+        return Err(e);
+    }
+    if leave_running {
+        thaw(reaper, runtime, n);
+    } else if let Err(e) = runtime.kill(reaper, &n.id, "KILL", true) {
+        tracing::warn!(error = %e, "cannot kill the checkpointed workload");
+    }
+    t.total_ms = ms(t0.elapsed());
+    Ok(t)
+}
+
+pub fn read_meta(dir: &Path) -> Result<Meta, CheckpointError> {
+    let p = CheckpointDir(dir).meta();
+    let text = std::fs::read(&p).map_err(|e| CheckpointError::BadMeta { path: p.clone(), detail: e.to_string() })?;
+    serde_json::from_slice(&text).map_err(|e| CheckpointError::BadMeta { path: p, detail: e.to_string() })
+}
+
+/// The `restore` request: bring the workload back from a checkpoint dir.
+pub fn restore_from_dir(
+    cfg: &Config,
+    reaper: &Reaper,
+    runtime: &Runtime,
+    dir: &Path,
+) -> Result<(Nested, Timings), CheckpointError> {
+    let t0 = Instant::now();
+    let m = read_meta(dir)?;
+    let (_layout, img, _lower) = nested::open_image(cfg)?;
+    if img.manifest_digest != m.image.manifest_digest {
+        return Err(CheckpointError::WrongImage { theirs: m.image.manifest_digest, ours: img.manifest_digest });
+    }
+    let cd = CheckpointDir(dir);
+    let diff = cd.upper_diff();
+    let max = cfg.max_checkpoint_bytes;
+    let (n, restore) = nested::restore(cfg, reaper, runtime, &cd.images(), &dir.join("restore-work"), move |upper| {
+        let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
+        upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })?;
+    let t = Timings { restore_ms: ms(restore), total_ms: ms(t0.elapsed()), ..Default::default() };
+    Ok((n, t))
+}

@@ -1,0 +1,30 @@
+//! `ums checkpoint DIR`: dump the workload into DIR (and leave it running,
+//! unless --stop).
+
+use std::path::PathBuf;
+
+use super::{finish, request, secs, ClientOpts};
+use crate::control::Request;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Directory to write the checkpoint into (empty or absent; path inside the outer container).
+    pub dir: PathBuf,
+    /// Stop the workload after the dump instead of letting it run on.
+    #[arg(long)]
+    pub stop: bool,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    let dir = std::path::absolute(&a.dir)?;
+    let r = request(&a.client.socket, Request::Checkpoint { dir: dir.clone(), leave_running: !a.stop })?;
+    finish(&a.client, r, |v| {
+        println!("checkpoint written to {}", dir.display());
+        println!("  freeze   {}", secs(&v["freeze_ms"]));
+        println!("  dump     {}", secs(&v["dump_ms"]));
+        println!("  rootfs   {}", secs(&v["diff_ms"]));
+        println!("  total    {}", secs(&v["total_ms"]));
+    })
+}

@@ -1,0 +1,131 @@
+//! `ums init`: the outer container's PID 1. Process-wide setup happens here,
+//! before the async runtime starts: signal mask, subreaper, logging, the
+//! state dir on a filesystem that can hold an overlay upper dir.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{Config, RuntimeKind};
+use crate::reaper::Reaper;
+use crate::runtime::Runtime;
+use crate::supervisor::{Ctx, Supervisor};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The workload's OCI image layout.
+    #[arg(long, env = "UMS_LAYOUT", default_value = Config::DEFAULT_LAYOUT_DIR)]
+    pub layout: PathBuf,
+    /// Unpacked layers, the bundle and images dirs (tmpfs is mounted here when it is on overlayfs).
+    #[arg(long, env = "UMS_STATE_DIR", default_value = Config::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Control socket and runtime state.
+    #[arg(long, env = "UMS_RUN_DIR", default_value = Config::DEFAULT_RUN_DIR)]
+    pub run_dir: PathBuf,
+    /// OCI runtime for the nested container: runc or crun.
+    #[arg(long, env = "UMS_RUNTIME", default_value = "runc")]
+    pub runtime: RuntimeKind,
+    /// Start without a workload and wait for one to arrive (restore or migration).
+    #[arg(long, env = "UMS_STANDBY")]
+    pub standby: bool,
+    /// How long SIGTERM waits for the workload before SIGKILL (10s, 500ms).
+    #[arg(long, env = "UMS_STOP_GRACE", default_value = "10s", value_parser = crate::supervisor::parse_duration)]
+    pub stop_grace: std::time::Duration,
+    /// Address of the peer port.
+    #[arg(long, env = "UMS_PEER_LISTEN", default_value_t = SocketAddr::from(([0, 0, 0, 0], Config::DEFAULT_PEER_PORT)))]
+    pub peer_listen: SocketAddr,
+    /// Hostname of the nested container (default: the outer container's).
+    #[arg(long, env = "UMS_HOSTNAME")]
+    pub hostname: Option<String>,
+    /// Do not ask CRIU to keep established TCP connections.
+    #[arg(long)]
+    pub no_tcp_established: bool,
+    /// Command to run instead of the image's Entrypoint and Cmd.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+impl Args {
+    fn config(self) -> Config {
+        Config {
+            layout_dir: self.layout,
+            state_dir: self.state_dir,
+            run_dir: self.run_dir,
+            runtime: self.runtime,
+            command: self.command,
+            standby: self.standby,
+            stop_grace: self.stop_grace,
+            peer_listen: self.peer_listen,
+            hostname: self.hostname,
+            tcp_established: !self.no_tcp_established,
+            ..Config::default()
+        }
+    }
+}
+
+/// The state dir must not be on overlayfs (no overlay upper on overlay, and
+/// CRIU cannot dump files of a nested overlay lower); use a tmpfs then.
+fn prepare_dirs(cfg: &Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("create {}", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.run_dir).with_context(|| format!("create {}", cfg.run_dir.display()))?;
+    if crate::sys::is_overlayfs(&cfg.state_dir) {
+        tracing::info!(dir = %cfg.state_dir.display(), "state dir is on overlayfs; mounting a tmpfs there");
+        nix::mount::mount(Some("tmpfs"), &cfg.state_dir, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("mode=0700"))
+            .with_context(|| format!("mount tmpfs on {}", cfg.state_dir.display()))?;
+    }
+    // Leftovers of an earlier ums in the same outer container are stale.
+    let _ = std::fs::remove_dir_all(cfg.images_root());
+    Ok(())
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    crate::sys::block_handled_signals().context("block signals")?;
+    if !crate::sys::is_pid1() {
+        crate::sys::become_subreaper().context("become a subreaper")?;
+    }
+    let cfg = Arc::new(a.config());
+    prepare_dirs(&cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    let code = rt.block_on(async move {
+        let (sig_tx, sig_rx) = mpsc::unbounded_channel();
+        let reaper = Reaper::start(sig_tx).context("start the reaper")?;
+        let runtime = Runtime::new(cfg.runtime, cfg.runtime_root());
+        let ctx = Ctx { cfg: cfg.clone(), reaper, runtime };
+        let mut sup = Supervisor::new(ctx.clone(), sig_rx);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let listener = crate::control::bind(&cfg.socket_path())
+            .with_context(|| format!("bind the control socket {}", cfg.socket_path().display()))?;
+        let inbox = sup.inbox();
+        let (ctl_tx, mut ctl_rx) = mpsc::channel(16);
+        tokio::spawn(crate::control::serve(listener, ctl_tx, shutdown_rx.clone()));
+        let to_sup = inbox.clone();
+        tokio::spawn(async move {
+            while let Some((req, reply)) = ctl_rx.recv().await {
+                if to_sup.send(crate::supervisor::Msg::Control(req, reply)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let peer = tokio::net::TcpListener::bind(cfg.peer_listen)
+            .await
+            .with_context(|| format!("bind the peer port {}", cfg.peer_listen))?;
+        tokio::spawn(crate::migration::serve_peers(ctx.clone(), peer, inbox, shutdown_rx));
+        if cfg.standby {
+            tracing::info!(peer = %cfg.peer_listen, "standby: waiting for a workload");
+        } else if let Err(e) = sup.start_workload().await {
+            anyhow::bail!("cannot start the workload: {e}");
+        }
+        tracing::info!(socket = %cfg.socket_path().display(), "ums ready");
+        Ok::<i32, anyhow::Error>(sup.run(shutdown_tx).await)
+    })?;
+    let _ = std::fs::remove_file(Config { ..Config::default() }.socket_path());
+    Ok(code)
+}

@@ -1,0 +1,108 @@
+//! Every path, port and limit `ums` uses, with its default in one place.
+//! Tests point the real code at temporary directories by building a `Config`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Which OCI runtime runs the nested container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    Runc,
+    Crun,
+}
+
+impl RuntimeKind {
+    pub fn binary(self) -> &'static str {
+        match self {
+            RuntimeKind::Runc => "runc",
+            RuntimeKind::Crun => "crun",
+        }
+    }
+}
+
+impl std::str::FromStr for RuntimeKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "runc" => Ok(RuntimeKind::Runc),
+            "crun" => Ok(RuntimeKind::Crun),
+            other => Err(format!("unknown runtime {other:?} (runc or crun)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The workload's OCI image layout (index.json, blobs/sha256/...).
+    pub layout_dir: PathBuf,
+    /// Unpacked layers (read-only lower dirs), bundles, writable layers, images dirs.
+    pub state_dir: PathBuf,
+    /// Control socket and the OCI runtime's own state live under here (tmpfs).
+    pub run_dir: PathBuf,
+    pub runtime: RuntimeKind,
+    /// Overrides the image's Entrypoint+Cmd when non-empty.
+    pub command: Vec<String>,
+    /// Start with no workload and wait for one to arrive from a peer.
+    pub standby: bool,
+    /// How long a SIGTERM waits for the workload before SIGKILL.
+    pub stop_grace: Duration,
+    /// Peer port listen address.
+    pub peer_listen: SocketAddr,
+    /// Hostname of the nested container (default: the outer's hostname).
+    pub hostname: Option<String>,
+    /// Largest checkpoint a destination accepts (bytes of the images dir plus writable layer).
+    pub max_checkpoint_bytes: u64,
+    /// Deadline for any single read from a peer.
+    pub peer_read_timeout: Duration,
+    /// Pass `--tcp-established` to CRIU.
+    pub tcp_established: bool,
+}
+
+impl Config {
+    pub const DEFAULT_LAYOUT_DIR: &'static str = "/var/lib/ums-image";
+    pub const DEFAULT_STATE_DIR: &'static str = "/var/lib/ums";
+    pub const DEFAULT_RUN_DIR: &'static str = "/run/ums";
+    pub const DEFAULT_PEER_PORT: u16 = 7411;
+
+    pub fn socket_path(&self) -> PathBuf {
+        self.run_dir.join("ums.sock")
+    }
+    /// Where runc/crun keep their container state (`--root`).
+    pub fn runtime_root(&self) -> PathBuf {
+        self.run_dir.join("runtime")
+    }
+    pub fn netns_path(&self) -> PathBuf {
+        self.run_dir.join("netns-workload")
+    }
+    pub fn layer_cache(&self) -> PathBuf {
+        self.state_dir.join("layers")
+    }
+    pub fn bundle_dir(&self) -> PathBuf {
+        self.state_dir.join("bundle")
+    }
+    /// Images dirs of checkpoints made for migrations, and received ones.
+    pub fn images_root(&self) -> PathBuf {
+        self.state_dir.join("images")
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            layout_dir: Self::DEFAULT_LAYOUT_DIR.into(),
+            state_dir: Self::DEFAULT_STATE_DIR.into(),
+            run_dir: Self::DEFAULT_RUN_DIR.into(),
+            runtime: RuntimeKind::Runc,
+            command: Vec::new(),
+            standby: false,
+            stop_grace: Duration::from_secs(10),
+            peer_listen: SocketAddr::from(([0, 0, 0, 0], Self::DEFAULT_PEER_PORT)),
+            hostname: None,
+            max_checkpoint_bytes: 64 << 30,
+            peer_read_timeout: Duration::from_secs(30),
+            tcp_established: true,
+        }
+    }
+}

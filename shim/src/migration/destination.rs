@@ -1,0 +1,334 @@
+//! The destination side: a standby `ums` accepts a peer connection, checks it
+//! can host the workload, takes the missing image blobs, prepares the image
+//! before the source freezes, receives and verifies the checkpoint, restores
+//! it and reports. Whatever fails, it discards what it received and goes back
+//! to standby; the source then thaws its copy.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::wire::{self, Frame, Kind, WireError};
+use super::{safe_name, FileKind, FileOpen, Hello, HelloOk, Manifest, MigrationResult, Query, QueryAnswer};
+use crate::checkpoint::ms;
+use crate::oci_layout::{self, OciLayout};
+use crate::supervisor::{Ctx, Msg};
+
+/// Outcomes of recent incoming migrations, for a source that lost the
+/// connection and asks (`Query`).
+type Outcomes = Arc<Mutex<HashMap<String, bool>>>;
+
+/// Accept peer connections until shutdown.
+pub async fn serve_peers(ctx: Ctx, listener: TcpListener, inbox: mpsc::Sender<Msg>, mut shutdown: watch::Receiver<bool>) {
+    let outcomes: Outcomes = Arc::default();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, addr)) => {
+                    let (ctx, inbox, outcomes) = (ctx.clone(), inbox.clone(), outcomes.clone());
+                    tokio::spawn(async move {
+                        let _ = stream.set_nodelay(true);
+                        if let Err(e) = handle(ctx, stream, inbox, outcomes).await {
+                            tracing::warn!(peer = %addr, error = %e, "incoming peer connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "peer accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum InError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("{0}")]
+    Refuse(String),
+}
+
+async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes: Outcomes) -> Result<(), InError> {
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let (r, w) = stream.into_split();
+    let mut r = BufReader::with_capacity(wire::CHUNK + 64, r);
+    let mut w = BufWriter::new(w);
+    let first = wire::read_frame_within(&mut r, ctx.cfg.peer_read_timeout).await?;
+    if first.kind == Kind::Query {
+        let q: Query = first.parse()?;
+        let running = outcomes.lock().expect("outcomes").get(&q.migration_id).copied().unwrap_or(false);
+        wire::send_json(&mut w, Kind::QueryAnswer, &QueryAnswer { running }).await?;
+        return Ok(());
+    }
+    let hello: Hello = first.expect(Kind::Hello)?;
+    if hello.protocol != wire::PROTOCOL_VERSION {
+        let msg = format!("protocol version {} not supported (this ums speaks {})", hello.protocol, wire::PROTOCOL_VERSION);
+        wire::send_json(&mut w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await?;
+        return Err(InError::Refuse(msg));
+    }
+    if !safe_name(&hello.migration_id) {
+        return Err(InError::Refuse("bad migration id".into()));
+    }
+    let (tx, rx) = oneshot::channel();
+    inbox.send(Msg::BeginIncoming(tx)).await.map_err(|_| InError::Refuse("shutting down".into()))?;
+    if let Err(refusal) = rx.await.map_err(|_| InError::Refuse("shutting down".into()))? {
+        let msg = refusal.to_string();
+        wire::send_json(&mut w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await?;
+        return Err(InError::Refuse(msg));
+    }
+    tracing::info!(peer = %peer, id = %hello.migration_id, image = %hello.image.manifest_digest, "incoming migration");
+    let dir = ctx.cfg.images_root().join(&hello.migration_id);
+    let r2 = receive(&ctx, &hello, &dir, &mut r, &mut w).await;
+    let (result, report) = match r2 {
+        Ok(v) => v,
+        Err(e) => {
+            let msg = e.to_string();
+            let _ = wire::send_json(&mut w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = inbox.send(Msg::IncomingDone(Err(msg.clone()))).await;
+            return Err(InError::Refuse(msg));
+        }
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let running = result.is_ok();
+    outcomes.lock().expect("outcomes").insert(hello.migration_id.clone(), running);
+    let answer = match &result {
+        Ok(_) => MigrationResult { running: true, error: None, verify_ms: report.0, restore_ms: report.1 },
+        Err(e) => MigrationResult { running: false, error: Some(e.clone()), verify_ms: report.0, restore_ms: report.1 },
+    };
+    // Report to the supervisor first: the workload runs here from now on,
+    // whether or not the source hears about it.
+    let msg = match result {
+        Ok(n) => Msg::IncomingDone(Ok((n, serde_json::json!({ "peer": peer, "verify_ms": report.0, "restore_ms": report.1 })))),
+        Err(e) => Msg::IncomingDone(Err(e)),
+    };
+    let _ = inbox.send(msg).await;
+    wire::send_json(&mut w, Kind::Result, &answer).await?;
+    Ok(())
+}
+
+/// A file being received.
+struct Incoming {
+    path: PathBuf,
+    file: std::fs::File,
+    kind: FileKind,
+    name: String,
+    len: u64,
+    hash: Sha256,
+}
+
+type Received = (Result<crate::nested::Nested, String>, (f64, f64));
+
+async fn receive(
+    ctx: &Ctx,
+    hello: &Hello,
+    dir: &Path,
+    r: &mut (impl tokio::io::AsyncReadExt + Unpin),
+    w: &mut (impl AsyncWriteExt + Unpin),
+) -> Result<Received, InError> {
+    let cfg = &ctx.cfg;
+    let deadline = cfg.peer_read_timeout;
+    // ---- can we host it?
+    if hello.runtime != cfg.runtime {
+        return Err(InError::Refuse(format!("the workload ran under {:?}, this outer container uses {:?}", hello.runtime, cfg.runtime)));
+    }
+    std::fs::create_dir_all(dir.join("criu")).map_err(|e| InError::Refuse(format!("{}: {e}", dir.display())))?;
+    if let Ok(st) = nix::sys::statvfs::statvfs(dir) {
+        let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+        let need = hello.memory_bytes + (16 << 20);
+        if free < need {
+            return Err(InError::Refuse(format!("not enough space for the checkpoint in {}: {free} bytes free, about {need} needed", dir.display())));
+        }
+    }
+    if let Ok(mi) = <procfs::Meminfo as procfs::Current>::current() {
+        if let Some(avail) = mi.mem_available {
+            if avail < hello.memory_bytes {
+                return Err(InError::Refuse(format!("not enough memory: {avail} bytes available, the workload uses {}", hello.memory_bytes)));
+            }
+        }
+    }
+    if hello.blobs.len() > 4096 {
+        return Err(InError::Refuse("too many blobs".into()));
+    }
+    let layout = match OciLayout::open(&cfg.layout_dir) {
+        Ok(l) => l,
+        Err(_) => OciLayout::create(&cfg.layout_dir).map_err(|e| InError::Refuse(e.to_string()))?,
+    };
+    let digests: Vec<String> = hello.blobs.iter().map(|b| b.0.clone()).collect();
+    for d in &digests {
+        layout.blob_path(d).map_err(|e| InError::Refuse(e.to_string()))?;
+    }
+    let missing = layout.missing_blobs(&digests);
+    let criu_version = std::process::Command::new("criu")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+        .unwrap_or_default();
+    wire::send_json(w, Kind::HelloOk, &HelloOk { protocol: wire::PROTOCOL_VERSION, missing_blobs: missing.clone(), criu_version }).await?;
+
+    // ---- missing blobs, verified by digest on arrival.
+    let mut files: HashMap<u32, Incoming> = HashMap::new();
+    let mut total = 0u64;
+    loop {
+        let f = wire::read_frame_within(r, deadline).await?;
+        match f.kind {
+            Kind::BlobsDone => break,
+            Kind::FileOpen | Kind::Data => {
+                accept_file_frame(&f, dir, &mut files, &mut total, cfg.max_checkpoint_bytes, FileKind::Blob, &missing)?
+            }
+            _ => return Err(f.expect::<serde_json::Value>(Kind::BlobsDone).err().map(InError::from).unwrap_or_else(|| InError::Refuse("unexpected frame".into()))),
+        }
+    }
+    for (_, inc) in files.drain() {
+        let digest = inc.name.clone();
+        let size = hello.blobs.iter().find(|b| b.0 == digest).map(|b| b.1).unwrap_or(0);
+        drop(inc.file);
+        let file = std::fs::File::open(&inc.path).map_err(|e| InError::Refuse(e.to_string()))?;
+        layout.add_blob(&digest, file, size.max(inc.len)).map_err(|e| InError::Refuse(format!("blob {digest}: {e}")))?;
+        let _ = std::fs::remove_file(&inc.path);
+    }
+    let still = layout.missing_blobs(&digests);
+    if !still.is_empty() {
+        return Err(InError::Refuse(format!("blobs still missing after transfer: {}", still.join(", "))));
+    }
+    // ---- prepare before the freeze: the image, unpacked.
+    let current = layout.resolve().ok().map(|i| i.manifest_digest);
+    if current.as_deref() != Some(hello.image.manifest_digest.as_str()) {
+        layout.set_index(&hello.image.manifest_digest, hello.manifest_size).map_err(|e| InError::Refuse(e.to_string()))?;
+    }
+    let (layout_dir, cache) = (cfg.layout_dir.clone(), cfg.layer_cache());
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let l = OciLayout::open(&layout_dir).map_err(|e| e.to_string())?;
+        let img = l.resolve().map_err(|e| e.to_string())?;
+        oci_layout::unpack_image(&l, &img, &cache).map(|_| ()).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| InError::Refuse(e.to_string()))?
+    .map_err(|e| InError::Refuse(format!("cannot prepare the workload image: {e}")))?;
+    wire::send_json(w, Kind::Ready, &serde_json::json!({})).await?;
+
+    // ---- the checkpoint stream, until the manifest.
+    let manifest: Manifest = loop {
+        let f = wire::read_frame_within(r, deadline).await?;
+        match f.kind {
+            Kind::FileOpen | Kind::Data => {
+                accept_file_frame(&f, dir, &mut files, &mut total, cfg.max_checkpoint_bytes, FileKind::Image, &[])?
+            }
+            Kind::Manifest => break f.parse()?,
+            _ => return Err(f.expect::<serde_json::Value>(Kind::Manifest).err().map(InError::from).unwrap_or_else(|| InError::Refuse("unexpected frame".into()))),
+        }
+    };
+    // ---- verify: the same files, sizes and digests as the source saw.
+    let t_verify = Instant::now();
+    if manifest.meta.image.manifest_digest != hello.image.manifest_digest {
+        return Err(InError::Refuse("the manifest names another workload image".into()));
+    }
+    let mut got: HashMap<(FileKind, String), (u64, String)> = HashMap::new();
+    for (_, inc) in files.drain() {
+        let _ = inc.file.sync_data();
+        got.insert((inc.kind, inc.name), (inc.len, hex::encode(inc.hash.finalize())));
+    }
+    if got.len() != manifest.files.len() {
+        return Err(InError::Refuse(format!("received {} files, the manifest lists {}", got.len(), manifest.files.len())));
+    }
+    for e in &manifest.files {
+        match got.get(&(e.kind, e.name.clone())) {
+            None => return Err(InError::Refuse(format!("{} is in the manifest but was not received", e.name))),
+            Some((len, digest)) if *len != e.size || *digest != e.sha256 => {
+                return Err(InError::Refuse(format!("{}: digest or size mismatch (got {len} bytes)", e.name)))
+            }
+            Some(_) => {}
+        }
+    }
+    let verify_ms = ms(t_verify.elapsed());
+    // ---- restore.
+    let (c2, images, work, diff) = (ctx.clone(), dir.join("criu"), dir.join("work"), dir.join("rootfs-diff.tar"));
+    let max = cfg.max_checkpoint_bytes;
+    let restored = tokio::task::spawn_blocking(move || {
+        crate::nested::restore(&c2.cfg, &c2.reaper, &c2.runtime, &images, &work, move |upper| {
+            let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
+            crate::upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max).map(|_| ()).map_err(|e| e.to_string())
+        })
+    })
+    .await
+    .map_err(|e| InError::Refuse(e.to_string()))?;
+    Ok(match restored {
+        Ok((n, d)) => (Ok(n), (verify_ms, ms(d))),
+        Err(e) => (Err(e.to_string()), (verify_ms, 0.0)),
+    })
+}
+
+/// Take one FileOpen or Data frame of the expected kind into `dir`.
+fn accept_file_frame(
+    f: &Frame,
+    dir: &Path,
+    files: &mut HashMap<u32, Incoming>,
+    total: &mut u64,
+    max_total: u64,
+    phase: FileKind,
+    allowed_blobs: &[String],
+) -> Result<(), InError> {
+    let bad = |m: String| InError::Refuse(m);
+    if f.kind == Kind::FileOpen {
+        let o: FileOpen = f.parse()?;
+        let ok_kind = match phase {
+            FileKind::Blob => o.kind == FileKind::Blob && allowed_blobs.contains(&o.name),
+            _ => o.kind == FileKind::Image || o.kind == FileKind::UpperDiff,
+        };
+        if !ok_kind {
+            return Err(bad(format!("unexpected {:?} file {:?} now", o.kind, o.name)));
+        }
+        let path = match o.kind {
+            FileKind::Blob => dir.join(format!("blob-{}", o.name.replace(':', "-"))),
+            FileKind::UpperDiff => dir.join("rootfs-diff.tar"),
+            FileKind::Image => {
+                if !safe_name(&o.name) {
+                    return Err(bad(format!("unsafe file name {:?}", o.name)));
+                }
+                dir.join("criu").join(&o.name)
+            }
+        };
+        if o.kind == FileKind::Blob && !safe_name(&o.name.replace(':', "-")) {
+            return Err(bad(format!("unsafe blob name {:?}", o.name)));
+        }
+        // A FileOpen for a known id restarts that file from zero.
+        if let Some(old) = files.remove(&o.id) {
+            *total = total.saturating_sub(old.len);
+        }
+        if files.values().any(|i| i.path == path) {
+            return Err(bad(format!("file {:?} opened twice", o.name)));
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| bad(format!("{}: {e}", path.display())))?;
+        files.insert(o.id, Incoming { path, file, kind: o.kind, name: o.name, len: 0, hash: Sha256::new() });
+        return Ok(());
+    }
+    let (id, offset, bytes) = wire::parse_data(&f.payload)?;
+    let inc = files.get_mut(&id).ok_or_else(|| bad(format!("data for unknown file id {id}")))?;
+    if offset != inc.len {
+        return Err(bad(format!("{}: data at offset {offset}, expected {}", inc.name, inc.len)));
+    }
+    *total += bytes.len() as u64;
+    if *total > max_total {
+        return Err(bad(format!("checkpoint larger than the limit of {max_total} bytes")));
+    }
+    inc.file.write_all(bytes).map_err(|e| bad(format!("{}: {e}", inc.path.display())))?;
+    inc.hash.update(bytes);
+    inc.len += bytes.len() as u64;
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! Live migration of the nested workload to a peer outer container, in the
+//! three phases of UMS (section III-B):
+//!
+//! * pre-migration: `Hello` (version, image digest and blobs, resource needs);
+//!   the destination, a standby, checks it can host the workload and answers
+//!   with the blobs it lacks; the source sends exactly those; the destination
+//!   unpacks the image and says `Ready`. The workload has not been touched.
+//! * migration: the source freezes the workload and CRIU dumps it into an
+//!   images dir on tmpfs, while `streamer` ships every file's new bytes as
+//!   CRIU writes them (inotify), so dump and transfer overlap. The writable
+//!   layer follows, then a `Manifest` with every file's size and digest, sent
+//!   only after CRIU succeeded. The destination verifies and restores.
+//! * post-migration: on `Result { running }` the source kills its frozen copy
+//!   and becomes standby. Any failure before that thaws the source.
+//!
+//! The frame format is in `wire`, the sides in `source` and `destination`.
+
+pub mod destination;
+pub mod source;
+pub mod streamer;
+pub mod wire;
+
+use serde::{Deserialize, Serialize};
+
+pub use destination::serve_peers;
+pub use source::migrate_out;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub protocol: u32,
+    pub migration_id: String,
+    pub ums_version: String,
+    pub image: crate::nested::ImageInfo,
+    /// Every blob of the workload image: digest and size.
+    pub blobs: Vec<(String, u64)>,
+    pub manifest_size: u64,
+    pub runtime: crate::config::RuntimeKind,
+    /// Resident memory of the workload: the images dir needs about this much.
+    pub memory_bytes: u64,
+    pub tcp_established: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelloOk {
+    pub protocol: u32,
+    pub missing_blobs: Vec<String>,
+    pub criu_version: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    /// A blob of the workload image, named by digest.
+    Blob,
+    /// A file of the CRIU images dir.
+    Image,
+    /// The writable layer, as a tar stream.
+    UpperDiff,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileOpen {
+    pub id: u32,
+    pub kind: FileKind,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    pub name: String,
+    pub kind: FileKind,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub files: Vec<FileEntry>,
+    pub meta: crate::checkpoint::Meta,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationResult {
+    pub running: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub verify_ms: f64,
+    #[serde(default)]
+    pub restore_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Query {
+    pub migration_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryAnswer {
+    pub running: bool,
+}
+
+/// A name from the peer must be one plain file name: no separators, no `..`.
+pub fn safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\0')
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn peer_names_are_plain_file_names() {
+        use super::safe_name;
+        assert!(safe_name("pages-1.img"));
+        assert!(!safe_name("../etc/passwd"));
+        assert!(!safe_name("/abs"));
+        assert!(!safe_name(".."));
+        assert!(!safe_name(""));
+        assert!(!safe_name("a/b"));
+        assert!(!safe_name("nul\0"));
+    }
+}

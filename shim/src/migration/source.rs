@@ -1,0 +1,314 @@
+//! The source side of a migration: pre-migration handshake, freeze and dump
+//! with streaming, manifest, and the decision to kill or thaw.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::streamer::{self, Out};
+use super::wire::{self, Frame, Kind, WireError};
+use super::{FileKind, FileOpen, Hello, HelloOk, Manifest, MigrationResult, Query, QueryAnswer};
+use crate::checkpoint::{self, ms, CheckpointError, Timings};
+use crate::nested::{self, Nested};
+use crate::oci_layout::OciLayout;
+use crate::supervisor::Ctx;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("cannot reach the peer {peer}: {source}")]
+    Connect {
+        peer: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pre-migration: {0}")]
+    Pre(#[source] WireError),
+    #[error("the peer refused: {0}")]
+    Refused(String),
+    #[error("workload image: {0}")]
+    Image(String),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("streaming the checkpoint: {0}")]
+    Stream(String),
+    #[error("transfer: {0}")]
+    Transfer(#[source] WireError),
+    #[error("the destination could not restore: {0}")]
+    Restore(String),
+}
+
+/// Streaming on (the default) or "dump, then send" (for comparison).
+pub fn streaming_enabled() -> bool {
+    std::env::var("UMS_STREAMING").map(|v| v != "0" && v != "off").unwrap_or(true)
+}
+
+/// The single writer of a peer connection: frames arrive on a channel, in
+/// order; data is flushed whenever the channel runs dry.
+async fn writer(mut w: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver<Out>) -> Result<u64, WireError> {
+    let mut bytes = 0u64;
+    while let Some(o) = rx.recv().await {
+        match o {
+            Out::Control(f) => {
+                wire::send(&mut w, &f).await?;
+                w.flush().await?;
+                continue;
+            }
+            Out::Open(f) => wire::send(&mut w, &Frame::json(Kind::FileOpen, &f)).await?,
+            Out::Data { id, offset, bytes: b } => {
+                bytes += b.len() as u64;
+                wire::write_frame(&mut w, Kind::Data, &[&wire::data_header(id, offset), &b]).await?;
+            }
+        }
+        if rx.is_empty() {
+            w.flush().await?;
+        }
+    }
+    w.flush().await?;
+    Ok(bytes)
+}
+
+fn resident_bytes(pids: &[i32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| procfs::process::Process::new(*p).ok()?.status().ok()?.vmrss)
+        .sum::<u64>()
+        * 1024
+}
+
+/// Migrate the workload `n` to the peer at `to`. On success the frozen copy
+/// here is gone; on failure the workload runs here as before.
+pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_json::Value, MigrateError> {
+    let cfg = ctx.cfg.clone();
+    let t_start = Instant::now();
+    let migration_id = format!("m-{:016x}", rand::random::<u64>());
+    let span = tracing::info_span!("migrate", peer = %to, workload = %n.id, id = %migration_id);
+    let _enter = span.enter();
+
+    // ---- pre-migration: the workload is not touched yet.
+    let layout = OciLayout::open(&cfg.layout_dir).map_err(|e| MigrateError::Image(e.to_string()))?;
+    let img = layout.resolve().map_err(|e| MigrateError::Image(e.to_string()))?;
+    let blobs = layout.image_blobs(&img);
+    let manifest_size = blobs.iter().find(|(d, _)| *d == img.manifest_digest).map(|b| b.1).unwrap_or(0);
+    let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(to))
+        .await
+        .map_err(|_| MigrateError::Connect { peer: to.into(), source: std::io::ErrorKind::TimedOut.into() })?
+        .map_err(|source| MigrateError::Connect { peer: to.into(), source })?;
+    let _ = stream.set_nodelay(true);
+    let peer_addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| to.into());
+    let (mut r, w) = stream.into_split();
+    let (tx, rx) = mpsc::channel::<Out>(32);
+    let writer_task = tokio::spawn(writer(BufWriter::with_capacity(wire::CHUNK + 64, w), rx));
+    let send = |f: Frame| {
+        let tx = tx.clone();
+        async move { tx.send(Out::Control(f)).await.map_err(|_| WireError::Closed) }
+    };
+    let hello = Hello {
+        protocol: wire::PROTOCOL_VERSION,
+        migration_id: migration_id.clone(),
+        ums_version: env!("CARGO_PKG_VERSION").into(),
+        image: n.image.clone(),
+        blobs: blobs.clone(),
+        manifest_size,
+        runtime: cfg.runtime,
+        memory_bytes: resident_bytes(&nested::pids(n.pid)),
+        tcp_established: cfg.tcp_established,
+    };
+    send(Frame::json(Kind::Hello, &hello)).await.map_err(MigrateError::Pre)?;
+    let ok: HelloOk = match wire::read_frame_within(&mut r, cfg.peer_read_timeout).await.and_then(|f| f.expect(Kind::HelloOk)) {
+        Ok(ok) => ok,
+        Err(WireError::Peer(m)) => return Err(MigrateError::Refused(m)),
+        Err(e) => return Err(MigrateError::Pre(e)),
+    };
+    // Exactly the missing blobs, each one of ours.
+    let mut blob_bytes = 0u64;
+    for (i, d) in ok.missing_blobs.iter().enumerate() {
+        if !blobs.iter().any(|(b, _)| b == d) {
+            return Err(MigrateError::Refused(format!("peer asked for a blob that is not part of the image: {d}")));
+        }
+        let path = layout.blob_path(d).map_err(|e| MigrateError::Image(e.to_string()))?;
+        let (tx2, d2) = (tx.clone(), d.clone());
+        let entry = tokio::task::spawn_blocking(move || streamer::send_file(&path, i as u32 + 1, FileKind::Blob, &d2, &tx2))
+            .await
+            .map_err(|e| MigrateError::Stream(e.to_string()))?
+            .map_err(|e| MigrateError::Stream(e.to_string()))?;
+        blob_bytes += entry.size;
+    }
+    send(Frame::json(Kind::BlobsDone, &json!({}))).await.map_err(MigrateError::Pre)?;
+    wire::read_frame_within(&mut r, Duration::from_secs(600))
+        .await
+        .and_then(|f| f.expect::<serde_json::Value>(Kind::Ready))
+        .map_err(|e| match e {
+            WireError::Peer(m) => MigrateError::Refused(m),
+            e => MigrateError::Pre(e),
+        })?;
+    let pre_ms = ms(t_start.elapsed());
+    tracing::info!(pre_ms, missing_blobs = ok.missing_blobs.len(), blob_bytes, "pre-migration done");
+
+    // ---- migration: freeze, dump while streaming, manifest.
+    let dir = cfg.images_root().join(&migration_id);
+    let images = dir.join("criu");
+    std::fs::create_dir_all(&images).map_err(|e| MigrateError::Stream(format!("{}: {e}", images.display())))?;
+    let cleanup_dir = scopeguard_dir(dir.clone());
+    let live = streaming_enabled();
+    let t_freeze = Instant::now();
+    let s = streamer::start(&images, 1000, tx.clone(), live).map_err(|e| MigrateError::Stream(e.to_string()))?;
+    let (c2, n2, images2, work) = (ctx.clone(), n.clone(), images.clone(), dir.join("work"));
+    let dumped = tokio::task::spawn_blocking(move || {
+        let mut t = Timings::default();
+        checkpoint::freeze_and_dump(&c2.cfg, &c2.reaper, &c2.runtime, &n2, &images2, &work, &mut t).map(|_| t)
+    })
+    .await
+    .map_err(|e| MigrateError::Stream(e.to_string()))?;
+    let mut timings = match dumped {
+        Ok(t) => t,
+        Err(e) => {
+            tokio::task::spawn_blocking(move || s.abort()).await.ok();
+            let _ = send(Frame::json(Kind::Error, &wire::ErrorMsg { message: format!("source: {e}") })).await;
+            return Err(e.into());
+        }
+    };
+    let dump_end = t_freeze.elapsed();
+    // From here the workload is frozen: every failure path must thaw it.
+    let thaw = |ctx: Ctx, n: Arc<Nested>| async move {
+        let _ = tokio::task::spawn_blocking(move || checkpoint::thaw(&ctx.reaper, &ctx.runtime, &n)).await;
+    };
+    let result: Result<(u64, MigrationResult, Duration), MigrateError> = async {
+        let (mut files, _) = tokio::task::spawn_blocking(move || s.finish())
+            .await
+            .map_err(|e| MigrateError::Stream(e.to_string()))?
+            .map_err(|e| MigrateError::Stream(e.to_string()))?;
+        let t_diff = Instant::now();
+        let diff_path = dir.join("rootfs-diff.tar");
+        let (upper, dp, tx2) = (n.bundle.upper(), diff_path.clone(), tx.clone());
+        let diff_entry = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let f = std::fs::File::create(&dp).map_err(|e| e.to_string())?;
+            crate::upper_diff::pack(&upper, std::io::BufWriter::with_capacity(1 << 20, f)).map_err(|e| e.to_string())?;
+            streamer::send_file(&dp, 999, FileKind::UpperDiff, "rootfs-diff.tar", &tx2).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| MigrateError::Stream(e.to_string()))?
+        .map_err(MigrateError::Stream)?;
+        timings.diff_ms = ms(t_diff.elapsed());
+        files.push(diff_entry);
+        let manifest = Manifest { files, meta: checkpoint::meta(&cfg, n) };
+        send(Frame::json(Kind::Manifest, &manifest)).await.map_err(MigrateError::Transfer)?;
+        let sent_at = t_freeze.elapsed();
+        let res: MigrationResult = wire::read_frame_within(&mut r, Duration::from_secs(900))
+            .await
+            .and_then(|f| f.expect(Kind::Result))
+            .map_err(|e| match e {
+                WireError::Peer(m) => MigrateError::Restore(m),
+                e => MigrateError::Transfer(e),
+            })?;
+        let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
+        Ok((bytes, res, sent_at))
+    }
+    .await;
+
+    let outcome = match result {
+        Ok((bytes, res, sent_at)) if res.running => Ok((bytes, res, sent_at)),
+        Ok((_, res, _)) => Err(MigrateError::Restore(res.error.unwrap_or_else(|| "unknown error".into()))),
+        Err(e @ MigrateError::Transfer(_)) => {
+            // The manifest may have reached the destination: ask before thawing,
+            // so the workload never runs in two places.
+            if destination_runs(to, &migration_id).await {
+                tracing::warn!(error = %e, "connection lost, but the destination runs the workload");
+                Ok((0, MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 }, t_freeze.elapsed()))
+            } else {
+                Err(e)
+            }
+        }
+        Err(e) => Err(e),
+    };
+    drop(tx);
+    let (bytes, res, _) = match outcome {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "migration failed; thawing the workload here");
+            thaw(ctx.clone(), n.clone()).await;
+            writer_task.abort();
+            drop(cleanup_dir);
+            return Err(e);
+        }
+    };
+    let frozen = t_freeze.elapsed();
+    // ---- post-migration: the destination runs it; end the frozen copy.
+    let (c2, n2) = (ctx.clone(), n.clone());
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = c2.runtime.kill(&c2.reaper, &n2.id, "KILL", true);
+        nested::cleanup(&c2.cfg, &c2.reaper, &c2.runtime, &n2);
+    })
+    .await;
+    drop(cleanup_dir);
+    let wire_bytes = writer_task.await.ok().and_then(|r| r.ok()).unwrap_or(bytes);
+    let total = t_start.elapsed();
+    let transfer_s = (frozen.as_secs_f64() - res.restore_ms / 1000.0).max(1e-6);
+    let report = json!({
+        "migration_id": migration_id,
+        "peer": peer_addr,
+        "streaming": live,
+        "pre_migration_ms": pre_ms,
+        "freeze_ms": timings.freeze_ms,
+        "checkpoint_ms": timings.dump_ms,
+        "checkpoint_end_ms": ms(dump_end),
+        "rootfs_diff_ms": timings.diff_ms,
+        "transfer_ms": ms(Duration::from_secs_f64(transfer_s)),
+        "verify_ms": res.verify_ms,
+        "restore_ms": res.restore_ms,
+        "frozen_ms": ms(frozen),
+        "total_ms": ms(total),
+        "bytes": bytes,
+        "wire_bytes": wire_bytes,
+        "blob_bytes": blob_bytes,
+        "throughput_mib_s": (bytes as f64 / 1048576.0) / transfer_s,
+    });
+    tracing::info!(total_ms = ms(total), frozen_ms = ms(frozen), bytes, "migration done");
+    Ok(report)
+}
+
+/// Ask the destination whether migration `id` left a running workload there.
+/// An unreachable destination cannot be running it (its PID 1 is gone, and
+/// the restored workload with it).
+async fn destination_runs(to: &str, id: &str) -> bool {
+    for _ in 0..3 {
+        let attempt = async {
+            let s = TcpStream::connect(to).await.ok()?;
+            let (mut r, mut w) = s.into_split();
+            wire::send_json(&mut w, Kind::Query, &Query { migration_id: id.into() }).await.ok()?;
+            let a: QueryAnswer = wire::read_frame(&mut r).await.ok()?.expect(Kind::QueryAnswer).ok()?;
+            Some(a.running)
+        };
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Some(running)) => return running,
+            Ok(None) => {
+                if TcpStream::connect(to).await.is_err() {
+                    return false;
+                }
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    false
+}
+
+/// Removes a migration's images dir when dropped.
+struct DirGuard(PathBuf);
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+fn scopeguard_dir(p: PathBuf) -> DirGuard {
+    DirGuard(p)
+}
+
+#[allow(dead_code)]
+fn _open_is_json(f: &FileOpen) -> Frame {
+    Frame::json(Kind::FileOpen, f)
+}

@@ -1,0 +1,224 @@
+//! The peer protocol's framing (docs/migration-protocol.md): every frame is a
+//! 4-byte big-endian length, a 1-byte type and a payload. Control frames carry
+//! JSON; `Data` frames carry raw file bytes behind a 12-byte header. Lengths
+//! are checked before anything is allocated.
+
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame accepted (a data chunk is at most `CHUNK` plus its header).
+pub const MAX_FRAME: usize = 4 << 20;
+/// Largest JSON frame accepted.
+pub const MAX_JSON: usize = 1 << 20;
+/// File bytes per data frame.
+pub const CHUNK: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 1,
+    HelloOk = 2,
+    Error = 3,
+    /// JSON: a file starts (or restarts from zero): id, kind, name, size hint.
+    FileOpen = 4,
+    /// Binary: u32 file id, u64 offset, bytes.
+    Data = 5,
+    BlobsDone = 6,
+    Ready = 7,
+    Manifest = 8,
+    Result = 9,
+    /// JSON: "did migration X end with a running workload here?"
+    Query = 10,
+    QueryAnswer = 11,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        use Kind::*;
+        Some(match b {
+            1 => Hello,
+            2 => HelloOk,
+            3 => Error,
+            4 => FileOpen,
+            5 => Data,
+            6 => BlobsDone,
+            7 => Ready,
+            8 => Manifest,
+            9 => Result,
+            10 => Query,
+            11 => QueryAnswer,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    #[error("empty frame")]
+    Empty,
+    #[error("unknown frame type {0}")]
+    UnknownKind(u8),
+    #[error("expected a {expected:?} frame, got {got:?}")]
+    Unexpected { expected: Kind, got: Kind },
+    #[error("bad {kind:?} frame: {detail}")]
+    Malformed { kind: Kind, detail: String },
+    #[error("peer reported: {0}")]
+    Peer(String),
+    #[error("no data from the peer for {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn json<T: Serialize>(kind: Kind, v: &T) -> Frame {
+        Frame { kind, payload: serde_json::to_vec(v).expect("protocol messages serialize") }
+    }
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, WireError> {
+        if self.payload.len() > MAX_JSON {
+            return Err(WireError::TooLarge(self.payload.len()));
+        }
+        serde_json::from_slice(&self.payload).map_err(|e| WireError::Malformed { kind: self.kind, detail: e.to_string() })
+    }
+    /// Expect `kind`; an `Error` frame from the peer becomes `WireError::Peer`.
+    pub fn expect<T: DeserializeOwned>(self, kind: Kind) -> Result<T, WireError> {
+        if self.kind == Kind::Error {
+            let e: ErrorMsg = self.parse()?;
+            return Err(WireError::Peer(e.message));
+        }
+        if self.kind != kind {
+            return Err(WireError::Unexpected { expected: kind, got: self.kind });
+        }
+        self.parse()
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ErrorMsg {
+    pub message: String,
+}
+
+/// Header of a data frame.
+pub fn data_header(id: u32, offset: u64) -> [u8; 12] {
+    let mut h = [0u8; 12];
+    h[..4].copy_from_slice(&id.to_be_bytes());
+    h[4..].copy_from_slice(&offset.to_be_bytes());
+    h
+}
+
+/// Split a data frame's payload into id, offset and bytes.
+pub fn parse_data(payload: &[u8]) -> Result<(u32, u64, &[u8]), WireError> {
+    if payload.len() < 12 {
+        return Err(WireError::Malformed { kind: Kind::Data, detail: "shorter than its header".into() });
+    }
+    let id = u32::from_be_bytes(payload[..4].try_into().expect("4 bytes"));
+    let off = u64::from_be_bytes(payload[4..12].try_into().expect("8 bytes"));
+    Ok((id, off, &payload[12..]))
+}
+
+pub async fn write_frame(w: &mut (impl AsyncWriteExt + Unpin), kind: Kind, parts: &[&[u8]]) -> Result<(), WireError> {
+    let len: usize = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge(len));
+    }
+    w.write_all(&(len as u32).to_be_bytes()).await?;
+    w.write_all(&[kind as u8]).await?;
+    for p in parts {
+        w.write_all(p).await?;
+    }
+    Ok(())
+}
+
+pub async fn send(w: &mut (impl AsyncWriteExt + Unpin), f: &Frame) -> Result<(), WireError> {
+    write_frame(w, f.kind, &[&f.payload]).await
+}
+
+pub async fn send_json<T: Serialize>(w: &mut (impl AsyncWriteExt + Unpin), kind: Kind, v: &T) -> Result<(), WireError> {
+    send(w, &Frame::json(kind, v)).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+pub async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> Result<Frame, WireError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len == 0 {
+        return Err(WireError::Empty);
+    }
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge(len));
+    }
+    let mut kind = [0u8; 1];
+    r.read_exact(&mut kind).await?;
+    let kind = Kind::from_u8(kind[0]).ok_or(WireError::UnknownKind(kind[0]))?;
+    let mut payload = vec![0u8; len - 1];
+    r.read_exact(&mut payload).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            WireError::Closed
+        } else {
+            e.into()
+        }
+    })?;
+    Ok(Frame { kind, payload })
+}
+
+/// `read_frame` with a deadline: a silent peer is dropped.
+pub async fn read_frame_within(
+    r: &mut (impl AsyncReadExt + Unpin),
+    deadline: std::time::Duration,
+) -> Result<Frame, WireError> {
+    tokio::time::timeout(deadline, read_frame(r)).await.map_err(|_| WireError::Timeout(deadline))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip() {
+        let mut buf = Vec::new();
+        send_json(&mut buf, Kind::Hello, &serde_json::json!({"x": 1})).await.unwrap();
+        write_frame(&mut buf, Kind::Data, &[&data_header(7, 1 << 40), b"abc"]).await.unwrap();
+        let mut r = &buf[..];
+        let f = read_frame(&mut r).await.unwrap();
+        assert_eq!(f.kind, Kind::Hello);
+        let v: serde_json::Value = f.parse().unwrap();
+        assert_eq!(v["x"], 1);
+        let f = read_frame(&mut r).await.unwrap();
+        assert_eq!(parse_data(&f.payload).unwrap(), (7, 1 << 40, &b"abc"[..]));
+        assert!(matches!(read_frame(&mut r).await, Err(WireError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn bad_frames_are_refused_before_allocation() {
+        let huge = [0xffu8, 0xff, 0xff, 0xff, 1];
+        assert!(matches!(read_frame(&mut &huge[..]).await, Err(WireError::TooLarge(_))));
+        let zero = [0u8, 0, 0, 0];
+        assert!(matches!(read_frame(&mut &zero[..]).await, Err(WireError::Empty)));
+        let unknown = [0u8, 0, 0, 1, 200];
+        assert!(matches!(read_frame(&mut &unknown[..]).await, Err(WireError::UnknownKind(200))));
+        let truncated = [0u8, 0, 0, 10, 5, 1, 2];
+        assert!(matches!(read_frame(&mut &truncated[..]).await, Err(WireError::Closed)));
+        assert!(parse_data(&[1, 2, 3]).is_err());
+        let err = Frame::json(Kind::Error, &ErrorMsg { message: "no".into() });
+        assert!(matches!(err.expect::<serde_json::Value>(Kind::HelloOk), Err(WireError::Peer(m)) if m == "no"));
+        let wrong = Frame::json(Kind::Ready, &serde_json::json!({}));
+        assert!(matches!(wrong.expect::<serde_json::Value>(Kind::HelloOk), Err(WireError::Unexpected { .. })));
+    }
+}

@@ -1,0 +1,273 @@
+//! Starting, restoring and ending the nested container. Everything here blocks
+//! (runc, CRIU, unpacking), so the supervisor calls it on the blocking pool.
+//!
+//! The workload's stdio are pipes whose read ends `ums` copies to its own
+//! stdout and stderr: `kubectl logs` shows them, and CRIU can dump pipes (it
+//! cannot dump a file of the outer container, see DESIGN.md).
+
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::bundle::{Bundle, BundleError};
+use crate::config::Config;
+use crate::exec::{self, ExecError};
+use crate::oci_layout::{self, OciLayout, ResolvedImage};
+use crate::reaper::Reaper;
+use crate::runtime::{RestoreOpts, Runtime};
+use crate::spec::{self, SpecError, SpecInput};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NestedError {
+    #[error("workload image: {0}")]
+    Layout(#[from] oci_layout::LayoutError),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("cannot create the workload's network namespace at {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the workload's stdio pipes: {0}")]
+    Pipes(#[source] nix::Error),
+    #[error("{op} failed: {source}")]
+    Runtime {
+        op: &'static str,
+        #[source]
+        source: ExecError,
+    },
+    #[error("the runtime wrote no usable pid file at {path}")]
+    PidFile { path: PathBuf },
+    #[error("no workload image at {path}: {source}")]
+    NoImage {
+        path: PathBuf,
+        #[source]
+        source: oci_layout::LayoutError,
+    },
+}
+
+/// Facts about the workload image that travel with checkpoints and status.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ImageInfo {
+    pub manifest_digest: String,
+    pub command: Vec<String>,
+    pub exposed_ports: Vec<String>,
+}
+
+/// A nested container that runs (or is frozen) here.
+#[derive(Debug)]
+pub struct Nested {
+    pub id: String,
+    pub pid: i32,
+    pub bundle: Bundle,
+    pub image: ImageInfo,
+    pub started: Instant,
+}
+
+/// Open the workload image and unpack it (cached) into a lower dir.
+pub fn open_image(cfg: &Config) -> Result<(OciLayout, ResolvedImage, PathBuf), NestedError> {
+    let layout = OciLayout::open(&cfg.layout_dir)
+        .map_err(|source| NestedError::NoImage { path: cfg.layout_dir.clone(), source })?;
+    let img = layout.resolve()?;
+    let lower = oci_layout::unpack_image(&layout, &img, &cfg.layer_cache())?;
+    Ok((layout, img, lower))
+}
+
+pub fn image_info(cfg: &Config, img: &ResolvedImage) -> ImageInfo {
+    ImageInfo {
+        manifest_digest: img.manifest_digest.clone(),
+        command: spec::command_line(&img.config, &cfg.command).unwrap_or_default(),
+        exposed_ports: spec::exposed_ports(&img.config),
+    }
+}
+
+fn hostname(cfg: &Config) -> String {
+    cfg.hostname
+        .clone()
+        .or_else(|| nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()))
+        .unwrap_or_else(|| "ums".into())
+}
+
+/// A fresh network namespace for the workload, pinned at its fixed path, with
+/// loopback up. Made anew for every start and restore.
+pub fn make_netns(cfg: &Config, reaper: &Reaper) -> Result<(), NestedError> {
+    let path = cfg.netns_path();
+    crate::sys::remove_netns(&path);
+    let r = reaper.clone();
+    crate::sys::create_netns(&path, move || {
+        let mut ip = Command::new("ip");
+        ip.args(["link", "set", "lo", "up"]);
+        exec::check_blocking(&r, ip).map(|_| ()).map_err(std::io::Error::other)
+    })
+    .map_err(|source| NestedError::Netns { path, source })
+}
+
+fn new_id() -> String {
+    format!("ums-{:08x}", rand::random::<u32>())
+}
+
+fn write_spec(cfg: &Config, img: &ResolvedImage, bundle: &Bundle, id: &str) -> Result<(), NestedError> {
+    let host = hostname(cfg);
+    let netns = cfg.netns_path();
+    let cgroups_path = format!("/ums/{id}");
+    let lower = bundle.lower.clone();
+    let s = spec::build(
+        &img.config,
+        &SpecInput { command: &cfg.command, hostname: &host, netns: &netns, cgroups_path: &cgroups_path, rootfs: &lower },
+    )?;
+    spec::write(&s, &bundle.dir)?;
+    Ok(())
+}
+
+/// Pipes for the workload's stdout and stderr; the read ends are pumped to
+/// our own stdout/stderr by threads that end when the workload closes them.
+fn stdio_pipes() -> Result<[Stdio; 3], NestedError> {
+    let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(NestedError::Pipes)?;
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(NestedError::Pipes)?;
+    pump(out_r, false);
+    pump(err_r, true);
+    Ok([Stdio::null(), Stdio::from(out_w), Stdio::from(err_w)])
+}
+
+fn pump(fd: OwnedFd, stderr: bool) {
+    let _ = std::thread::Builder::new().name("ums-output".into()).spawn(move || {
+        let mut src = std::fs::File::from(fd);
+        if stderr {
+            let _ = std::io::copy(&mut src, &mut std::io::stderr());
+        } else {
+            // stdout is line-buffered by std; flush so log followers see lines at once.
+            let mut buf = [0u8; 16384];
+            loop {
+                match std::io::Read::read(&mut src, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let mut out = std::io::stdout().lock();
+                        let _ = out.write_all(&buf[..n]);
+                        let _ = out.flush();
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn read_pid(path: &Path) -> Result<i32, NestedError> {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|p| *p > 0)
+        .ok_or_else(|| NestedError::PidFile { path: path.into() })
+}
+
+/// Start the workload from the image.
+pub fn start(cfg: &Config, reaper: &Reaper, runtime: &Runtime) -> Result<Nested, NestedError> {
+    let (_layout, img, lower) = open_image(cfg)?;
+    let bundle = Bundle::prepare(reaper, &cfg.bundle_dir(), &lower, |_| Ok(()))?;
+    let id = new_id();
+    let result = (|| {
+        write_spec(cfg, &img, &bundle, &id)?;
+        make_netns(cfg, reaper)?;
+        runtime
+            .run_detached(reaper, &id, &bundle.dir, &bundle.pid_file(), stdio_pipes()?)
+            .map_err(|source| NestedError::Runtime { op: "start", source })?;
+        read_pid(&bundle.pid_file())
+    })();
+    match result {
+        Ok(pid) => Ok(Nested { id, pid, image: image_info(cfg, &img), bundle, started: Instant::now() }),
+        Err(e) => {
+            let _ = runtime.delete(reaper, &id);
+            bundle.teardown();
+            Err(e)
+        }
+    }
+}
+
+/// Where the pieces of a checkpoint live inside its directory.
+pub struct CheckpointDir<'a>(pub &'a Path);
+impl CheckpointDir<'_> {
+    pub fn images(&self) -> PathBuf {
+        self.0.join("criu")
+    }
+    pub fn upper_diff(&self) -> PathBuf {
+        self.0.join("rootfs-diff.tar")
+    }
+    pub fn meta(&self) -> PathBuf {
+        self.0.join("ums-checkpoint.json")
+    }
+}
+
+/// Restore the workload from CRIU images, its writable layer laid in place
+/// by `fill_upper` first. On failure nothing of it is left behind.
+pub fn restore(
+    cfg: &Config,
+    reaper: &Reaper,
+    runtime: &Runtime,
+    images_dir: &Path,
+    work_dir: &Path,
+    fill_upper: impl FnOnce(&Path) -> Result<(), String>,
+) -> Result<(Nested, Duration), NestedError> {
+    let t0 = Instant::now();
+    let (_layout, img, lower) = open_image(cfg)?;
+    let bundle = Bundle::prepare(reaper, &cfg.bundle_dir(), &lower, fill_upper)?;
+    let id = new_id();
+    let result = (|| {
+        write_spec(cfg, &img, &bundle, &id)?;
+        make_netns(cfg, reaper)?;
+        let _ = std::fs::create_dir_all(work_dir);
+        let opts = RestoreOpts {
+            image_path: images_dir.into(),
+            work_path: work_dir.into(),
+            bundle: bundle.dir.clone(),
+            pid_file: bundle.pid_file(),
+            tcp_established: cfg.tcp_established,
+        };
+        runtime
+            .restore_detached(reaper, &id, &opts, stdio_pipes()?)
+            .map_err(|source| NestedError::Runtime { op: "restore", source })?;
+        read_pid(&bundle.pid_file())
+    })();
+    match result {
+        Ok(pid) => Ok((
+            Nested { id, pid, image: image_info(cfg, &img), bundle, started: Instant::now() },
+            t0.elapsed(),
+        )),
+        Err(e) => {
+            let _ = runtime.delete(reaper, &id);
+            bundle.teardown();
+            crate::sys::remove_netns(&cfg.netns_path());
+            Err(e)
+        }
+    }
+}
+
+/// Remove what is left of an ended (or killed) workload.
+pub fn cleanup(cfg: &Config, reaper: &Reaper, runtime: &Runtime, n: &Nested) {
+    let _ = runtime.delete(reaper, &n.id);
+    n.bundle.teardown();
+    crate::sys::remove_netns(&cfg.netns_path());
+}
+
+/// Every pid of the workload (init and its descendants), from /proc.
+pub fn pids(init: i32) -> Vec<i32> {
+    let mut out = vec![init];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                out.extend(children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+            }
+        }
+        i += 1;
+        if out.len() > 100_000 {
+            break;
+        }
+    }
+    out
+}

@@ -1,0 +1,441 @@
+//! The single owner of the workload's state. Control requests, signals, the
+//! workload's exit and the ends of long operations all arrive here as
+//! messages; long operations (CRIU, runc, streaming) run on other tasks and
+//! report back, so the owner always answers at once: `busy` while one runs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::checkpoint::{self, Timings};
+use crate::config::Config;
+use crate::control::{ErrorKind, Request, Response};
+use crate::nested::{self, Nested};
+use crate::reaper::{Exit, Reaper};
+use crate::runtime::Runtime;
+use crate::state::{Op, Outcome, Refusal, State};
+
+/// Everything an operation needs, cheap to clone onto a task.
+#[derive(Clone)]
+pub struct Ctx {
+    pub cfg: Arc<Config>,
+    pub reaper: Reaper,
+    pub runtime: Runtime,
+}
+
+/// The record of the last operation, for `status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpRecord {
+    pub op: Op,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub timings: serde_json::Value,
+    pub finished_unix_ms: u128,
+}
+
+/// Messages to the owner.
+pub enum Msg {
+    Control(Request, oneshot::Sender<Response>),
+    /// A peer wants to push a workload here; reply whether it may.
+    BeginIncoming(oneshot::Sender<Result<(), Refusal>>),
+    /// The incoming migration ended: the restored workload, or why not.
+    IncomingDone(Result<(Nested, serde_json::Value), String>),
+    Done(OpResult),
+}
+
+/// How an operation on the running workload ended.
+pub struct OpResult {
+    op: Op,
+    reply: Option<oneshot::Sender<Response>>,
+    /// Ok: what to report, and whether the workload still runs here.
+    result: Result<(serde_json::Value, Outcome), String>,
+    /// A workload that replaced the previous one (restore).
+    new_workload: Option<Nested>,
+}
+
+pub struct Supervisor {
+    ctx: Ctx,
+    state: State,
+    workload: Option<Arc<Nested>>,
+    exit_rx: Option<oneshot::Receiver<Exit>>,
+    /// The workload ended while an operation ran (killed after a migration,
+    /// or by itself): decided when the operation ends.
+    exited_during_op: Option<Exit>,
+    started: Instant,
+    last_op: Option<OpRecord>,
+    term_pending: bool,
+    kill_at: Option<tokio::time::Instant>,
+    inbox_tx: mpsc::Sender<Msg>,
+    inbox: mpsc::Receiver<Msg>,
+    signals: mpsc::UnboundedReceiver<Signal>,
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+fn refusal(r: Refusal) -> Response {
+    let kind = match r {
+        Refusal::Busy(_) => ErrorKind::Busy,
+        _ => ErrorKind::InvalidState,
+    };
+    Response::err(kind, r.to_string())
+}
+
+impl Supervisor {
+    pub fn new(ctx: Ctx, signals: mpsc::UnboundedReceiver<Signal>) -> Self {
+        let (inbox_tx, inbox) = mpsc::channel(64);
+        Supervisor {
+            ctx,
+            state: State::Standby,
+            workload: None,
+            exit_rx: None,
+            exited_during_op: None,
+            started: Instant::now(),
+            last_op: None,
+            term_pending: false,
+            kill_at: None,
+            inbox_tx,
+            inbox,
+            signals,
+        }
+    }
+
+    /// Where control requests and peer events are sent.
+    pub fn inbox(&self) -> mpsc::Sender<Msg> {
+        self.inbox_tx.clone()
+    }
+
+    fn adopt(&mut self, n: Nested) {
+        self.exit_rx = Some(self.ctx.reaper.watch(n.pid));
+        tracing::info!(workload = %n.id, pid = n.pid, "workload running");
+        self.workload = Some(Arc::new(n));
+        self.exited_during_op = None;
+    }
+
+    /// Start the workload from the image (not in standby mode).
+    pub async fn start_workload(&mut self) -> Result<(), String> {
+        self.state = self.state.begin(Op::Start).map_err(|e| e.to_string())?;
+        let ctx = self.ctx.clone();
+        let t0 = Instant::now();
+        let r = tokio::task::spawn_blocking(move || nested::start(&ctx.cfg, &ctx.reaper, &ctx.runtime))
+            .await
+            .map_err(|e| e.to_string())?;
+        match r {
+            Ok(n) => {
+                self.adopt(n);
+                self.state = self.state.finish(Outcome::Running);
+                self.record(Op::Start, Ok(json!({ "start_ms": checkpoint::ms(t0.elapsed()) })));
+                Ok(())
+            }
+            Err(e) => {
+                self.state = self.state.finish(Outcome::Gone);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn record(&mut self, op: Op, r: Result<serde_json::Value, String>) {
+        let (ok, error, timings) = match r {
+            Ok(t) => (true, None, t),
+            Err(e) => (false, Some(e), serde_json::Value::Null),
+        };
+        self.last_op = Some(OpRecord { op, ok, error, timings, finished_unix_ms: now_ms() });
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let workload = self.workload.as_ref().map(|n| {
+            json!({
+                "id": n.id,
+                "pid": n.pid,
+                "pids": nested::pids(n.pid),
+                "image_digest": n.image.manifest_digest,
+                "command": n.image.command,
+                "exposed_ports": n.image.exposed_ports,
+                "uptime_s": n.started.elapsed().as_secs_f64(),
+                "rootfs": n.bundle.mode,
+            })
+        });
+        let rss_kib = procfs::process::Process::myself()
+            .and_then(|p| p.status())
+            .ok()
+            .and_then(|s| s.vmrss);
+        json!({
+            "state": self.state,
+            "workload": workload,
+            "runtime": self.ctx.cfg.runtime,
+            "peer_listen": self.ctx.cfg.peer_listen.to_string(),
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "last_op": self.last_op,
+            "orphans_reaped": self.ctx.reaper.orphans_reaped(),
+            "ums": { "version": env!("CARGO_PKG_VERSION"), "pid": std::process::id(), "rss_kib": rss_kib },
+        })
+    }
+
+    /// Run until the workload ends (its exit code) or a stop in standby (0).
+    pub async fn run(mut self, shutdown: watch::Sender<bool>) -> i32 {
+        let code = loop {
+            let exit_fut = async {
+                match self.exit_rx.as_mut() {
+                    Some(rx) => rx.await.ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let kill_fut = async {
+                match self.kill_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(msg) = self.inbox.recv() => {
+                    if let Some(code) = self.on_msg(msg) { break code; }
+                }
+                Some(sig) = self.signals.recv() => {
+                    if let Some(code) = self.on_signal(sig) { break code; }
+                }
+                exit = exit_fut => {
+                    self.exit_rx = None;
+                    let exit = exit.unwrap_or(Exit::Signal(9));
+                    if let Some(code) = self.on_exit(exit).await { break code; }
+                }
+                _ = kill_fut => {
+                    self.kill_at = None;
+                    if let Some(n) = &self.workload {
+                        tracing::warn!(grace_s = self.ctx.cfg.stop_grace.as_secs_f64(), "workload ignored SIGTERM; killing it");
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(n.pid), Signal::SIGKILL);
+                    }
+                }
+            }
+        };
+        let _ = shutdown.send(true);
+        code
+    }
+
+    async fn on_exit(&mut self, exit: Exit) -> Option<i32> {
+        if let State::Busy(op) = self.state {
+            if op != Op::Stop {
+                self.exited_during_op = Some(exit);
+                return None;
+            }
+        }
+        tracing::info!(%exit, "workload ended");
+        if let Some(n) = self.workload.take() {
+            let ctx = self.ctx.clone();
+            let _ = tokio::task::spawn_blocking(move || nested::cleanup(&ctx.cfg, &ctx.reaper, &ctx.runtime, &n)).await;
+        }
+        self.state = State::Exited;
+        Some(exit.code())
+    }
+
+    fn on_signal(&mut self, sig: Signal) -> Option<i32> {
+        let workload_pid = self.workload.as_ref().map(|n| n.pid);
+        match (sig, self.state) {
+            (Signal::SIGTERM, State::Standby) => {
+                tracing::info!("SIGTERM in standby: exiting");
+                return Some(0);
+            }
+            (Signal::SIGTERM, State::Running) => {
+                self.state = State::Busy(Op::Stop);
+                self.kill_at = Some(tokio::time::Instant::now() + self.ctx.cfg.stop_grace);
+                tracing::info!(grace_s = self.ctx.cfg.stop_grace.as_secs_f64(), "SIGTERM: stopping the workload");
+            }
+            (Signal::SIGTERM, State::Busy(op)) if op != Op::Stop => {
+                tracing::info!(%op, "SIGTERM during an operation: applied when it ends");
+                self.term_pending = true;
+                return None;
+            }
+            _ => {}
+        }
+        if let (Some(pid), State::Running | State::Busy(Op::Stop)) = (workload_pid, self.state) {
+            tracing::debug!(%sig, pid, "forwarding signal");
+            if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
+                tracing::warn!(%sig, error = %e, "cannot forward signal");
+            }
+        }
+        None
+    }
+
+    fn on_msg(&mut self, msg: Msg) -> Option<i32> {
+        match msg {
+            Msg::Control(req, reply) => self.on_request(req, reply),
+            Msg::BeginIncoming(reply) => {
+                let r = self.state.begin(Op::MigrateIn).map(|s| self.state = s);
+                let _ = reply.send(r);
+            }
+            Msg::IncomingDone(r) => match r {
+                Ok((n, report)) => {
+                    self.adopt(n);
+                    self.state = self.state.finish(Outcome::Running);
+                    self.record(Op::MigrateIn, Ok(report));
+                }
+                Err(e) => {
+                    self.state = self.state.finish(Outcome::Gone);
+                    self.record(Op::MigrateIn, Err(e));
+                }
+            },
+            Msg::Done(done) => return self.on_done(done),
+        }
+        self.after_op()
+    }
+
+    /// A SIGTERM that arrived during an operation takes effect now.
+    fn after_op(&mut self) -> Option<i32> {
+        if self.term_pending && !matches!(self.state, State::Busy(_)) {
+            self.term_pending = false;
+            return self.on_signal(Signal::SIGTERM);
+        }
+        None
+    }
+
+    fn on_done(&mut self, d: OpResult) -> Option<i32> {
+        let response = match &d.result {
+            Ok((report, _)) => Response::ok(report.clone()),
+            Err(e) => Response::err(ErrorKind::Failed, e.clone()),
+        };
+        let mut outcome = match &d.result {
+            Ok((_, o)) => *o,
+            Err(_) => {
+                if self.workload.is_some() {
+                    Outcome::Running
+                } else {
+                    Outcome::Gone
+                }
+            }
+        };
+        if let Some(n) = d.new_workload {
+            self.adopt(n);
+        }
+        if outcome == Outcome::Gone {
+            self.workload = None;
+            self.exit_rx = None;
+            self.exited_during_op = None;
+        } else if let Some(exit) = self.exited_during_op.take() {
+            tracing::info!(%exit, "the workload ended during the operation");
+            outcome = Outcome::Exited;
+            self.state = self.state.finish(outcome);
+            if let Some(r) = d.reply {
+                let _ = r.send(response);
+            }
+            return Some(exit.code());
+        }
+        self.state = self.state.finish(outcome);
+        self.record(d.op, d.result.map(|(r, _)| r));
+        if let Some(r) = d.reply {
+            let _ = r.send(response);
+        }
+        self.after_op()
+    }
+
+    fn on_request(&mut self, req: Request, reply: oneshot::Sender<Response>) {
+        let op = match &req {
+            Request::Status => {
+                let _ = reply.send(Response::ok(self.status()));
+                return;
+            }
+            Request::Checkpoint { .. } => Op::Checkpoint,
+            Request::Restore { .. } => Op::Restore,
+            Request::Migrate { .. } => Op::MigrateOut,
+        };
+        let next = match self.state.begin(op) {
+            Ok(s) => s,
+            Err(r) => {
+                let _ = reply.send(refusal(r));
+                return;
+            }
+        };
+        self.state = next;
+        let ctx = self.ctx.clone();
+        let inbox = self.inbox_tx.clone();
+        let workload = self.workload.clone();
+        match req {
+            Request::Status => unreachable!(),
+            Request::Checkpoint { dir, leave_running } => {
+                let n = workload.expect("running state has a workload");
+                tokio::spawn(async move {
+                    let r = tokio::task::spawn_blocking(move || {
+                        let r = checkpoint::checkpoint_to_dir(&ctx.cfg, &ctx.reaper, &ctx.runtime, &n, &dir, leave_running);
+                        if r.is_ok() && !leave_running {
+                            nested::cleanup(&ctx.cfg, &ctx.reaper, &ctx.runtime, &n);
+                        }
+                        r.map(|t| (timings_json(&t, &dir), if leave_running { Outcome::Running } else { Outcome::Gone }))
+                            .map_err(|e| e.to_string())
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                    let _ = inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result: r, new_workload: None })).await;
+                });
+            }
+            Request::Restore { dir } => {
+                tokio::spawn(async move {
+                    let r = tokio::task::spawn_blocking(move || {
+                        checkpoint::restore_from_dir(&ctx.cfg, &ctx.reaper, &ctx.runtime, &dir)
+                    })
+                    .await;
+                    let (result, new_workload) = match r {
+                        Ok(Ok((n, t))) => (Ok((timings_json(&t, &PathBuf::new()), Outcome::Running)), Some(n)),
+                        Ok(Err(e)) => (Err(e.to_string()), None),
+                        Err(e) => (Err(e.to_string()), None),
+                    };
+                    let _ = inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result, new_workload })).await;
+                });
+            }
+            Request::Migrate { to } => {
+                let n = workload.expect("running state has a workload");
+                tokio::spawn(async move {
+                    let result = crate::migration::migrate_out(&ctx, &n, &to)
+                        .await
+                        .map(|report| (report, Outcome::Gone))
+                        .map_err(|e| e.to_string());
+                    let _ = inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result, new_workload: None })).await;
+                });
+            }
+        }
+    }
+}
+
+fn timings_json(t: &Timings, dir: &std::path::Path) -> serde_json::Value {
+    let mut v = serde_json::to_value(t).expect("timings serialize");
+    if !dir.as_os_str().is_empty() {
+        v["dir"] = json!(dir);
+    }
+    v
+}
+
+/// Grace period helper for the CLI.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mul) = if let Some(v) = s.strip_suffix("ms") {
+        (v, 0.001)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix('m') {
+        (v, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let x: f64 = num.trim().parse().map_err(|_| format!("bad duration {s:?} (like 10s, 500ms, 2m)"))?;
+    if !(0.0..=86400.0).contains(&(x * mul)) {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok(Duration::from_secs_f64(x * mul))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("x").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}
