@@ -28,6 +28,8 @@ pub enum CheckpointError {
     },
     #[error("checkpoint dir {0} is not empty")]
     NotEmpty(PathBuf),
+    #[error("cannot checkpoint a workload running as uid {0} without CAP_SYS_RESOURCE (CRIU reads its resource limits with prlimit); give the outer container that capability or run the workload as root")]
+    NeedsSysResource(u32),
     #[error("freeze failed: {0}")]
     Freeze(#[source] crate::exec::ExecError),
     #[error("dump failed: {0}")]
@@ -76,6 +78,9 @@ pub fn freeze_and_dump(
     work: &Path,
     t: &mut Timings,
 ) -> Result<(), CheckpointError> {
+    if n.uid != 0 && !crate::sys::has_cap_sys_resource() {
+        return Err(CheckpointError::NeedsSysResource(n.uid));
+    }
     let t0 = Instant::now();
     runtime.pause(reaper, &n.id).map_err(CheckpointError::Freeze)?;
     t.freeze_ms = ms(t0.elapsed());

@@ -67,6 +67,8 @@ pub struct Nested {
     pub bundle: Bundle,
     pub image: ImageInfo,
     pub started: Instant,
+    /// The uid the workload runs as (CRIU needs CAP_SYS_RESOURCE for non-root).
+    pub uid: u32,
 }
 
 /// Open the workload image and unpack it (cached) into a lower dir.
@@ -111,7 +113,7 @@ fn new_id() -> String {
     format!("ums-{:08x}", rand::random::<u32>())
 }
 
-fn write_spec(cfg: &Config, img: &ResolvedImage, bundle: &Bundle, id: &str) -> Result<(), NestedError> {
+fn write_spec(cfg: &Config, img: &ResolvedImage, bundle: &Bundle, id: &str) -> Result<u32, NestedError> {
     let host = hostname(cfg);
     let netns = cfg.netns_path();
     let cgroups_path = format!("/ums/{id}");
@@ -121,7 +123,7 @@ fn write_spec(cfg: &Config, img: &ResolvedImage, bundle: &Bundle, id: &str) -> R
         &SpecInput { command: &cfg.command, hostname: &host, netns: &netns, cgroups_path: &cgroups_path, rootfs: &lower },
     )?;
     spec::write(&s, &bundle.dir)?;
-    Ok(())
+    Ok(s.process().as_ref().map(|p| p.user().uid()).unwrap_or(0))
 }
 
 /// Pipes for the workload's stdout and stderr; the read ends are pumped to
@@ -170,15 +172,15 @@ pub fn start(cfg: &Config, reaper: &Reaper, runtime: &Runtime) -> Result<Nested,
     let bundle = Bundle::prepare(reaper, &cfg.bundle_dir(), &lower, |_| Ok(()))?;
     let id = new_id();
     let result = (|| {
-        write_spec(cfg, &img, &bundle, &id)?;
+        let uid = write_spec(cfg, &img, &bundle, &id)?;
         make_netns(cfg, reaper)?;
         runtime
             .run_detached(reaper, &id, &bundle.dir, &bundle.pid_file(), stdio_pipes()?)
             .map_err(|source| NestedError::Runtime { op: "start", source })?;
-        read_pid(&bundle.pid_file())
+        Ok((read_pid(&bundle.pid_file())?, uid))
     })();
     match result {
-        Ok(pid) => Ok(Nested { id, pid, image: image_info(cfg, &img), bundle, started: Instant::now() }),
+        Ok((pid, uid)) => Ok(Nested { id, pid, image: image_info(cfg, &img), bundle, started: Instant::now(), uid }),
         Err(e) => {
             let _ = runtime.delete(reaper, &id);
             bundle.teardown();
@@ -216,7 +218,7 @@ pub fn restore(
     let bundle = Bundle::prepare(reaper, &cfg.bundle_dir(), &lower, fill_upper)?;
     let id = new_id();
     let result = (|| {
-        write_spec(cfg, &img, &bundle, &id)?;
+        let uid = write_spec(cfg, &img, &bundle, &id)?;
         make_netns(cfg, reaper)?;
         let _ = std::fs::create_dir_all(work_dir);
         let opts = RestoreOpts {
@@ -229,11 +231,11 @@ pub fn restore(
         runtime
             .restore_detached(reaper, &id, &opts, stdio_pipes()?)
             .map_err(|source| NestedError::Runtime { op: "restore", source })?;
-        read_pid(&bundle.pid_file())
+        Ok((read_pid(&bundle.pid_file())?, uid))
     })();
     match result {
-        Ok(pid) => Ok((
-            Nested { id, pid, image: image_info(cfg, &img), bundle, started: Instant::now() },
+        Ok((pid, uid)) => Ok((
+            Nested { id, pid, image: image_info(cfg, &img), bundle, started: Instant::now(), uid },
             t0.elapsed(),
         )),
         Err(e) => {

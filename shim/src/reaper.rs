@@ -2,7 +2,7 @@
 //! waiter (`Child::wait`) racing it would get ECHILD; so every process `ums`
 //! starts is registered here and learns its exit through a channel instead.
 //!
-//! One OS thread sits in `sigwait` for SIGCHLD and the forwarded signals: on
+//! One task listens for SIGCHLD and the forwarded signals: on
 //! SIGCHLD it reaps everything that has exited and hands each status to whoever
 //! registered that pid (or keeps it a while for a late registration); other
 //! signals go to the supervisor's channel.
@@ -106,26 +106,32 @@ pub struct Reaper {
 }
 
 impl Reaper {
-    /// Start the signal thread. The handled signals must already be blocked in
-    /// every thread (`sys::block_handled_signals` before any thread starts).
+    /// Start the reaper task on the current tokio runtime. It listens for
+    /// SIGCHLD and the forwarded signals with handlers (not a blocked mask:
+    /// a blocked mask is inherited by runc and then by the workload, which
+    /// would never see SIGUSR1), reaps on every SIGCHLD and passes the other
+    /// signals to `signals`.
     pub fn start(signals: mpsc::UnboundedSender<Signal>) -> std::io::Result<Reaper> {
+        use tokio::signal::unix::{signal, SignalKind};
         let reaper = Reaper { registry: Arc::default() };
+        let mut chld = signal(SignalKind::child())?;
+        let mut streams = Vec::new();
+        for s in crate::sys::FORWARDED {
+            streams.push((s, signal(SignalKind::from_raw(s as i32))?));
+        }
         let registry = reaper.registry.clone();
-        std::thread::Builder::new().name("ums-reaper".into()).spawn(move || {
-            let set = crate::sys::handled_signals();
+        tokio::spawn(async move {
             loop {
-                let sig = match set.wait() {
-                    Ok(s) => s,
-                    Err(_) => continue,
-                };
-                if sig == Signal::SIGCHLD {
-                    reap_all(&registry);
-                } else if signals.send(sig).is_err() {
-                    // Nobody listens any more; keep reaping.
+                let forwarded = futures_select(&mut streams);
+                tokio::select! {
+                    _ = chld.recv() => reap_all(&registry),
+                    sig = forwarded => {
+                        let _ = signals.send(sig);
+                    }
                 }
             }
-        })?;
-        // Children may have exited before the thread started.
+        });
+        // Children may have exited before the handler was installed.
         reap_all(&reaper.registry);
         Ok(reaper)
     }
@@ -145,6 +151,19 @@ impl Reaper {
     pub fn poll_now(&self) {
         reap_all(&self.registry);
     }
+}
+
+/// Wait for the first of several signal streams.
+async fn futures_select(streams: &mut [(Signal, tokio::signal::unix::Signal)]) -> Signal {
+    std::future::poll_fn(|cx| {
+        for (sig, s) in streams.iter_mut() {
+            if let std::task::Poll::Ready(_) = s.poll_recv(cx) {
+                return std::task::Poll::Ready(*sig);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 fn reap_all(registry: &Mutex<Registry>) {

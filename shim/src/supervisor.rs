@@ -135,7 +135,7 @@ impl Supervisor {
             }
             Err(e) => {
                 self.state = self.state.finish(Outcome::Gone);
-                Err(e.to_string())
+                Err(describe(&e))
             }
         }
     }
@@ -364,7 +364,7 @@ impl Supervisor {
                             nested::cleanup(&ctx.cfg, &ctx.reaper, &ctx.runtime, &n);
                         }
                         r.map(|t| (timings_json(&t, &dir), if leave_running { Outcome::Running } else { Outcome::Gone }))
-                            .map_err(|e| e.to_string())
+                            .map_err(|e| describe(&e))
                     })
                     .await
                     .unwrap_or_else(|e| Err(e.to_string()));
@@ -379,7 +379,7 @@ impl Supervisor {
                     .await;
                     let (result, new_workload) = match r {
                         Ok(Ok((n, t))) => (Ok((timings_json(&t, &PathBuf::new()), Outcome::Running)), Some(n)),
-                        Ok(Err(e)) => (Err(e.to_string()), None),
+                        Ok(Err(e)) => (Err(describe(&e)), None),
                         Err(e) => (Err(e.to_string()), None),
                     };
                     let _ = inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result, new_workload })).await;
@@ -391,7 +391,7 @@ impl Supervisor {
                     let result = crate::migration::migrate_out(&ctx, &n, &to)
                         .await
                         .map(|report| (report, Outcome::Gone))
-                        .map_err(|e| e.to_string());
+                        .map_err(|e| describe(&e));
                     let _ = inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result, new_workload: None })).await;
                 });
             }
@@ -438,4 +438,19 @@ mod tests {
         assert!(parse_duration("x").is_err());
         assert!(parse_duration("-1s").is_err());
     }
+}
+
+/// An error and its causes on one line, for replies and logs.
+pub fn describe(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
 }

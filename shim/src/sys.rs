@@ -1,12 +1,12 @@
-//! Process-wide setup a PID 1 needs, done once before the async runtime starts:
-//! become a subreaper, block the signals the reaper thread takes with sigwait.
+//! Process-wide setup a PID 1 needs, done once before the async runtime starts
+//! (become a subreaper), and facts about our own privileges.
 //! Also the namespace plumbing that must run on a dedicated OS thread.
 //! Everything here uses nix's safe wrappers; there is no `unsafe` in ums.
 
 use std::path::Path;
 
 use nix::sched::CloneFlags;
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::Signal;
 
 /// Signals `ums` forwards to the workload (SIGTERM and SIGINT also start a stop).
 pub const FORWARDED: [Signal; 7] = [
@@ -19,21 +19,15 @@ pub const FORWARDED: [Signal; 7] = [
     Signal::SIGWINCH,
 ];
 
-/// The set the reaper thread waits on: every forwarded signal plus SIGCHLD.
-pub fn handled_signals() -> SigSet {
-    let mut set = SigSet::empty();
-    for s in FORWARDED {
-        set.add(s);
-    }
-    set.add(Signal::SIGCHLD);
-    set
-}
-
-/// Block the handled signals in the calling (main) thread; threads created later
-/// inherit the mask, so only the reaper's `sigwait` ever sees them. Children
-/// started with std::process::Command get an empty mask back.
-pub fn block_handled_signals() -> nix::Result<()> {
-    handled_signals().thread_block()
+/// Whether this process may read and set other processes' resource limits.
+/// CRIU needs that (prlimit) to dump a workload that does not run as root.
+pub fn has_cap_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("CapEff:").map(|v| v.trim().to_string())))
+        .and_then(|hex| u64::from_str_radix(&hex, 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
 }
 
 /// Orphans anywhere below us are reparented to us, even when we are not PID 1

@@ -131,6 +131,8 @@ impl Layer {
                 Entry::Symlink { target } => {
                     header.set_entry_type(tar::EntryType::Symlink);
                     header.set_mode(0o777);
+                    header.set_uid(0);
+                    header.set_gid(0);
                     header.set_size(0);
                     builder.append_link(&mut header, path, target)?;
                 }

@@ -82,7 +82,6 @@ fn prepare_dirs(cfg: &Config) -> anyhow::Result<()> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    crate::sys::block_handled_signals().context("block signals")?;
     if !crate::sys::is_pid1() {
         crate::sys::become_subreaper().context("become a subreaper")?;
     }

@@ -265,7 +265,7 @@ async fn receive(
     .map_err(|e| InError::Refuse(e.to_string()))?;
     Ok(match restored {
         Ok((n, d)) => (Ok(n), (verify_ms, ms(d))),
-        Err(e) => (Err(e.to_string()), (verify_ms, 0.0)),
+        Err(e) => (Err(crate::supervisor::describe(&e)), (verify_ms, 0.0)),
     })
 }
 
