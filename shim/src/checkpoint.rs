@@ -176,14 +176,14 @@ pub fn restore_from_dir(
 ) -> Result<(Nested, Timings), CheckpointError> {
     let t0 = Instant::now();
     let m = read_meta(dir)?;
-    let (_layout, img, _lower) = nested::open_image(cfg)?;
-    if img.manifest_digest != m.image.manifest_digest {
-        return Err(CheckpointError::WrongImage { theirs: m.image.manifest_digest, ours: img.manifest_digest });
+    if let Err(NestedError::ImageNotHere(_)) = nested::open_image(cfg, Some(&m.image.manifest_digest)) {
+        let ours = nested::open_image(cfg, None).map(|(_, i, _)| i.manifest_digest).unwrap_or_else(|_| "none".into());
+        return Err(CheckpointError::WrongImage { theirs: m.image.manifest_digest, ours });
     }
     let cd = CheckpointDir(dir);
     let diff = cd.upper_diff();
     let max = cfg.max_checkpoint_bytes;
-    let (n, restore) = nested::restore(cfg, reaper, runtime, &cd.images(), &dir.join("restore-work"), move |upper| {
+    let (n, restore) = nested::restore(cfg, reaper, runtime, &m.image.manifest_digest, &cd.images(), &dir.join("restore-work"), move |upper| {
         let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
         upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max)
             .map(|_| ())

@@ -76,6 +76,15 @@ impl Config {
     pub fn netns_path(&self) -> PathBuf {
         self.run_dir.join("netns-workload")
     }
+    /// Where blobs received from a peer go when `layout_dir` is read-only
+    /// (an image layout baked into the outer image usually is).
+    pub fn received_layout_dir(&self) -> PathBuf {
+        self.state_dir.join("image")
+    }
+    /// The layouts a workload image is looked up in, in order.
+    pub fn layout_candidates(&self) -> [PathBuf; 2] {
+        [self.layout_dir.clone(), self.received_layout_dir()]
+    }
     pub fn layer_cache(&self) -> PathBuf {
         self.state_dir.join("layers")
     }

@@ -43,6 +43,10 @@ pub enum NestedError {
     },
     #[error("the runtime wrote no usable pid file at {path}")]
     PidFile { path: PathBuf },
+    #[error("workload image {0} is in no layout of this outer container")]
+    ImageNotHere(String),
+    #[error("failpoint {0} (UMS_FAILPOINT) triggered")]
+    Failpoint(&'static str),
     #[error("no workload image at {path}: {source}")]
     NoImage {
         path: PathBuf,
@@ -71,13 +75,30 @@ pub struct Nested {
     pub uid: u32,
 }
 
-/// Open the workload image and unpack it (cached) into a lower dir.
-pub fn open_image(cfg: &Config) -> Result<(OciLayout, ResolvedImage, PathBuf), NestedError> {
-    let layout = OciLayout::open(&cfg.layout_dir)
-        .map_err(|source| NestedError::NoImage { path: cfg.layout_dir.clone(), source })?;
-    let img = layout.resolve()?;
-    let lower = oci_layout::unpack_image(&layout, &img, &cfg.layer_cache())?;
-    Ok((layout, img, lower))
+/// Open the workload image and unpack it (cached) into a lower dir. With
+/// `want`, the image with that manifest digest, from whichever layout has it.
+pub fn open_image(cfg: &Config, want: Option<&str>) -> Result<(OciLayout, ResolvedImage, PathBuf), NestedError> {
+    let mut first_err = None;
+    for dir in cfg.layout_candidates() {
+        let found = OciLayout::open(&dir).and_then(|l| l.resolve().map(|img| (l, img)));
+        match found {
+            Ok((layout, img)) if want.is_none_or(|w| w == img.manifest_digest) => {
+                let lower = oci_layout::unpack_image(&layout, &img, &cfg.layer_cache())?;
+                return Ok((layout, img, lower));
+            }
+            Ok(_) => {}
+            Err(source) => {
+                if first_err.is_none() {
+                    first_err = Some(NestedError::NoImage { path: dir.clone(), source });
+                }
+            }
+        }
+    }
+    Err(match (want, first_err) {
+        (Some(w), _) => NestedError::ImageNotHere(w.to_string()),
+        (None, Some(e)) => e,
+        (None, None) => NestedError::ImageNotHere("any".into()),
+    })
 }
 
 pub fn image_info(cfg: &Config, img: &ResolvedImage) -> ImageInfo {
@@ -168,7 +189,7 @@ fn read_pid(path: &Path) -> Result<i32, NestedError> {
 
 /// Start the workload from the image.
 pub fn start(cfg: &Config, reaper: &Reaper, runtime: &Runtime) -> Result<Nested, NestedError> {
-    let (_layout, img, lower) = open_image(cfg)?;
+    let (_layout, img, lower) = open_image(cfg, None)?;
     let bundle = Bundle::prepare(reaper, &cfg.bundle_dir(), &lower, |_| Ok(()))?;
     let id = new_id();
     let result = (|| {
@@ -209,18 +230,20 @@ pub fn restore(
     cfg: &Config,
     reaper: &Reaper,
     runtime: &Runtime,
+    image_digest: &str,
     images_dir: &Path,
     work_dir: &Path,
     fill_upper: impl FnOnce(&Path) -> Result<(), String>,
 ) -> Result<(Nested, Duration), NestedError> {
     let t0 = Instant::now();
-    let (_layout, img, lower) = open_image(cfg)?;
+    let (_layout, img, lower) = open_image(cfg, Some(image_digest))?;
     let bundle = Bundle::prepare(reaper, &cfg.bundle_dir(), &lower, fill_upper)?;
     let id = new_id();
     let result = (|| {
         let uid = write_spec(cfg, &img, &bundle, &id)?;
         make_netns(cfg, reaper)?;
         let _ = std::fs::create_dir_all(work_dir);
+        failpoint_before_restore()?;
         let opts = RestoreOpts {
             image_path: images_dir.into(),
             work_path: work_dir.into(),
@@ -244,6 +267,22 @@ pub fn restore(
             crate::sys::remove_netns(&cfg.netns_path());
             Err(e)
         }
+    }
+}
+
+/// Fault injection for the fault-tolerance tests, off unless the environment
+/// of `ums init` sets `UMS_FAILPOINT`: `restore` makes every restore fail
+/// just before the runtime is called (after the bundle is laid out, so the
+/// cleanup path runs); `slow-restore` waits 3 s there, leaving a window in
+/// which a test can kill the destination mid-restore.
+fn failpoint_before_restore() -> Result<(), NestedError> {
+    match std::env::var("UMS_FAILPOINT").as_deref() {
+        Ok("restore") => Err(NestedError::Failpoint("restore")),
+        Ok("slow-restore") => {
+            std::thread::sleep(Duration::from_secs(3));
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 

@@ -13,6 +13,7 @@
 //! and removed on drop. When a tool the tests need is missing, the helpers panic
 //! or fail with a message that names it: a missing tool is never a silent pass.
 
+pub mod fault;
 pub mod host;
 pub mod oci_layout;
 pub mod outer;
@@ -22,6 +23,7 @@ pub mod workload;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub use fault::{Fault, FaultProxy};
 pub use host::Host;
 pub use oci_layout::{Compression, ImageBuilder, Layer, OciImage};
 pub use outer::{Outer, OuterBuilder};

@@ -96,3 +96,144 @@ fn migrates_there_and_back_and_there_again() {
     assert_eq!(checksum(&b), sum0);
     assert_eq!(marker(&b), file0);
 }
+
+/// A source, a standby destination, and the workload running at the source.
+struct Pair {
+    _tmp: tempfile::TempDir,
+    ha: Host,
+    hb: Host,
+    a: Outer,
+    b: Outer,
+    img: OciImage,
+}
+
+fn pair(name: &str, mib: &str, b_env: &[(&str, &str)]) -> Pair {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = counter_image(tmp.path(), mib);
+    let (ha, hb) = Host::pair(name, None).unwrap();
+    let a = Outer::builder(&format!("{name}-a")).host(&ha).layout(&img.layout).start().unwrap();
+    let mut bb = Outer::builder(&format!("{name}-b")).host(&hb).layout(&img.layout).args(&["--standby"]);
+    for (k, v) in b_env {
+        bb = bb.env(k, v);
+    }
+    let b = bb.start().unwrap();
+    a.wait_for_line("tick 3 ", T).unwrap();
+    b.wait_for_line("standby", T).unwrap();
+    Pair { _tmp: tmp, ha, hb, a, b, img }
+}
+
+/// A migration that must fail, leaving the workload running at the source
+/// with its counter and memory intact.
+fn failed_migration(p: &Pair, to: &str, expect_in_error: &str) {
+    let sum0 = p.a.lines().iter().find_map(|l| parse_sum(l)).unwrap();
+    let from = p.a.log().len();
+    let out = p.a.ums(&["migrate", "--to", to]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "migration should have failed: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(err.contains(expect_in_error), "error {err:?} does not mention {expect_in_error:?}");
+    let st = status(&p.a);
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(st["last_op"]["ok"], false);
+    // The counter resumes where it was: no restart, nothing missing.
+    let before: Vec<u64> = ticks(&p.a, 0).into_iter().take_while(|_| true).collect();
+    let last = *before.last().unwrap();
+    p.a.log().wait_for_from(from, &format!("tick {} ", last + 3), T).expect("the workload runs on at the source");
+    let t = ticks(&p.a, 0);
+    for w in t.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "ticks at the source: {t:?}");
+    }
+    assert_eq!(checksum(&p.a), sum0, "memory checksum at the source after the failed migration");
+}
+
+#[test]
+fn a_connection_cut_mid_stream_leaves_the_workload_at_the_source() {
+    let p = pair("cut", "64", &[]);
+    let target: std::net::SocketAddr = format!("127.0.0.1:{PEER_PORT}").parse().unwrap();
+    let proxy = FaultProxy::start(&p.hb.netns_path(), 7500, target, Fault::CutAfter(20 << 20)).unwrap();
+    failed_migration(&p, &format!("{}:{}", p.hb.addr(), proxy.port()), "");
+    // The destination went back to standby; a retry (through the proxy,
+    // which now passes everything) succeeds.
+    assert_eq!(status(&p.b)["state"], "standby");
+    migrate(&p.a, &p.b, p.hb.addr());
+}
+
+#[test]
+fn a_flipped_byte_is_caught_by_the_manifest() {
+    let p = pair("flip", "64", &[]);
+    let target: std::net::SocketAddr = format!("127.0.0.1:{PEER_PORT}").parse().unwrap();
+    let proxy = FaultProxy::start(&p.hb.netns_path(), 7501, target, Fault::FlipByteAt(30 << 20)).unwrap();
+    failed_migration(&p, &format!("{}:{}", p.hb.addr(), proxy.port()), "mismatch");
+    assert_eq!(status(&p.b)["state"], "standby");
+    migrate(&p.a, &p.b, p.hb.addr());
+}
+
+#[test]
+fn a_failed_restore_thaws_the_source() {
+    let p = pair("rfail", "64", &[("UMS_FAILPOINT", "restore")]);
+    failed_migration(&p, &format!("{}:{PEER_PORT}", p.hb.addr()), "failpoint");
+    assert_eq!(status(&p.b)["state"], "standby");
+    assert!(status(&p.b)["workload"].is_null());
+}
+
+#[test]
+fn a_destination_killed_during_restore_leaves_the_workload_at_the_source() {
+    let mut p = pair("dkill", "64", &[("UMS_FAILPOINT", "slow-restore")]);
+    let to = format!("{}:{PEER_PORT}", p.hb.addr());
+    let mut cmd = p.a.command("/opt/ums/ums");
+    cmd.args(["migrate", "--to", &to]);
+    let h = std::thread::spawn(move || cmd.output().unwrap());
+    p.b.wait_for_line("checkpoint verified; restoring", T).unwrap();
+    p.b.signal(Signal::SIGKILL).unwrap();
+    let out = h.join().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(status(&p.a)["state"], "running");
+    let last = last_tick(&p.a);
+    p.a.log().wait_for_from(0, &format!("tick {} ", last + 3), T).expect("runs on at the source");
+    // A new standby on the same host, and a retry succeeds.
+    drop(std::mem::replace(
+        &mut p.b,
+        Outer::builder("dkill-b2").host(&p.hb).layout(&p.img.layout).args(&["--standby"]).start().unwrap(),
+    ));
+    p.b.wait_for_line("standby", T).unwrap();
+    migrate(&p.a, &p.b, p.hb.addr());
+}
+
+#[test]
+fn a_destination_without_the_image_gets_the_missing_blobs() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = counter_image(tmp.path(), "16");
+    let (ha, hb) = Host::pair("blobs", None).unwrap();
+    let empty = tmp.path().join("empty-layout");
+    std::fs::create_dir_all(empty.join("blobs/sha256")).unwrap();
+    std::fs::write(empty.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(empty.join("index.json"), r#"{"schemaVersion":2,"manifests":[]}"#).unwrap();
+    let a = Outer::builder("blobs-a").host(&ha).layout(&img.layout).start().unwrap();
+    let b = Outer::builder("blobs-b").host(&hb).layout(&empty).args(&["--standby"]).start().unwrap();
+    a.wait_for_line("tick 3 ", T).unwrap();
+    b.wait_for_line("standby", T).unwrap();
+    let r = migrate(&a, &b, hb.addr());
+    assert!(r["blob_bytes"].as_u64().unwrap() > 100_000, "the layers were sent: {r}");
+    let _ = ha;
+}
+
+#[test]
+fn a_busy_or_occupied_destination_refuses_and_nothing_moves() {
+    let p = pair("busy", "16", &[]);
+    // To itself: the destination (A) is busy with this very migration.
+    let sum0 = p.a.lines().iter().find_map(|l| parse_sum(l)).unwrap();
+    let out = p.a.ums(&["migrate", "--to", &format!("{}:{PEER_PORT}", p.ha.addr())]).unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("peer refused: busy"), "{out:?}");
+    // B -> A while A runs a workload: A is not a standby.
+    let out = p.b.ums(&["migrate", "--to", &format!("{}:{PEER_PORT}", p.ha.addr())]).unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no workload"), "{out:?}");
+    // A peer that is not listening at all.
+    let out = p.a.ums(&["migrate", "--to", &format!("{}:1", p.hb.addr())]).unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"), "{out:?}");
+    assert_eq!(status(&p.a)["state"], "running");
+    assert_eq!(checksum(&p.a), sum0);
+}

@@ -160,13 +160,38 @@ async fn receive(
     if hello.blobs.len() > 4096 {
         return Err(InError::Refuse("too many blobs".into()));
     }
-    let layout = match OciLayout::open(&cfg.layout_dir) {
-        Ok(l) => l,
-        Err(_) => OciLayout::create(&cfg.layout_dir).map_err(|e| InError::Refuse(e.to_string()))?,
+    // The image by digest, from the outer image's layout or one received
+    // earlier; otherwise the blobs go into the writable received layout.
+    let have = hello.blobs.iter().map(|b| b.0.clone()).collect::<Vec<_>>();
+    let ready = cfg.layout_candidates().into_iter().find(|d| {
+        OciLayout::open(d).and_then(|l| l.resolve()).map(|i| i.manifest_digest == hello.image.manifest_digest).unwrap_or(false)
+    });
+    let layout = match &ready {
+        Some(d) => OciLayout::open(d).map_err(|e| InError::Refuse(e.to_string()))?,
+        None => {
+            let d = cfg.received_layout_dir();
+            match OciLayout::open(&d) {
+                Ok(l) => l,
+                Err(_) => OciLayout::create(&d).map_err(|e| InError::Refuse(e.to_string()))?,
+            }
+        }
     };
-    let digests: Vec<String> = hello.blobs.iter().map(|b| b.0.clone()).collect();
+    let digests = have;
     for d in &digests {
         layout.blob_path(d).map_err(|e| InError::Refuse(e.to_string()))?;
+    }
+    // Blobs the outer image's own layout has need not cross the wire.
+    if ready.is_none() {
+        if let Ok(base) = OciLayout::open(&cfg.layout_dir) {
+            for d in layout.missing_blobs(&digests) {
+                if let (true, Ok(p)) = (base.has_blob(&d), base.blob_path(&d)) {
+                    if let Ok(f) = std::fs::File::open(&p) {
+                        let size = hello.blobs.iter().find(|b| b.0 == d).map(|b| b.1).unwrap_or(0);
+                        let _ = layout.add_blob(&d, f, size);
+                    }
+                }
+            }
+        }
     }
     let missing = layout.missing_blobs(&digests);
     let criu_version = std::process::Command::new("criu")
@@ -207,7 +232,7 @@ async fn receive(
     if current.as_deref() != Some(hello.image.manifest_digest.as_str()) {
         layout.set_index(&hello.image.manifest_digest, hello.manifest_size).map_err(|e| InError::Refuse(e.to_string()))?;
     }
-    let (layout_dir, cache) = (cfg.layout_dir.clone(), cfg.layer_cache());
+    let (layout_dir, cache) = (layout.root().to_path_buf(), cfg.layer_cache());
     tokio::task::spawn_blocking(move || -> Result<(), String> {
         let l = OciLayout::open(&layout_dir).map_err(|e| e.to_string())?;
         let img = l.resolve().map_err(|e| e.to_string())?;
@@ -252,11 +277,13 @@ async fn receive(
         }
     }
     let verify_ms = ms(t_verify.elapsed());
+    tracing::info!(files = manifest.files.len(), bytes = total, verify_ms, "checkpoint verified; restoring");
     // ---- restore.
     let (c2, images, work, diff) = (ctx.clone(), dir.join("criu"), dir.join("work"), dir.join("rootfs-diff.tar"));
+    let digest = hello.image.manifest_digest.clone();
     let max = cfg.max_checkpoint_bytes;
     let restored = tokio::task::spawn_blocking(move || {
-        crate::nested::restore(&c2.cfg, &c2.reaper, &c2.runtime, &images, &work, move |upper| {
+        crate::nested::restore(&c2.cfg, &c2.reaper, &c2.runtime, &digest, &images, &work, move |upper| {
             let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
             crate::upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max).map(|_| ()).map_err(|e| e.to_string())
         })

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::streamer::{self, Out};
 use super::wire::{self, Frame, Kind, WireError};
-use super::{FileKind, FileOpen, Hello, HelloOk, Manifest, MigrationResult, Query, QueryAnswer};
+use super::{FileKind, Hello, HelloOk, Manifest, MigrationResult, Query, QueryAnswer};
 use crate::checkpoint::{self, ms, CheckpointError, Timings};
 use crate::nested::{self, Nested};
 use crate::oci_layout::OciLayout;
@@ -90,7 +90,12 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
     let _enter = span.enter();
 
     // ---- pre-migration: the workload is not touched yet.
-    let layout = OciLayout::open(&cfg.layout_dir).map_err(|e| MigrateError::Image(e.to_string()))?;
+    let layout = cfg
+        .layout_candidates()
+        .into_iter()
+        .filter_map(|d| OciLayout::open(&d).ok())
+        .find(|l| l.resolve().map(|i| i.manifest_digest == n.image.manifest_digest).unwrap_or(false))
+        .ok_or_else(|| MigrateError::Image(format!("the workload image {} is in no layout here", n.image.manifest_digest)))?;
     let img = layout.resolve().map_err(|e| MigrateError::Image(e.to_string()))?;
     let blobs = layout.image_blobs(&img);
     let manifest_size = blobs.iter().find(|(d, _)| *d == img.manifest_digest).map(|b| b.1).unwrap_or(0);
@@ -125,6 +130,7 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
         Err(e) => return Err(MigrateError::Pre(e)),
     };
     // Exactly the missing blobs, each one of ours.
+    let blobs_sent: Result<u64, MigrateError> = async {
     let mut blob_bytes = 0u64;
     for (i, d) in ok.missing_blobs.iter().enumerate() {
         if !blobs.iter().any(|(b, _)| b == d) {
@@ -139,6 +145,13 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
         blob_bytes += entry.size;
     }
     send(Frame::json(Kind::BlobsDone, &json!({}))).await.map_err(MigrateError::Pre)?;
+    Ok(blob_bytes)
+    }
+    .await;
+    let blob_bytes = match blobs_sent {
+        Ok(b) => b,
+        Err(e) => return Err(peer_reason(&mut r).await.map(MigrateError::Refused).unwrap_or(e)),
+    };
     wire::read_frame_within(&mut r, Duration::from_secs(600))
         .await
         .and_then(|f| f.expect::<serde_json::Value>(Kind::Ready))
@@ -210,6 +223,14 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
     }
     .await;
 
+    // A broken stream is often the destination hanging up with a reason.
+    let result = match result {
+        Err(MigrateError::Stream(m)) => Err(match peer_reason(&mut r).await {
+            Some(reason) => MigrateError::Refused(reason),
+            None => MigrateError::Stream(m),
+        }),
+        other => other,
+    };
     let outcome = match result {
         Ok((bytes, res, sent_at)) if res.running => Ok((bytes, res, sent_at)),
         Ok((_, res, _)) => Err(MigrateError::Restore(res.error.unwrap_or_else(|| "unknown error".into()))),
@@ -271,6 +292,17 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
     Ok(report)
 }
 
+/// The reason the destination gave for hanging up, if it sent one.
+async fn peer_reason(r: &mut tokio::net::tcp::OwnedReadHalf) -> Option<String> {
+    loop {
+        match wire::read_frame_within(r, Duration::from_millis(500)).await {
+            Ok(f) if f.kind == Kind::Error => return f.parse::<wire::ErrorMsg>().ok().map(|e| e.message),
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
 /// Ask the destination whether migration `id` left a running workload there.
 /// An unreachable destination cannot be running it (its PID 1 is gone, and
 /// the restored workload with it).
@@ -306,9 +338,4 @@ impl Drop for DirGuard {
 }
 fn scopeguard_dir(p: PathBuf) -> DirGuard {
     DirGuard(p)
-}
-
-#[allow(dead_code)]
-fn _open_is_json(f: &FileOpen) -> Frame {
-    Frame::json(Kind::FileOpen, f)
 }

@@ -74,6 +74,11 @@ struct State {
 impl State {
     /// Send whatever `name` has beyond what was sent already.
     fn pump(&mut self, name: &str) -> Result<(), StreamError> {
+        self.pump_as(name, name)
+    }
+
+    /// `pump`, announcing the file under `wire_name` to the peer.
+    fn pump_as(&mut self, name: &str, wire_name: &str) -> Result<(), StreamError> {
         let path = self.dir.join(name);
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
@@ -86,7 +91,7 @@ impl State {
             let id = self.next_id;
             self.next_id += 1;
             self.tx
-                .blocking_send(Out::Open(FileOpen { id, kind: self.kind, name: name.to_string() }))
+                .blocking_send(Out::Open(FileOpen { id, kind: self.kind, name: wire_name.to_string() }))
                 .map_err(|_| StreamError::Closed)?;
             self.files.insert(name.to_string(), Tracked { id, sent: 0, hash: Sha256::new() });
         }
@@ -237,13 +242,11 @@ impl Streamer {
 pub fn send_file(path: &Path, id: u32, kind: FileKind, name: &str, tx: &mpsc::Sender<Out>) -> Result<FileEntry, StreamError> {
     let mut st = State { dir: path.parent().unwrap_or(Path::new("/")).into(), kind, next_id: id, files: HashMap::new(), tx: tx.clone(), bytes: 0 };
     let fname = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    st.pump(&fname)?;
+    st.pump_as(&fname, name)?;
     let t = st.files.remove(&fname).ok_or_else(|| StreamError::Read {
         path: path.into(),
         source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
     })?;
-    // The name on the wire may differ from the local file name.
-    let _ = name;
     Ok(FileEntry { name: name.into(), kind, size: t.sent, sha256: hex::encode(t.hash.finalize()) })
 }
 

@@ -1,0 +1,114 @@
+//! A TCP proxy that sits inside a test host's network namespace between a
+//! migration's source and destination, and breaks the stream on purpose: cut
+//! it after N bytes, or flip one byte. Only the first connection gets the
+//! fault; later ones (a retry, the source's status query) pass untouched.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Close both directions once this many bytes went source -> destination.
+    CutAfter(u64),
+    /// Invert the byte at this offset of the source -> destination stream.
+    FlipByteAt(u64),
+}
+
+pub struct FaultProxy {
+    stop: Arc<AtomicBool>,
+    port: u16,
+}
+
+impl FaultProxy {
+    /// Listen on 0.0.0.0:`port` inside the namespace at `netns` and forward
+    /// to `target` (an address reachable from that namespace).
+    pub fn start(netns: &Path, port: u16, target: SocketAddr, fault: Fault) -> anyhow::Result<FaultProxy> {
+        let ns = std::fs::File::open(netns)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stop2 = stop.clone();
+        std::thread::spawn(move || {
+            // This thread (and the threads it starts) live in the host's netns.
+            if let Err(e) = nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET) {
+                let _ = ready_tx.send(Err(anyhow::anyhow!("setns: {e}")));
+                return;
+            }
+            let l = match TcpListener::bind(("0.0.0.0", port)) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            l.set_nonblocking(true).unwrap();
+            let _ = ready_tx.send(Ok(()));
+            let mut first = true;
+            while !stop2.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        let f = if first { Some(fault) } else { None };
+                        first = false;
+                        std::thread::spawn(move || relay(client, target, f));
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        });
+        ready_rx.recv()??;
+        Ok(FaultProxy { stop, port })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn relay(client: TcpStream, target: SocketAddr, fault: Option<Fault>) {
+    let Ok(server) = TcpStream::connect(target) else { return };
+    let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    // destination -> source: plain copy
+    let back = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut s2, &mut c2);
+        let _ = c2.shutdown(Shutdown::Write);
+    });
+    let (mut c, mut s) = (client, server);
+    let mut sent = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &mut buf[..n];
+        match fault {
+            Some(Fault::CutAfter(limit)) if sent + n as u64 >= limit => {
+                let keep = (limit - sent) as usize;
+                let _ = s.write_all(&chunk[..keep]);
+                let _ = s.shutdown(Shutdown::Both);
+                let _ = c.shutdown(Shutdown::Both);
+                break;
+            }
+            Some(Fault::FlipByteAt(at)) if at >= sent && at < sent + n as u64 => {
+                chunk[(at - sent) as usize] ^= 0xff;
+            }
+            _ => {}
+        }
+        if s.write_all(chunk).is_err() {
+            break;
+        }
+        sent += n as u64;
+    }
+    let _ = s.shutdown(Shutdown::Write);
+    let _ = back.join();
+}
