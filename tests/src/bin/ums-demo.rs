@@ -17,8 +17,7 @@
 //! on a panic (when built with unwinding, as `make demo` does) and on Ctrl-C.
 
 use std::fs::File;
-use std::io::Write;
-use std::os::fd::AsFd;
+use std::io::Write as _;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -262,9 +261,7 @@ fn main() {
         }
     };
     // The outer containers' lines are echoed to stderr by ums_e2e; keep them
-    // in a log file so that stdout tells the story. The real stderr is kept
-    // for errors.
-    let mut real_stderr = std::io::stderr().as_fd().try_clone_to_owned().map(File::from).ok();
+    // in a log file so that stdout tells the story (errors included).
     if !opts.verbose {
         let path = log_path();
         let _ = std::fs::create_dir_all(path.parent().unwrap_or(&PathBuf::from(".")));
@@ -292,12 +289,14 @@ fn main() {
     match result {
         Ok(()) => println!("demo finished"),
         Err(e) => {
-            let msg = format!("ums-demo failed: {e:#}");
-            println!("\n{msg}");
-            if let Some(f) = real_stderr.as_mut() {
-                if !opts.verbose {
-                    let _ = writeln!(f, "{msg}\n(see {} for the outer containers' output)", log_path().display());
-                }
+            // Everything the demo made is gone by now: run() dropped it.
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                println!("\nums-demo: interrupted; everything it created was removed");
+            } else {
+                println!("\nums-demo failed: {e:#}");
+            }
+            if !opts.verbose {
+                println!("(the outer containers' output is in {})", log_path().display());
             }
             std::process::exit(1);
         }
