@@ -35,7 +35,6 @@ pub async fn serve_peers(ctx: Ctx, listener: TcpListener, inbox: mpsc::Sender<Ms
                 Ok((stream, addr)) => {
                     let (ctx, inbox, outcomes) = (ctx.clone(), inbox.clone(), outcomes.clone());
                     tokio::spawn(async move {
-                        let _ = stream.set_nodelay(true);
                         if let Err(e) = handle(ctx, stream, inbox, outcomes).await {
                             tracing::warn!(peer = %addr, error = %e, "incoming peer connection ended");
                         }
@@ -59,8 +58,8 @@ enum InError {
 }
 
 async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes: Outcomes) -> Result<(), InError> {
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let (r, w) = stream.into_split();
+    let conn = super::transport::accept(&ctx.cfg, stream).await.map_err(|e| InError::Refuse(format!("peer connection: {e}")))?;
+    let (peer, r, w) = (conn.peer, conn.read, conn.write);
     let mut r = BufReader::with_capacity(wire::CHUNK + 64, r);
     let mut w = BufWriter::new(w);
     let first = wire::read_frame_within(&mut r, ctx.cfg.peer_read_timeout).await?;

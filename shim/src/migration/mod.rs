@@ -18,6 +18,7 @@
 pub mod destination;
 pub mod source;
 pub mod streamer;
+pub mod transport;
 pub mod wire;
 
 use serde::{Deserialize, Serialize};

@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::streamer::{self, Out};
@@ -50,7 +48,7 @@ pub fn streaming_enabled() -> bool {
 
 /// The single writer of a peer connection: frames arrive on a channel, in
 /// order; data is flushed whenever the channel runs dry.
-async fn writer(mut w: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver<Out>) -> Result<u64, WireError> {
+async fn writer(mut w: BufWriter<super::transport::PeerWrite>, mut rx: mpsc::Receiver<Out>) -> Result<u64, WireError> {
     let mut bytes = 0u64;
     while let Some(o) = rx.recv().await {
         match o {
@@ -99,13 +97,11 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
     let img = layout.resolve().map_err(|e| MigrateError::Image(e.to_string()))?;
     let blobs = layout.image_blobs(&img);
     let manifest_size = blobs.iter().find(|(d, _)| *d == img.manifest_digest).map(|b| b.1).unwrap_or(0);
-    let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(to))
+    let conn = super::transport::connect(&cfg, to, Duration::from_secs(10))
         .await
-        .map_err(|_| MigrateError::Connect { peer: to.into(), source: std::io::ErrorKind::TimedOut.into() })?
         .map_err(|source| MigrateError::Connect { peer: to.into(), source })?;
-    let _ = stream.set_nodelay(true);
-    let peer_addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| to.into());
-    let (mut r, w) = stream.into_split();
+    let peer_addr = conn.peer.clone();
+    let (mut r, w) = (conn.read, conn.write);
     let (tx, rx) = mpsc::channel::<Out>(32);
     let writer_task = tokio::spawn(writer(BufWriter::with_capacity(wire::CHUNK + 64, w), rx));
     let send = |f: Frame| {
@@ -237,7 +233,7 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
         Err(e @ MigrateError::Transfer(_)) => {
             // The manifest may have reached the destination: ask before thawing,
             // so the workload never runs in two places.
-            if destination_runs(to, &migration_id).await {
+            if destination_runs(&cfg, to, &migration_id).await {
                 tracing::warn!(error = %e, "connection lost, but the destination runs the workload");
                 Ok((0, MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 }, t_freeze.elapsed()))
             } else {
@@ -293,7 +289,7 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
 }
 
 /// The reason the destination gave for hanging up, if it sent one.
-async fn peer_reason(r: &mut tokio::net::tcp::OwnedReadHalf) -> Option<String> {
+async fn peer_reason(r: &mut super::transport::PeerRead) -> Option<String> {
     loop {
         match wire::read_frame_within(r, Duration::from_millis(500)).await {
             Ok(f) if f.kind == Kind::Error => return f.parse::<wire::ErrorMsg>().ok().map(|e| e.message),
@@ -306,11 +302,11 @@ async fn peer_reason(r: &mut tokio::net::tcp::OwnedReadHalf) -> Option<String> {
 /// Ask the destination whether migration `id` left a running workload there.
 /// An unreachable destination cannot be running it (its PID 1 is gone, and
 /// the restored workload with it).
-async fn destination_runs(to: &str, id: &str) -> bool {
+async fn destination_runs(cfg: &crate::config::Config, to: &str, id: &str) -> bool {
     for _ in 0..3 {
         let attempt = async {
-            let s = TcpStream::connect(to).await.ok()?;
-            let (mut r, mut w) = s.into_split();
+            let c = super::transport::connect(cfg, to, Duration::from_secs(5)).await.ok()?;
+            let (mut r, mut w) = (c.read, c.write);
             wire::send_json(&mut w, Kind::Query, &Query { migration_id: id.into() }).await.ok()?;
             let a: QueryAnswer = wire::read_frame(&mut r).await.ok()?.expect(Kind::QueryAnswer).ok()?;
             Some(a.running)
@@ -318,7 +314,7 @@ async fn destination_runs(to: &str, id: &str) -> bool {
         match tokio::time::timeout(Duration::from_secs(5), attempt).await {
             Ok(Some(running)) => return running,
             Ok(None) => {
-                if TcpStream::connect(to).await.is_err() {
+                if tokio::net::TcpStream::connect(to).await.is_err() {
                     return false;
                 }
             }
