@@ -58,6 +58,10 @@ pub struct Config {
     pub peer_read_timeout: Duration,
     /// Pass `--tcp-established` to CRIU.
     pub tcp_established: bool,
+    /// The peer key set (ca.pem, peer.pem, peer-key.pem): mutual TLS with the group's peers.
+    pub peer_keys: PathBuf,
+    /// Plain TCP to peers, no authentication (an explicit opt-out).
+    pub insecure_peer: bool,
 }
 
 impl Config {
@@ -65,6 +69,7 @@ impl Config {
     pub const DEFAULT_STATE_DIR: &'static str = "/var/lib/ums";
     pub const DEFAULT_RUN_DIR: &'static str = "/run/ums";
     pub const DEFAULT_PEER_PORT: u16 = 7411;
+    pub const DEFAULT_PEER_KEYS: &'static str = "/etc/ums/peer";
 
     pub fn socket_path(&self) -> PathBuf {
         self.run_dir.join("ums.sock")
@@ -112,6 +117,8 @@ impl Default for Config {
             max_checkpoint_bytes: 64 << 30,
             peer_read_timeout: Duration::from_secs(30),
             tcp_established: true,
+            peer_keys: Self::DEFAULT_PEER_KEYS.into(),
+            insecure_peer: false,
         }
     }
 }

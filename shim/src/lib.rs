@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod exec;
+pub mod keys;
 pub mod migration;
 pub mod nested;
 pub mod oci_layout;

@@ -22,6 +22,8 @@ enum Cmd {
     Restore(cli::restore::Args),
     /// Live-migrate the workload to a peer outer container.
     Migrate(cli::migrate::Args),
+    /// Create the peer key set of a group of outer containers.
+    Keys(cli::keys::Args),
 }
 
 fn main() {
@@ -33,6 +35,7 @@ fn main() {
         Cmd::Checkpoint(a) => cli::checkpoint::run(a),
         Cmd::Restore(a) => cli::restore::run(a),
         Cmd::Migrate(a) => cli::migrate::run(a),
+        Cmd::Keys(a) => cli::keys::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -43,6 +43,15 @@ pub struct Args {
     /// Do not ask CRIU to keep established TCP connections.
     #[arg(long)]
     pub no_tcp_established: bool,
+    /// The peer key set: ca.pem, peer.pem, peer-key.pem (`ums keys create`).
+    #[arg(long, env = "UMS_PEER_KEYS", default_value = Config::DEFAULT_PEER_KEYS)]
+    pub peer_keys: PathBuf,
+    /// Talk to peers over plain TCP, unauthenticated and unencrypted (an explicit opt-out).
+    #[arg(long, env = "UMS_INSECURE_PEER")]
+    pub insecure_peer: bool,
+    /// Deadline for every read from a peer, and for its TLS handshake (30s).
+    #[arg(long, env = "UMS_PEER_TIMEOUT", default_value = "30s", value_parser = crate::supervisor::parse_duration)]
+    pub peer_timeout: std::time::Duration,
     /// Command to run instead of the image's Entrypoint and Cmd.
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -61,6 +70,9 @@ impl Args {
             peer_listen: self.peer_listen,
             hostname: self.hostname,
             tcp_established: !self.no_tcp_established,
+            peer_keys: self.peer_keys,
+            insecure_peer: self.insecure_peer,
+            peer_read_timeout: self.peer_timeout,
             ..Config::default()
         }
     }
@@ -86,6 +98,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         crate::sys::become_subreaper().context("become a subreaper")?;
     }
     let cfg = Arc::new(a.config());
+    match crate::migration::transport::check(&cfg) {
+        Ok(Some(identity)) => tracing::info!(identity = %identity, keys = %cfg.peer_keys.display(), "peer connections: mutual TLS"),
+        Ok(None) => tracing::warn!("--insecure-peer: peer connections are NOT authenticated or encrypted; anyone who reaches the peer port can push a workload that runs as root here"),
+        Err(e) => anyhow::bail!("{e}"),
+    }
     prepare_dirs(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

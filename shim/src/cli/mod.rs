@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod init;
+pub mod keys;
 pub mod migrate;
 pub mod restore;
 pub mod status;
