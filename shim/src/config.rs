@@ -62,6 +62,37 @@ pub struct Config {
     pub peer_keys: PathBuf,
     /// Plain TCP to peers, no authentication (an explicit opt-out).
     pub insecure_peer: bool,
+    /// The nested container's network: the same in every outer container.
+    pub net: NetConfig,
+    /// Ports published with `--publish`, besides the image's ExposedPorts.
+    pub publish: Vec<crate::proxy::PortMap>,
+    /// How published ports behave during and after a migration.
+    pub hold: crate::proxy::HoldConfig,
+}
+
+/// Addresses of the link between the outer container and the nested one.
+/// Every outer container uses the same ones, so the sockets CRIU restores
+/// find their address at any destination.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// The outer side of the veth, and the nested container's gateway.
+    pub gateway: std::net::Ipv4Addr,
+    /// The nested container's address.
+    pub address: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+    /// Name of the veth end in the outer container's namespace.
+    pub host_if: String,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            gateway: std::net::Ipv4Addr::new(10, 88, 0, 1),
+            address: std::net::Ipv4Addr::new(10, 88, 0, 2),
+            prefix_len: 24,
+            host_if: "ums0".into(),
+        }
+    }
 }
 
 impl Config {
@@ -119,6 +150,9 @@ impl Default for Config {
             tcp_established: true,
             peer_keys: Self::DEFAULT_PEER_KEYS.into(),
             insecure_peer: false,
+            net: NetConfig::default(),
+            publish: Vec::new(),
+            hold: crate::proxy::HoldConfig::default(),
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod keys;
 pub mod migration;
 pub mod nested;
 pub mod oci_layout;
+pub mod proxy;
 pub mod reaper;
 pub mod runtime;
 pub mod spec;

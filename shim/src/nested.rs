@@ -116,18 +116,72 @@ fn hostname(cfg: &Config) -> String {
         .unwrap_or_else(|| "ums".into())
 }
 
-/// A fresh network namespace for the workload, pinned at its fixed path, with
-/// loopback up. Made anew for every start and restore.
+/// A fresh network namespace for the workload, pinned at its fixed path:
+/// loopback up, and a veth to the outer container's namespace with the fixed
+/// addresses of `NetConfig`, a default route through the outer side, and
+/// outbound NAT there. Made anew for every start and restore.
 pub fn make_netns(cfg: &Config, reaper: &Reaper) -> Result<(), NestedError> {
     let path = cfg.netns_path();
     crate::sys::remove_netns(&path);
+    let net = cfg.net.clone();
+    let ip = |args: &[&str]| {
+        let mut c = Command::new("ip");
+        c.args(args);
+        exec::check_blocking(reaper, c).map(|_| ()).map_err(std::io::Error::other)
+    };
+    // A veth left from an earlier workload (its namespace not yet gone).
+    let _ = ip(&["link", "del", &net.host_if]);
     let r = reaper.clone();
     crate::sys::create_netns(&path, move || {
-        let mut ip = Command::new("ip");
-        ip.args(["link", "set", "lo", "up"]);
-        exec::check_blocking(&r, ip).map(|_| ()).map_err(std::io::Error::other)
+        let mut c = Command::new("ip");
+        c.args(["link", "set", "lo", "up"]);
+        exec::check_blocking(&r, c).map(|_| ()).map_err(std::io::Error::other)
     })
-    .map_err(|source| NestedError::Netns { path, source })
+    .map_err(|source| NestedError::Netns { path: path.clone(), source })?;
+    let netns = path.to_string_lossy().into_owned();
+    let setup = || -> std::io::Result<()> {
+        let gw = format!("{}/{}", net.gateway, net.prefix_len);
+        let addr = format!("{}/{}", net.address, net.prefix_len);
+        ip(&["link", "add", &net.host_if, "type", "veth", "peer", "name", "ums-nested"])?;
+        ip(&["link", "set", "ums-nested", "netns", &netns])?;
+        ip(&["addr", "add", &gw, "dev", &net.host_if])?;
+        ip(&["link", "set", &net.host_if, "up"])?;
+        let inside = |args: &[&str]| {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={netns}")).arg("ip").args(args);
+            exec::check_blocking(reaper, c).map(|_| ()).map_err(std::io::Error::other)
+        };
+        inside(&["link", "set", "ums-nested", "name", "eth0"])?;
+        inside(&["addr", "add", &addr, "dev", "eth0"])?;
+        inside(&["link", "set", "eth0", "up"])?;
+        inside(&["route", "add", "default", "via", &net.gateway.to_string()])?;
+        Ok(())
+    };
+    setup().map_err(|source| NestedError::Netns { path: path.clone(), source })?;
+    outbound_nat(cfg, reaper);
+    Ok(())
+}
+
+/// Let the workload reach the network through the outer container: forward
+/// and masquerade its subnet. Best effort: a workload that only serves
+/// published ports does not need it, so a failure is logged, not fatal.
+fn outbound_nat(cfg: &Config, reaper: &Reaper) {
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
+        tracing::warn!(error = %e, "cannot enable IP forwarding; the workload has no outbound network");
+        return;
+    }
+    let subnet = format!("{}/{}", cfg.net.address, cfg.net.prefix_len);
+    let rule = ["-t", "nat", "POSTROUTING", "-s", &subnet, "!", "-o", &cfg.net.host_if, "-j", "MASQUERADE"];
+    let mut check = Command::new("iptables");
+    check.args(&rule[..2]).arg("-C").args(&rule[2..]);
+    if exec::check_blocking(reaper, check).is_ok() {
+        return;
+    }
+    let mut add = Command::new("iptables");
+    add.args(&rule[..2]).arg("-A").args(&rule[2..]);
+    if let Err(e) = exec::check_blocking(reaper, add) {
+        tracing::warn!(error = %e, "cannot add the outbound NAT rule; the workload has no outbound network");
+    }
 }
 
 fn new_id() -> String {

@@ -25,6 +25,7 @@ pub struct Ctx {
     pub cfg: Arc<Config>,
     pub reaper: Reaper,
     pub runtime: Runtime,
+    pub publisher: crate::proxy::Publisher,
 }
 
 /// The record of the last operation, for `status`.
@@ -113,6 +114,15 @@ impl Supervisor {
 
     fn adopt(&mut self, n: Nested) {
         self.exit_rx = Some(self.ctx.reaper.watch(n.pid));
+        let mut maps = self.ctx.cfg.publish.clone();
+        maps.extend(crate::proxy::from_exposed(&n.image.exposed_ports));
+        let p = self.ctx.publisher.clone();
+        tokio::spawn(async move {
+            if let Err(e) = p.publish(&maps).await {
+                tracing::error!(error = %e, "cannot publish the workload's ports");
+            }
+            p.direct();
+        });
         tracing::info!(workload = %n.id, pid = n.pid, "workload running");
         self.workload = Some(Arc::new(n));
         self.exited_during_op = None;
@@ -173,6 +183,7 @@ impl Supervisor {
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "last_op": self.last_op,
             "orphans_reaped": self.ctx.reaper.orphans_reaped(),
+            "published": self.ctx.publisher.status(),
             "ums": { "version": env!("CARGO_PKG_VERSION"), "pid": std::process::id(), "rss_kib": rss_kib },
         })
     }
@@ -225,6 +236,7 @@ impl Supervisor {
             }
         }
         tracing::info!(%exit, "workload ended");
+        self.ctx.publisher.close();
         if let Some(n) = self.workload.take() {
             let ctx = self.ctx.clone();
             let _ = tokio::task::spawn_blocking(move || nested::cleanup(&ctx.cfg, &ctx.reaper, &ctx.runtime, &n)).await;

@@ -24,25 +24,34 @@ pub fn build_workload(tmp: &Path) -> PathBuf {
 
 /// [`build_workload`], returning the error instead of panicking.
 pub fn try_build_workload(tmp: &Path) -> anyhow::Result<PathBuf> {
-    let source = workload_source();
+    try_build(tmp, "memctr")
+}
+
+/// Compiles `tests/workloads/websrv.c` (the HTTP + UDP echo workload).
+pub fn build_websrv(tmp: &Path) -> PathBuf {
+    try_build(tmp, "websrv").unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn try_build(tmp: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads").join(format!("{name}.c"));
     let code = std::fs::read(&source)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", source.display()))?;
     let hash = hex::encode(&Sha256::digest(&code)[..8]);
     let cache_dir = crate::target_dir().join("ums-e2e");
-    let cached = cache_dir.join(format!("memctr-{hash}"));
+    let cached = cache_dir.join(format!("{name}-{hash}"));
     if cached.is_file() {
         return Ok(cached);
     }
     std::fs::create_dir_all(&cache_dir)?;
     std::fs::create_dir_all(tmp)?;
-    let out = tmp.join(format!("memctr-{hash}-{}", std::process::id()));
+    let out = tmp.join(format!("{name}-{hash}-{}", std::process::id()));
     let result = Command::new("gcc")
         .args(["-O2", "-static", "-Wall", "-o"])
         .arg(&out)
         .arg(&source)
         .output();
     match result {
-        Err(e) => anyhow::bail!("cannot run gcc to build the memctr workload ({e}): install gcc and libc6-dev"),
+        Err(e) => anyhow::bail!("cannot run gcc to build the {name} workload ({e}): install gcc and libc6-dev"),
         Ok(o) if !o.status.success() => anyhow::bail!(
             "gcc -O2 -static {} failed: install gcc and libc6-dev (static libc):\n{}",
             source.display(),
@@ -51,7 +60,7 @@ pub fn try_build_workload(tmp: &Path) -> anyhow::Result<PathBuf> {
         Ok(_) => {}
     }
     // Copy next to the cache entry, then rename: atomic for concurrent tests.
-    let staged = cache_dir.join(format!(".memctr-{hash}-{}-{:08x}", std::process::id(), rand::random::<u32>()));
+    let staged = cache_dir.join(format!(".{name}-{hash}-{}-{:08x}", std::process::id(), rand::random::<u32>()));
     std::fs::copy(&out, &staged)?;
     std::fs::rename(&staged, &cached)?;
     let _ = std::fs::remove_file(&out);

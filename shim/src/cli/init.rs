@@ -29,7 +29,7 @@ pub struct Args {
     #[arg(long, env = "UMS_RUNTIME", default_value = "runc")]
     pub runtime: RuntimeKind,
     /// Start without a workload and wait for one to arrive (restore or migration).
-    #[arg(long, env = "UMS_STANDBY")]
+    #[arg(long, env = "UMS_STANDBY", value_parser = clap::builder::FalseyValueParser::new())]
     pub standby: bool,
     /// How long SIGTERM waits for the workload before SIGKILL (10s, 500ms).
     #[arg(long, env = "UMS_STOP_GRACE", default_value = "10s", value_parser = crate::supervisor::parse_duration)]
@@ -43,11 +43,24 @@ pub struct Args {
     /// Do not ask CRIU to keep established TCP connections.
     #[arg(long)]
     pub no_tcp_established: bool,
+    /// Publish a port of the workload on the outer container: OUTER:INNER[/udp]
+    /// (repeatable; the image's ExposedPorts are published too).
+    #[arg(long = "publish", short = 'p', env = "UMS_PUBLISH", value_delimiter = ',')]
+    pub publish: Vec<crate::proxy::PortMap>,
+    /// Most client connections held during a migration's freeze.
+    #[arg(long, env = "UMS_HOLD_MAX", default_value_t = 1024)]
+    pub hold_max: usize,
+    /// Longest a client connection is held (30s).
+    #[arg(long, env = "UMS_HOLD_TIMEOUT", default_value = "30s", value_parser = crate::supervisor::parse_duration)]
+    pub hold_timeout: std::time::Duration,
+    /// After a migration, forward clients to the destination until none came for this long.
+    #[arg(long, env = "UMS_DRAIN", default_value = "10s", value_parser = crate::supervisor::parse_duration)]
+    pub drain: std::time::Duration,
     /// The peer key set: ca.pem, peer.pem, peer-key.pem (`ums keys create`).
     #[arg(long, env = "UMS_PEER_KEYS", default_value = Config::DEFAULT_PEER_KEYS)]
     pub peer_keys: PathBuf,
     /// Talk to peers over plain TCP, unauthenticated and unencrypted (an explicit opt-out).
-    #[arg(long, env = "UMS_INSECURE_PEER")]
+    #[arg(long, env = "UMS_INSECURE_PEER", value_parser = clap::builder::FalseyValueParser::new())]
     pub insecure_peer: bool,
     /// Deadline for every read from a peer, and for its TLS handshake (30s).
     #[arg(long, env = "UMS_PEER_TIMEOUT", default_value = "30s", value_parser = crate::supervisor::parse_duration)]
@@ -73,6 +86,13 @@ impl Args {
             peer_keys: self.peer_keys,
             insecure_peer: self.insecure_peer,
             peer_read_timeout: self.peer_timeout,
+            publish: self.publish,
+            hold: crate::proxy::HoldConfig {
+                max_held: self.hold_max,
+                max_hold: self.hold_timeout,
+                drain: self.drain,
+                ..Default::default()
+            },
             ..Config::default()
         }
     }
@@ -114,7 +134,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         let (sig_tx, sig_rx) = mpsc::unbounded_channel();
         let reaper = Reaper::start(sig_tx).context("start the reaper")?;
         let runtime = Runtime::new(cfg.runtime, cfg.runtime_root());
-        let ctx = Ctx { cfg: cfg.clone(), reaper, runtime };
+        let publisher = crate::proxy::Publisher::new(cfg.net.address, cfg.hold.clone());
+        let ctx = Ctx { cfg: cfg.clone(), reaper, runtime, publisher };
         let mut sup = Supervisor::new(ctx.clone(), sig_rx);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let listener = crate::control::bind(&cfg.socket_path())

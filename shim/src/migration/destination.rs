@@ -105,6 +105,15 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         Ok(_) => MigrationResult { running: true, error: None, verify_ms: report.0, restore_ms: report.1 },
         Err(e) => MigrationResult { running: false, error: Some(e.clone()), verify_ms: report.0, restore_ms: report.1 },
     };
+    // Its published ports answer before the source starts sending clients.
+    if let Ok(n) = &result {
+        let mut maps = ctx.cfg.publish.clone();
+        maps.extend(crate::proxy::from_exposed(&n.image.exposed_ports));
+        if let Err(e) = ctx.publisher.publish(&maps).await {
+            tracing::error!(error = %e, "cannot publish the workload's ports");
+        }
+        ctx.publisher.direct();
+    }
     // Report to the supervisor first: the workload runs here from now on,
     // whether or not the source hears about it.
     let msg = match result {

@@ -101,6 +101,7 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
         .await
         .map_err(|source| MigrateError::Connect { peer: to.into(), source })?;
     let peer_addr = conn.peer.clone();
+    tracing::info!(identity = %peer_addr, "connected to the peer");
     let (mut r, w) = (conn.read, conn.write);
     let (tx, rx) = mpsc::channel::<Out>(32);
     let writer_task = tokio::spawn(writer(BufWriter::with_capacity(wire::CHUNK + 64, w), rx));
@@ -164,6 +165,11 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
     std::fs::create_dir_all(&images).map_err(|e| MigrateError::Stream(format!("{}: {e}", images.display())))?;
     let cleanup_dir = scopeguard_dir(dir.clone());
     let live = streaming_enabled();
+    // Clients: new connections wait from here on; those in flight may finish.
+    let still_open = ctx.publisher.hold_and_drain().await;
+    if still_open > 0 {
+        tracing::info!(still_open, "connections still open at the freeze; they end when the workload has left");
+    }
     let t_freeze = Instant::now();
     let s = streamer::start(&images, 1000, tx.clone(), live).map_err(|e| MigrateError::Stream(e.to_string()))?;
     let (c2, n2, images2, work) = (ctx.clone(), n.clone(), images.clone(), dir.join("work"));
@@ -177,6 +183,7 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
         Ok(t) => t,
         Err(e) => {
             tokio::task::spawn_blocking(move || s.abort()).await.ok();
+            ctx.publisher.direct();
             let _ = send(Frame::json(Kind::Error, &wire::ErrorMsg { message: format!("source: {e}") })).await;
             return Err(e.into());
         }
@@ -248,6 +255,7 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
         Err(e) => {
             tracing::warn!(error = %e, "migration failed; thawing the workload here");
             thaw(ctx.clone(), n.clone()).await;
+            ctx.publisher.direct();
             writer_task.abort();
             drop(cleanup_dir);
             return Err(e);
@@ -255,6 +263,10 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
     };
     let frozen = t_freeze.elapsed();
     // ---- post-migration: the destination runs it; end the frozen copy.
+    match tokio::net::lookup_host(to).await.ok().and_then(|mut a| a.next()) {
+        Some(sa) => ctx.publisher.forward_to(sa.ip()),
+        None => ctx.publisher.close(),
+    }
     let (c2, n2) = (ctx.clone(), n.clone());
     let _ = tokio::task::spawn_blocking(move || {
         let _ = c2.runtime.kill(&c2.reaper, &n2.id, "KILL", true);

@@ -1,0 +1,436 @@
+//! Published ports: `ums` owns the outer container's ports and proxies them to
+//! the nested container's fixed address, which is what lets it hold clients
+//! while the workload is frozen and send them to wherever it runs next
+//! (UMS's Frontman and CloudHopper's holding app plus HAProxy, for any TCP or
+//! UDP service).
+//!
+//! Modes, switched by the supervisor and the migration:
+//! * `Direct`: connections go to the workload here.
+//! * `Hold`: during a migration's freeze new connections are accepted and
+//!   wait (bounded by count and time); datagrams are dropped.
+//! * `Forward(ip)`: after a successful migration, connections and datagrams
+//!   go to the same port of the destination outer container, until no new
+//!   connection came for the drain time; then `Closed`.
+//! * `Closed`: no workload here; connections are closed at once.
+//!
+//! Connections already open when a migration starts are given a short time
+//! to finish (`HoldConfig::in_flight`), then the freeze goes ahead; any still
+//! open are closed when the workload has left (their far end moved with it).
+//! Clients reconnect and are held or forwarded like new ones.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// One published port: outer port → the workload's port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct PortMap {
+    pub outer: u16,
+    pub inner: u16,
+    pub proto: Proto,
+}
+
+impl FromStr for PortMap {
+    type Err = String;
+    /// `OUTER:INNER[/udp]`, `PORT[/tcp|/udp]` (the same on both sides).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ports, proto) = match s.rsplit_once('/') {
+            Some((p, "tcp")) => (p, Proto::Tcp),
+            Some((p, "udp")) => (p, Proto::Udp),
+            Some((_, other)) => return Err(format!("unknown protocol {other:?} in {s:?} (tcp or udp)")),
+            None => (s, Proto::Tcp),
+        };
+        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("bad port {p:?} in {s:?}"));
+        let (outer, inner) = match ports.split_once(':') {
+            Some((o, i)) => (port(o)?, port(i)?),
+            None => (port(ports)?, port(ports)?),
+        };
+        Ok(PortMap { outer, inner, proto })
+    }
+}
+
+/// The image's ExposedPorts ("8080/tcp") as port maps (same port outside).
+pub fn from_exposed(exposed: &[String]) -> Vec<PortMap> {
+    exposed.iter().filter_map(|e| e.parse().ok()).collect()
+}
+
+#[derive(Debug, Clone)]
+pub struct HoldConfig {
+    /// Most connections held at once; more are closed.
+    pub max_held: usize,
+    /// Longest a connection is held before it is closed.
+    pub max_hold: Duration,
+    /// After a migration, forward until no new connection came for this long.
+    pub drain: Duration,
+    /// How long connections open at the start of a migration may finish.
+    pub in_flight: Duration,
+}
+
+impl Default for HoldConfig {
+    fn default() -> Self {
+        HoldConfig {
+            max_held: 1024,
+            max_hold: Duration::from_secs(30),
+            drain: Duration::from_secs(10),
+            in_flight: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Closed,
+    Direct,
+    Hold,
+    Forward(IpAddr),
+}
+
+struct Shared {
+    mode: watch::Sender<Mode>,
+    target: Ipv4Addr,
+    hold: HoldConfig,
+    bound: Mutex<BTreeMap<(Proto, u16), u16>>,
+    /// Proxied connections open to the workload here.
+    active: AtomicUsize,
+    held: AtomicUsize,
+    held_total: AtomicU64,
+    refused_total: AtomicU64,
+    forwarded_total: AtomicU64,
+    last_forward: Mutex<Option<Instant>>,
+    /// Bumped when connections to the workload must end (it left).
+    generation: watch::Sender<u64>,
+}
+
+/// Handle to the published ports; cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    s: Arc<Shared>,
+}
+
+impl Publisher {
+    pub fn new(target: Ipv4Addr, hold: HoldConfig) -> Self {
+        Publisher {
+            s: Arc::new(Shared {
+                mode: watch::channel(Mode::Closed).0,
+                target,
+                hold,
+                bound: Mutex::default(),
+                active: AtomicUsize::new(0),
+                held: AtomicUsize::new(0),
+                held_total: AtomicU64::new(0),
+                refused_total: AtomicU64::new(0),
+                forwarded_total: AtomicU64::new(0),
+                last_forward: Mutex::new(None),
+                generation: watch::channel(0).0,
+            }),
+        }
+    }
+
+    /// Listen on the outer ports of `maps` not yet listened on.
+    pub async fn publish(&self, maps: &[PortMap]) -> std::io::Result<()> {
+        for m in maps {
+            if self.s.bound.lock().expect("bound").contains_key(&(m.proto, m.outer)) {
+                continue;
+            }
+            let addr = SocketAddr::from(([0, 0, 0, 0], m.outer));
+            match m.proto {
+                Proto::Tcp => {
+                    let l = TcpListener::bind(addr).await?;
+                    tokio::spawn(serve_tcp(self.s.clone(), l, *m));
+                }
+                Proto::Udp => {
+                    let sock = UdpSocket::bind(addr).await?;
+                    tokio::spawn(serve_udp(self.s.clone(), Arc::new(sock), *m));
+                }
+            }
+            tracing::info!(outer = m.outer, inner = m.inner, proto = ?m.proto, "published port");
+            self.s.bound.lock().expect("bound").insert((m.proto, m.outer), m.inner);
+        }
+        Ok(())
+    }
+
+    pub fn mode(&self) -> Mode {
+        *self.s.mode.borrow()
+    }
+
+    fn set(&self, m: Mode) {
+        tracing::debug!(mode = ?m, "published ports");
+        self.s.mode.send_replace(m);
+    }
+
+    /// The workload runs here.
+    pub fn direct(&self) {
+        self.set(Mode::Direct);
+    }
+
+    /// The workload is about to freeze: hold new connections, and give those
+    /// in flight `in_flight` to finish. Returns how many were still open.
+    pub async fn hold_and_drain(&self) -> usize {
+        self.set(Mode::Hold);
+        let until = Instant::now() + self.s.hold.in_flight;
+        while self.s.active.load(Ordering::Acquire) > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        self.s.active.load(Ordering::Acquire)
+    }
+
+    /// The workload left for `ip`: end connections to the old copy, send
+    /// held and new clients there until the drain time passes quietly.
+    pub fn forward_to(&self, ip: IpAddr) {
+        self.s.generation.send_modify(|g| *g += 1);
+        *self.s.last_forward.lock().expect("last_forward") = Some(Instant::now());
+        self.set(Mode::Forward(ip));
+        let p = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(p.s.hold.drain / 4).await;
+                if p.mode() != Mode::Forward(ip) {
+                    return;
+                }
+                let last = p.s.last_forward.lock().expect("last_forward").unwrap_or_else(Instant::now);
+                if last.elapsed() >= p.s.hold.drain {
+                    tracing::info!(to = %ip, "no new clients for the drain time; stop forwarding");
+                    p.set(Mode::Closed);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// No workload here any more and nowhere to forward to.
+    pub fn close(&self) {
+        self.s.generation.send_modify(|g| *g += 1);
+        self.set(Mode::Closed);
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let ports: Vec<serde_json::Value> = self
+            .s
+            .bound
+            .lock()
+            .expect("bound")
+            .iter()
+            .map(|((proto, outer), inner)| serde_json::json!({ "proto": proto, "outer": outer, "inner": inner }))
+            .collect();
+        serde_json::json!({
+            "mode": self.mode(),
+            "ports": ports,
+            "open_connections": self.s.active.load(Ordering::Relaxed),
+            "held_now": self.s.held.load(Ordering::Relaxed),
+            "held_total": self.s.held_total.load(Ordering::Relaxed),
+            "refused_total": self.s.refused_total.load(Ordering::Relaxed),
+            "forwarded_total": self.s.forwarded_total.load(Ordering::Relaxed),
+        })
+    }
+}
+
+async fn serve_tcp(s: Arc<Shared>, l: TcpListener, m: PortMap) {
+    loop {
+        let (client, _) = match l.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, port = m.outer, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = client.set_nodelay(true);
+        tokio::spawn(handle_tcp(s.clone(), client, m));
+    }
+}
+
+/// Where a connection goes once it may go somewhere.
+async fn route(s: &Shared, m: PortMap) -> Option<(SocketAddr, bool)> {
+    let mut rx = s.mode.subscribe();
+    let mut held = false;
+    let deadline = tokio::time::Instant::now() + s.hold.max_hold;
+    let out = loop {
+        let mode = *rx.borrow_and_update();
+        match mode {
+            Mode::Closed => break None,
+            Mode::Direct => break Some((SocketAddr::from((s.target, m.inner)), true)),
+            Mode::Forward(ip) => {
+                *s.last_forward.lock().expect("last_forward") = Some(Instant::now());
+                s.forwarded_total.fetch_add(1, Ordering::Relaxed);
+                break Some((SocketAddr::new(ip, m.outer), false));
+            }
+            Mode::Hold => {
+                if !held {
+                    if s.held.load(Ordering::Acquire) >= s.hold.max_held {
+                        s.refused_total.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
+                    s.held.fetch_add(1, Ordering::AcqRel);
+                    s.held_total.fetch_add(1, Ordering::Relaxed);
+                    held = true;
+                }
+                match tokio::time::timeout_at(deadline, rx.changed()).await {
+                    Ok(Ok(())) => continue,
+                    _ => break None,
+                }
+            }
+        }
+    };
+    if held {
+        s.held.fetch_sub(1, Ordering::AcqRel);
+    }
+    out
+}
+
+async fn handle_tcp(s: Arc<Shared>, mut client: TcpStream, m: PortMap) {
+    let Some((to, local)) = route(&s, m).await else { return };
+    let mut gen = s.generation.subscribe();
+    gen.borrow_and_update();
+    let mut upstream = match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to)).await {
+        Ok(Ok(u)) => u,
+        _ => {
+            tracing::debug!(%to, "nothing answers behind the published port; closing the client");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    if local {
+        s.active.fetch_add(1, Ordering::AcqRel);
+    }
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+        // The workload left: this connection's far end is gone.
+        _ = gen.changed(), if local => {}
+    }
+    if local {
+        s.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// UDP: one socket per client and destination carries its datagrams, and a
+/// task sends the replies back; sessions end after a minute of silence.
+async fn serve_udp(s: Arc<Shared>, sock: Arc<UdpSocket>, m: PortMap) {
+    let mut sessions: HashMap<(SocketAddr, SocketAddr), (Arc<UdpSocket>, Instant)> = HashMap::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        let to = match *s.mode.borrow() {
+            Mode::Direct => SocketAddr::from((s.target, m.inner)),
+            Mode::Forward(ip) => SocketAddr::new(ip, m.outer),
+            Mode::Hold | Mode::Closed => continue,
+        };
+        sessions.retain(|_, (_, t)| t.elapsed() < Duration::from_secs(60));
+        let key = (from, to);
+        let up = match sessions.get_mut(&key) {
+            Some((up, t)) => {
+                *t = Instant::now();
+                up.clone()
+            }
+            None => {
+                let Ok(up) = UdpSocket::bind("0.0.0.0:0").await else { continue };
+                if up.connect(to).await.is_err() {
+                    continue;
+                }
+                let up = Arc::new(up);
+                let (up2, back) = (up.clone(), sock.clone());
+                tokio::spawn(async move {
+                    let mut b = vec![0u8; 65536];
+                    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(60), up2.recv(&mut b)).await {
+                        let _ = back.send_to(&b[..n], from).await;
+                    }
+                });
+                sessions.insert(key, (up.clone(), Instant::now()));
+                up
+            }
+        };
+        let _ = up.send(&buf[..n]).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_maps_parse() {
+        assert_eq!("8080:80".parse::<PortMap>().unwrap(), PortMap { outer: 8080, inner: 80, proto: Proto::Tcp });
+        assert_eq!("53/udp".parse::<PortMap>().unwrap(), PortMap { outer: 53, inner: 53, proto: Proto::Udp });
+        assert_eq!("5353:53/udp".parse::<PortMap>().unwrap().proto, Proto::Udp);
+        assert!("0:80".parse::<PortMap>().is_err());
+        assert!("80/sctp".parse::<PortMap>().is_err());
+        assert!("x".parse::<PortMap>().is_err());
+        assert_eq!(from_exposed(&["8080/tcp".into(), "bad".into()]).len(), 1);
+    }
+
+    async fn echo_server() -> (u16, tokio::task::JoinHandle<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let h = tokio::spawn(async move {
+            loop {
+                let (mut c, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let (mut r, mut w) = c.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        (port, h)
+    }
+
+    async fn roundtrip(port: u16, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = TcpStream::connect(("127.0.0.1", port)).await?;
+        c.write_all(msg).await?;
+        c.shutdown().await?;
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).await?;
+        Ok(out)
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    /// Held connections wait through the freeze and are served after it;
+    /// beyond the limit they are closed; a port with nothing behind it closes.
+    #[tokio::test]
+    async fn holds_then_serves_and_bounds_the_hold() {
+        let (inner, _srv) = echo_server().await;
+        let outer = free_port();
+        let p = Publisher::new(Ipv4Addr::LOCALHOST, HoldConfig { max_held: 2, ..Default::default() });
+        p.publish(&[PortMap { outer, inner, proto: Proto::Tcp }]).await.unwrap();
+        p.direct();
+        assert_eq!(roundtrip(outer, b"a").await.unwrap(), b"a");
+        assert_eq!(p.hold_and_drain().await, 0);
+        let h1 = tokio::spawn(roundtrip(outer, b"held-1"));
+        let h2 = tokio::spawn(roundtrip(outer, b"held-2"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(p.status()["held_now"], 2);
+        // The third is over the limit: a clean close, no data.
+        assert_eq!(roundtrip(outer, b"flood").await.unwrap_or_default(), b"");
+        p.direct();
+        assert_eq!(h1.await.unwrap().unwrap(), b"held-1");
+        assert_eq!(h2.await.unwrap().unwrap(), b"held-2");
+        // Nothing behind a published port: closed, not hung.
+        let dead = free_port();
+        let outer2 = free_port();
+        p.publish(&[PortMap { outer: outer2, inner: dead, proto: Proto::Tcp }]).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(6), roundtrip(outer2, b"x")).await.unwrap();
+        assert_eq!(r.unwrap_or_default(), b"");
+        p.close();
+        assert_eq!(roundtrip(outer, b"closed").await.unwrap_or_default(), b"");
+    }
+}
