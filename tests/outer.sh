@@ -3,7 +3,7 @@
 # Dockerfile lays it out, without a container engine (none runs on this machine).
 #
 #   outer.sh --name NAME --root DIR [--netns PATH] [--layout OCI_LAYOUT_DIR]
-#            [--ums PATH_TO_UMS_BINARY] -- ARGS_FOR_UMS_INIT...
+#            [--ums PATH_TO_UMS_BINARY] [--peer-keys KEY_SET_DIR] -- ARGS_FOR_UMS_INIT...
 #
 # It builds a root filesystem under DIR and runs `ums init ARGS...` in it as
 # PID 1 of new mount, pid, uts and ipc namespaces, in the network namespace PATH
@@ -15,6 +15,10 @@
 #   /run /tmp /var/lib/ums       tmpfs (ums's state, images dirs, bundles)
 #   $UMS_LAYOUT_DIR              the workload's OCI image layout, read-only
 #   $UMS_INSTALL_DIR/ums         the ums binary, read-only; first on PATH
+#   /etc/ums/peer                the peer key set (--peer-keys), read-only, as a
+#                                Kubernetes Secret would be mounted; /etc is then
+#                                the host's under a read-only overlay (the host's
+#                                /etc is never written)
 # The environment is cleared except PATH, HOME, HOSTNAME and UMS_*/RUST_*
 # variables. UMS_OUTER_EXEC=PROGRAM replaces `ums init` with `PROGRAM ARGS...`
 # (used to test this script itself).
@@ -35,11 +39,12 @@ OUTER_PATH=$UMS_INSTALL_DIR:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 log() { echo "ums-outer: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 usage() {
-	echo "usage: $0 --name NAME --root DIR [--netns PATH] [--layout DIR] [--ums PATH] -- ARGS..." >&2
+	echo "usage: $0 --name NAME --root DIR [--netns PATH] [--layout DIR] [--ums PATH] [--peer-keys DIR] -- ARGS..." >&2
 	exit 2
 }
 
-name= root= netns= layout= ums=
+name= root= netns= layout= ums= peer_keys=
+UMS_PEER_KEYS_DIR=/etc/ums/peer
 args=()
 
 parse_args() {
@@ -50,6 +55,7 @@ parse_args() {
 		--netns) netns=${2:?}; shift 2 ;;
 		--layout) layout=${2:?}; shift 2 ;;
 		--ums) ums=${2:?}; shift 2 ;;
+		--peer-keys) peer_keys=${2:?}; shift 2 ;;
 		--) shift; args=("$@"); return ;;
 		*) usage ;;
 		esac
@@ -69,6 +75,10 @@ outer_stage() {
 		[[ -f $layout/index.json ]] || die "$layout is not an OCI image layout (no index.json)"
 		layout=$(realpath "$layout")
 	fi
+	if [[ -n $peer_keys ]]; then
+		[[ -d $peer_keys ]] || die "peer key set $peer_keys is not a directory"
+		peer_keys=$(realpath "$peer_keys")
+	fi
 	if [[ -n $netns ]]; then
 		[[ -e $netns ]] || die "network namespace $netns does not exist"
 	fi
@@ -86,6 +96,7 @@ outer_stage() {
 	local inner=(--name "$name" --root "$root")
 	[[ -z $layout ]] || inner+=(--layout "$layout")
 	[[ -z $ums ]] || inner+=(--ums "$ums")
+	[[ -z $peer_keys ]] || inner+=(--peer-keys "$peer_keys")
 	export UMS_OUTER_STAGE=inner
 	exec "${enter[@]}" "${ns[@]}" -- /bin/bash "$self" "${inner[@]}" -- "${args[@]}"
 }
@@ -114,7 +125,19 @@ inner_stage() {
 	mkdir -p "$root"/{etc,proc,sys,dev,run,tmp,root,var/lib/ums,opt} \
 		"$root$UMS_LAYOUT_DIR" "$root$UMS_INSTALL_DIR"
 	[[ -e $root/var/run ]] || ln -s /run "$root/var/run"
-	ro_bind /etc "$root/etc"
+	if [[ -n $peer_keys ]]; then
+		# The key set goes where a Secret would be mounted, under /etc, which
+		# is the host's: an overlay with a throwaway upper, then read-only.
+		mkdir -p "$root/.etc-overlay"
+		mount -t tmpfs -o mode=0700 ums-etc "$root/.etc-overlay"
+		mkdir -p "$root/.etc-overlay/upper" "$root/.etc-overlay/work"
+		mount -t overlay ums-etc -o "lowerdir=/etc,upperdir=$root/.etc-overlay/upper,workdir=$root/.etc-overlay/work" "$root/etc"
+		mkdir -p "$root$UMS_PEER_KEYS_DIR"
+		ro_bind "$peer_keys" "$root$UMS_PEER_KEYS_DIR"
+		mount -o remount,ro "$root/etc"
+	else
+		ro_bind /etc "$root/etc"
+	fi
 	mount -t tmpfs -o mode=0755 ums-run "$root/run"
 	mount -t tmpfs -o mode=1777 ums-tmp "$root/tmp"
 	mount -t tmpfs -o mode=0700 ums-state "$root/var/lib/ums"
@@ -142,6 +165,10 @@ inner_stage() {
 	hash -r
 	umount -l /.oldroot
 	rmdir /.oldroot
+	if [[ -d /.etc-overlay ]]; then
+		umount -l /.etc-overlay # the overlay keeps its own reference
+		rmdir /.etc-overlay
+	fi
 
 	local prog=("$UMS_INSTALL_DIR/ums" init) keep=(PATH="$OUTER_PATH" HOME=/root HOSTNAME="$name") v
 	[[ -z ${UMS_OUTER_EXEC:-} ]] || prog=("$UMS_OUTER_EXEC")

@@ -25,6 +25,8 @@ pub const UMS_IN_OUTER: &str = "/opt/ums/ums";
 pub const LAYOUT_IN_OUTER: &str = "/var/lib/ums-image";
 /// PATH inside the outer container.
 pub const OUTER_PATH: &str = "/opt/ums:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Where outer.sh mounts the peer key set (`--peer-keys`), as a Secret would be.
+pub const PEER_KEYS_IN_OUTER: &str = "/etc/ums/peer";
 /// How long [`OuterBuilder::start`] waits for the root to be in place.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -38,6 +40,63 @@ pub struct OuterBuilder {
     exec: Option<String>,
     args: Vec<OsString>,
     env: Vec<(String, String)>,
+    peer_keys: PeerKeys,
+}
+
+/// Which peer key set an outer container gets at [`PEER_KEYS_IN_OUTER`].
+#[derive(Clone, Debug)]
+pub enum PeerKeys {
+    /// The test process's shared group ([`default_peer_keys`]): every outer
+    /// of a test talks mutual TLS with every other.
+    Default,
+    /// This key set directory.
+    Dir(PathBuf),
+    /// None, and `UMS_INSECURE_PEER=1`: plain TCP.
+    Insecure,
+    /// None at all (ums init must then refuse to start).
+    Absent,
+}
+
+/// The key set shared by this test run's outer containers, made once with
+/// `ums keys create` under the target dir (reused while it stays valid).
+pub fn default_peer_keys() -> anyhow::Result<PathBuf> {
+    static KEYS: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| make_peer_keys(&crate::target_dir().join("ums-e2e-peer-keys")).map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn make_peer_keys(dir: &Path) -> anyhow::Result<PathBuf> {
+    let ums = crate::ums_bin()?;
+    let valid = |d: &Path| Command::new(&ums).args(["keys", "check"]).arg(d).output().map(|o| o.status.success()).unwrap_or(false);
+    if valid(dir) {
+        return Ok(dir.to_path_buf());
+    }
+    // Made aside and renamed into place: concurrent test processes agree.
+    let tmp = dir.with_file_name(crate::unique_name("peer-keys"));
+    crate::run(Command::new(&ums).args(["keys", "create"]).arg(&tmp))?;
+    if dir.exists() && !valid(dir) {
+        let _ = std::fs::remove_dir_all(dir); // stale: from an older ums
+    }
+    if std::fs::rename(&tmp, dir).is_err() || !valid(dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        anyhow::ensure!(valid(dir), "cannot make the test peer key set in {}", dir.display());
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// A new group's key set in `dir` (`ums keys create DIR [--names ...]`);
+/// returns the key set directories.
+pub fn create_peer_keys(dir: &Path, names: &[&str]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut cmd = Command::new(crate::ums_bin()?);
+    cmd.args(["keys", "create"]).arg(dir);
+    if !names.is_empty() {
+        cmd.arg("--names").arg(names.join(","));
+        crate::run(&mut cmd)?;
+        return Ok(names.iter().map(|n| dir.join(n)).collect());
+    }
+    crate::run(&mut cmd)?;
+    Ok(vec![dir.to_path_buf()])
 }
 
 impl OuterBuilder {
@@ -61,6 +120,24 @@ impl OuterBuilder {
     /// The ums binary (default: [`crate::ums_bin`]).
     pub fn ums(mut self, path: impl Into<PathBuf>) -> Self {
         self.ums = Some(path.into());
+        self
+    }
+
+    /// Mounts this key set at [`PEER_KEYS_IN_OUTER`] instead of the default one.
+    pub fn peer_keys(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.peer_keys = PeerKeys::Dir(dir.into());
+        self
+    }
+
+    /// No key set, and `UMS_INSECURE_PEER=1`: plain TCP to peers.
+    pub fn insecure_peer(mut self) -> Self {
+        self.peer_keys = PeerKeys::Insecure;
+        self
+    }
+
+    /// No key set and no opt-out: `ums init` must refuse to start.
+    pub fn no_peer_keys(mut self) -> Self {
+        self.peer_keys = PeerKeys::Absent;
         self
     }
 
@@ -101,6 +178,22 @@ impl OuterBuilder {
         if let Some(layout) = &self.layout {
             cmd.arg("--layout").arg(layout);
         }
+        match &self.peer_keys {
+            PeerKeys::Default if self.exec.is_none() => {
+                cmd.arg("--peer-keys").arg(default_peer_keys()?);
+            }
+            PeerKeys::Dir(dir) => {
+                cmd.arg("--peer-keys").arg(dir);
+            }
+            PeerKeys::Insecure => {
+                cmd.env("UMS_INSECURE_PEER", "1");
+            }
+            PeerKeys::Default | PeerKeys::Absent => {}
+        }
+        if !matches!(self.peer_keys, PeerKeys::Insecure) {
+            cmd.env_remove("UMS_INSECURE_PEER");
+        }
+        cmd.env_remove("UMS_PEER_KEYS");
         match &self.exec {
             Some(program) => {
                 cmd.env("UMS_OUTER_EXEC", program);
@@ -173,6 +266,7 @@ impl Outer {
             exec: None,
             args: Vec::new(),
             env: Vec::new(),
+            peer_keys: PeerKeys::Default,
         }
     }
 

@@ -108,12 +108,21 @@ struct Pair {
 }
 
 fn pair(name: &str, mib: &str, b_env: &[(&str, &str)]) -> Pair {
+    pair_with(name, mib, b_env, false)
+}
+
+/// `pair`, with both outer containers on plain TCP when `insecure`.
+fn pair_with(name: &str, mib: &str, b_env: &[(&str, &str)], insecure: bool) -> Pair {
     require_root();
     let tmp = tempfile::tempdir().unwrap();
     let img = counter_image(tmp.path(), mib);
     let (ha, hb) = Host::pair(name, None).unwrap();
-    let a = Outer::builder(&format!("{name}-a")).host(&ha).layout(&img.layout).start().unwrap();
+    let mut ab = Outer::builder(&format!("{name}-a")).host(&ha).layout(&img.layout);
     let mut bb = Outer::builder(&format!("{name}-b")).host(&hb).layout(&img.layout).args(&["--standby"]);
+    if insecure {
+        (ab, bb) = (ab.insecure_peer(), bb.insecure_peer());
+    }
+    let a = ab.start().unwrap();
     for (k, v) in b_env {
         bb = bb.env(k, v);
     }
@@ -160,7 +169,9 @@ fn a_connection_cut_mid_stream_leaves_the_workload_at_the_source() {
 
 #[test]
 fn a_flipped_byte_is_caught_by_the_manifest() {
-    let p = pair("flip", "64", &[]);
+    // Over TLS the record layer catches it first (tests/tests/security.rs);
+    // on plain TCP the manifest's digests must.
+    let p = pair_with("flip", "64", &[], true);
     let target: std::net::SocketAddr = format!("127.0.0.1:{PEER_PORT}").parse().unwrap();
     let proxy = FaultProxy::start(&p.hb.netns_path(), 7501, target, Fault::FlipByteAt(30 << 20)).unwrap();
     failed_migration(&p, &format!("{}:{}", p.hb.addr(), proxy.port()), "mismatch");
