@@ -248,3 +248,25 @@ fn a_busy_or_occupied_destination_refuses_and_nothing_moves() {
     assert_eq!(status(&p.a)["state"], "running");
     assert_eq!(checksum(&p.a), sum0);
 }
+
+#[test]
+fn sigterm_during_a_migration_waits_for_it_to_end() {
+    let mut p = pair("term", "32", &[("UMS_FAILPOINT", "slow-restore")]);
+    let to = format!("{}:{PEER_PORT}", p.hb.addr());
+    let mut cmd = p.a.command("/opt/ums/ums");
+    cmd.args(["migrate", "--to", &to]);
+    let h = std::thread::spawn(move || cmd.output().unwrap());
+    p.b.wait_for_line("checkpoint verified; restoring", T).unwrap();
+    // The orchestrator stops the source pod in the middle of the migration.
+    p.a.signal(Signal::SIGTERM).unwrap();
+    p.a.wait_for_line("applied when it ends", T).unwrap();
+    let out = h.join().unwrap();
+    assert!(out.status.success(), "the migration finished despite the SIGTERM: {out:?}");
+    // Then the SIGTERM took effect: the source, a standby now, exits cleanly,
+    // and the workload runs on at the destination.
+    let st = p.a.wait(T).unwrap();
+    assert_eq!(st.code(), Some(0));
+    let from = p.b.log().len();
+    p.b.log().wait_for_from(from, "tick ", T).expect("the workload runs at the destination");
+    assert_eq!(status(&p.b)["state"], "running");
+}

@@ -22,7 +22,7 @@ pub fn table(v: &serde_json::Value) -> String {
     out.push_str("phase                    time\n");
     out.push_str(&format!("pre-migration    {}\n", s("pre_migration_ms")));
     out.push_str(&format!("checkpoint       {}   (freeze {:.3} s + CRIU dump)\n", s("checkpoint_ms"), v["freeze_ms"].as_f64().unwrap_or(0.0) / 1000.0));
-    out.push_str(&format!("transfer         {}   ({})\n", s("transfer_ms"), if v["streaming"].as_bool() == Some(true) { "overlapping the dump" } else { "after the dump" }));
+    out.push_str(&format!("transfer         {}   ({})\n", s("transfer_ms"), if v["streaming"].as_bool() == Some(true) { "from the start of the dump: they overlap" } else { "after the dump" }));
     out.push_str(&format!("restore          {}\n", s("restore_ms")));
     out.push_str(&format!("downtime         {}   (workload frozen until the destination ran it)\n", s("frozen_ms")));
     out.push_str(&format!("total            {}\n", s("total_ms")));

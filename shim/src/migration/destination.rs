@@ -25,16 +25,26 @@ use crate::supervisor::{Ctx, Msg};
 /// connection and asks (`Query`).
 type Outcomes = Arc<Mutex<HashMap<String, bool>>>;
 
+/// Peer connections handled at once; more are closed at once (each one costs
+/// a TLS handshake, and only one migration can come in at a time anyway).
+pub const MAX_PEER_CONNECTIONS: usize = 8;
+
 /// Accept peer connections until shutdown.
 pub async fn serve_peers(ctx: Ctx, listener: TcpListener, inbox: mpsc::Sender<Msg>, mut shutdown: watch::Receiver<bool>) {
     let outcomes: Outcomes = Arc::default();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, addr)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        tracing::warn!(peer = %addr, "too many peer connections; closing this one");
+                        continue;
+                    };
                     let (ctx, inbox, outcomes) = (ctx.clone(), inbox.clone(), outcomes.clone());
                     tokio::spawn(async move {
+                        let _slot = slot;
                         if let Err(e) = handle(ctx, stream, inbox, outcomes).await {
                             tracing::warn!(peer = %addr, error = %e, "incoming peer connection ended");
                         }
@@ -75,8 +85,10 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         wire::send_json(&mut w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await?;
         return Err(InError::Refuse(msg));
     }
-    if !safe_name(&hello.migration_id) {
-        return Err(InError::Refuse("bad migration id".into()));
+    if !safe_name(&hello.migration_id) || hello.migration_id.starts_with('.') {
+        let msg = format!("bad migration id {:?}", hello.migration_id);
+        wire::send_json(&mut w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await?;
+        return Err(InError::Refuse(msg));
     }
     let (tx, rx) = oneshot::channel();
     inbox.send(Msg::BeginIncoming(tx)).await.map_err(|_| InError::Refuse("shutting down".into()))?;
@@ -87,7 +99,11 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     }
     tracing::info!(peer = %peer, id = %hello.migration_id, image = %hello.image.manifest_digest, "incoming migration");
     let dir = ctx.cfg.images_root().join(&hello.migration_id);
-    let r2 = receive(&ctx, &hello, &dir, &mut r, &mut w).await;
+    // Only ever a fresh directory of our own making: never one the peer names twice.
+    let r2 = match std::fs::symlink_metadata(&dir) {
+        Ok(_) => Err(InError::Refuse(format!("migration id {} is already in use here", hello.migration_id))),
+        Err(_) => receive(&ctx, &hello, &dir, &mut r, &mut w).await,
+    };
     let (result, report) = match r2 {
         Ok(v) => v,
         Err(e) => {
@@ -126,7 +142,7 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
 }
 
 /// A file being received.
-struct Incoming {
+pub(crate) struct Incoming {
     path: PathBuf,
     file: std::fs::File,
     kind: FileKind,
@@ -167,6 +183,13 @@ async fn receive(
     }
     if hello.blobs.len() > 4096 {
         return Err(InError::Refuse("too many blobs".into()));
+    }
+    let declared = hello.blobs.iter().fold(hello.memory_bytes, |sum, b| sum.saturating_add(b.1));
+    if declared > cfg.max_checkpoint_bytes {
+        return Err(InError::Refuse(format!(
+            "the workload and its image ({declared} bytes) exceed this destination's limit of {} bytes",
+            cfg.max_checkpoint_bytes
+        )));
     }
     // The image by digest, from the outer image's layout or one received
     // earlier; otherwise the blobs go into the writable received layout.
@@ -304,8 +327,10 @@ async fn receive(
     })
 }
 
-/// Take one FileOpen or Data frame of the expected kind into `dir`.
-fn accept_file_frame(
+/// Take one FileOpen or Data frame of the expected kind into `dir`: names
+/// are plain file names (blobs: only those asked for), offsets contiguous,
+/// the total within `max_total`. Anything else refuses the whole migration.
+pub(crate) fn accept_file_frame(
     f: &Frame,
     dir: &Path,
     files: &mut HashMap<u32, Incoming>,
@@ -344,10 +369,13 @@ fn accept_file_frame(
         if files.values().any(|i| i.path == path) {
             return Err(bad(format!("file {:?} opened twice", o.name)));
         }
+        use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| bad(format!("{}: {e}", path.display())))?;
         files.insert(o.id, Incoming { path, file, kind: o.kind, name: o.name, len: 0, hash: Sha256::new() });

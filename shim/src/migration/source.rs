@@ -57,6 +57,11 @@ async fn writer(mut w: BufWriter<super::transport::PeerWrite>, mut rx: mpsc::Rec
                 w.flush().await?;
                 continue;
             }
+            Out::Flushed(done) => {
+                w.flush().await?;
+                let _ = done.send(Instant::now());
+                continue;
+            }
             Out::Open(f) => wire::send(&mut w, &Frame::json(Kind::FileOpen, &f)).await?,
             Out::Data { id, offset, bytes: b } => {
                 bytes += b.len() as u64;
@@ -213,7 +218,9 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
         files.push(diff_entry);
         let manifest = Manifest { files, meta: checkpoint::meta(&cfg, n) };
         send(Frame::json(Kind::Manifest, &manifest)).await.map_err(MigrateError::Transfer)?;
-        let sent_at = t_freeze.elapsed();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        tx.send(Out::Flushed(done_tx)).await.map_err(|_| MigrateError::Transfer(WireError::Closed))?;
+        let sent_at = done_rx.await.map(|t| t.duration_since(t_freeze)).unwrap_or_else(|_| t_freeze.elapsed());
         let res: MigrationResult = wire::read_frame_within(&mut r, Duration::from_secs(900))
             .await
             .and_then(|f| f.expect(Kind::Result))
@@ -250,7 +257,7 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
         Err(e) => Err(e),
     };
     drop(tx);
-    let (bytes, res, _) = match outcome {
+    let (bytes, res, sent_at) = match outcome {
         Ok(v) => v,
         Err(e) => {
             tracing::warn!(error = %e, "migration failed; thawing the workload here");
@@ -276,7 +283,10 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
     drop(cleanup_dir);
     let wire_bytes = writer_task.await.ok().and_then(|r| r.ok()).unwrap_or(bytes);
     let total = t_start.elapsed();
-    let transfer_s = (frozen.as_secs_f64() - res.restore_ms / 1000.0).max(1e-6);
+    // Transfer: until the last byte was handed to the socket, counted from the
+    // start of the dump when streaming (they overlap), from its end otherwise.
+    let transfer_from = if live { Duration::ZERO } else { dump_end };
+    let transfer_s = (sent_at.saturating_sub(transfer_from)).as_secs_f64().max(1e-6);
     let report = json!({
         "migration_id": migration_id,
         "peer": peer_addr,

@@ -32,6 +32,8 @@ const REVERIFY_BELOW: u64 = 1 << 20;
 pub enum Out {
     /// A control frame, sent in order with the data.
     Control(super::wire::Frame),
+    /// Tell when everything before this point has been handed to the socket.
+    Flushed(tokio::sync::oneshot::Sender<std::time::Instant>),
     Open(FileOpen),
     Data { id: u32, offset: u64, bytes: Vec<u8> },
 }
@@ -281,7 +283,7 @@ mod tests {
                 Out::Open(f) => {
                     files.insert(f.id, (f.name, Vec::new()));
                 }
-                Out::Control(_) => {}
+                Out::Control(_) | Out::Flushed(_) => {}
                 Out::Data { id, offset, bytes } => {
                     let buf = &mut files.get_mut(&id).unwrap().1;
                     assert!(offset as usize <= buf.len());
