@@ -238,3 +238,43 @@ mod tests {
         assert!(resp.ok, "{resp:?}");
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any line, however hostile: a typed request or a message, no panic.
+        #[test]
+        fn random_lines_parse_or_say_why(line in any::<String>()) {
+            if let Err(m) = parse(&line) {
+                prop_assert!(!m.is_empty());
+            }
+        }
+
+        /// Valid requests with bytes changed: still a request or a message.
+        #[test]
+        fn mutated_requests_parse_or_say_why(
+            base in prop_oneof![
+                Just(r#"{"op":"status"}"#),
+                Just(r#"{"op":"checkpoint","dir":"/tmp/c","leave_running":false}"#),
+                Just(r#"{"op":"restore","dir":"/tmp/c"}"#),
+                Just(r#"{"op":"migrate","to":"10.0.0.2:7411"}"#),
+            ],
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+        ) {
+            let mut b = base.as_bytes().to_vec();
+            for (at, x) in edits {
+                let i = at % b.len();
+                b[i] = x;
+            }
+            let line = String::from_utf8_lossy(&b);
+            match parse(&line) {
+                Ok(Request::Migrate { to }) => prop_assert!(!to.contains('\n')),
+                Ok(_) => {}
+                Err(m) => prop_assert!(!m.is_empty()),
+            }
+        }
+    }
+}

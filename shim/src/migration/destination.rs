@@ -90,6 +90,12 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         wire::send_json(&mut w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await?;
         return Err(InError::Refuse(msg));
     }
+    // Only ever a fresh directory of our own making: never one the peer names twice.
+    if std::fs::symlink_metadata(ctx.cfg.images_root().join(&hello.migration_id)).is_ok() {
+        let msg = format!("migration id {} is already in use here", hello.migration_id);
+        wire::send_json(&mut w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await?;
+        return Err(InError::Refuse(msg));
+    }
     let (tx, rx) = oneshot::channel();
     inbox.send(Msg::BeginIncoming(tx)).await.map_err(|_| InError::Refuse("shutting down".into()))?;
     if let Err(refusal) = rx.await.map_err(|_| InError::Refuse("shutting down".into()))? {
@@ -99,11 +105,7 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     }
     tracing::info!(peer = %peer, id = %hello.migration_id, image = %hello.image.manifest_digest, "incoming migration");
     let dir = ctx.cfg.images_root().join(&hello.migration_id);
-    // Only ever a fresh directory of our own making: never one the peer names twice.
-    let r2 = match std::fs::symlink_metadata(&dir) {
-        Ok(_) => Err(InError::Refuse(format!("migration id {} is already in use here", hello.migration_id))),
-        Err(_) => receive(&ctx, &hello, &dir, &mut r, &mut w).await,
-    };
+    let r2 = receive(&ctx, &hello, &dir, &mut r, &mut w).await;
     let (result, report) = match r2 {
         Ok(v) => v,
         Err(e) => {
@@ -142,7 +144,7 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
 }
 
 /// A file being received.
-pub(crate) struct Incoming {
+struct Incoming {
     path: PathBuf,
     file: std::fs::File,
     kind: FileKind,
@@ -330,7 +332,7 @@ async fn receive(
 /// Take one FileOpen or Data frame of the expected kind into `dir`: names
 /// are plain file names (blobs: only those asked for), offsets contiguous,
 /// the total within `max_total`. Anything else refuses the whole migration.
-pub(crate) fn accept_file_frame(
+fn accept_file_frame(
     f: &Frame,
     dir: &Path,
     files: &mut HashMap<u32, Incoming>,
@@ -394,4 +396,95 @@ pub(crate) fn accept_file_frame(
     inc.hash.update(bytes);
     inc.len += bytes.len() as u64;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Every path under `root`, relative to it.
+    fn tree(root: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut todo = vec![root.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    todo.push(p.clone());
+                }
+                out.push(p.strip_prefix(root).unwrap().to_path_buf());
+            }
+        }
+        out
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("pages-1.img".to_string()),
+            Just("../escape".to_string()),
+            Just("../../escape".to_string()),
+            Just("/tmp/escape".to_string()),
+            Just("..".to_string()),
+            Just(".".to_string()),
+            Just("".to_string()),
+            Just("a/b".to_string()),
+            Just("sha256:../../escape".to_string()),
+            Just(format!("sha256:{}", "a".repeat(64))),
+            "[a-z./:\\\\-]{0,20}",
+            any::<String>(),
+        ]
+    }
+
+    fn frame() -> impl Strategy<Value = Frame> {
+        let kind = prop_oneof![Just(FileKind::Blob), Just(FileKind::Image), Just(FileKind::UpperDiff)];
+        prop_oneof![
+            (0u32..4, kind, name()).prop_map(|(id, kind, name)| Frame::json(Kind::FileOpen, &FileOpen { id, kind, name })),
+            (0u32..4, 0u64..64, proptest::collection::vec(any::<u8>(), 0..48)).prop_map(|(id, off, bytes)| {
+                let mut payload = wire::data_header(id, off).to_vec();
+                payload.extend(bytes);
+                Frame { kind: Kind::Data, payload }
+            }),
+            proptest::collection::vec(any::<u8>(), 0..40).prop_map(|payload| Frame { kind: Kind::FileOpen, payload }),
+            proptest::collection::vec(any::<u8>(), 0..40).prop_map(|payload| Frame { kind: Kind::Data, payload }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        /// Random and hostile file frames: no panic, nothing written outside
+        /// the migration's directory, never more than the quota.
+        #[test]
+        fn file_frames_stay_inside_the_images_dir(frames in proptest::collection::vec(frame(), 1..24), blob_phase in any::<bool>()) {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("images").join("m-1");
+            std::fs::create_dir_all(dir.join("criu")).unwrap();
+            let allowed = vec![format!("sha256:{}", "a".repeat(64))];
+            let phase = if blob_phase { FileKind::Blob } else { FileKind::Image };
+            let mut files = HashMap::new();
+            let mut total = 0u64;
+            for f in &frames {
+                if accept_file_frame(f, &dir, &mut files, &mut total, 100, phase, &allowed).is_err() {
+                    break; // the destination ends the connection here
+                }
+                prop_assert!(total <= 100);
+            }
+            for p in tree(tmp.path()) {
+                prop_assert!(p.starts_with("images/m-1") || p == Path::new("images"), "written outside the migration dir: {}", p.display());
+            }
+        }
+    }
+
+    #[test]
+    fn a_symlink_planted_in_the_images_dir_is_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("m-1");
+        std::fs::create_dir_all(dir.join("criu")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("outside"), dir.join("criu").join("pages-1.img")).unwrap();
+        let open = Frame::json(Kind::FileOpen, &FileOpen { id: 1, kind: FileKind::Image, name: "pages-1.img".into() });
+        let mut files = HashMap::new();
+        let err = accept_file_frame(&open, &dir, &mut files, &mut 0, 100, FileKind::Image, &[]).err().unwrap();
+        assert!(err.to_string().contains("pages-1.img"), "{err}");
+        assert!(!tmp.path().join("outside").exists());
+    }
 }
