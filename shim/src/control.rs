@@ -177,10 +177,17 @@ pub async fn call(socket: &Path, req: &Request) -> std::io::Result<Response> {
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_vec(req).expect("request serializes");
     line.push(b'\n');
-    w.write_all(&line).await?;
+    // A server that refuses us (SO_PEERCRED) answers and hangs up before
+    // reading: our write may then fail, but its reason is there to read.
+    let written = w.write_all(&line).await;
     let mut reader = BufReader::new(r);
     let mut resp = String::new();
-    reader.read_line(&mut resp).await?;
+    let read = reader.read_line(&mut resp).await;
+    if resp.is_empty() {
+        written?;
+        read?;
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "ums closed the connection without an answer"));
+    }
     serde_json::from_str(&resp).map_err(|e| std::io::Error::other(format!("bad response from ums: {e}: {resp:?}")))
 }
 
