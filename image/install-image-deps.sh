@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what building and running the outer image with real container
+# engines needs, from Debian bookworm: podman (with conmon), buildah, skopeo,
+# containerd (with ctr and the runc v2 shim) and debootstrap. Used by
+# `make test-image` (tests/tests/outer_image.rs) and by anyone running
+# image/build-outer.sh or image/wrap-workload.sh. Idempotent.
+#
+# Installing containerd does not start it here (no systemd on the test
+# machines); where a package's service does start, this script leaves it
+# alone: the tests run their own containerd with its own socket and dirs.
+set -euo pipefail
+
+PKGS=(podman buildah skopeo containerd debootstrap conmon)
+log() { echo "install-image-deps: $*" >&2; }
+
+need=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if ((${#need[@]})); then
+  log "installing Debian packages: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  # policy-rc.d keeps a package's service from being started by its postinst.
+  cleanup_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; cleanup_policy=1
+  fi
+  trap '[ "$cleanup_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d' EXIT
+  if ! apt-get install -y --no-install-recommends "${need[@]}" >/dev/null; then
+    apt-get update -qq
+    apt-get install -y --no-install-recommends "${need[@]}" >/dev/null
+  fi
+fi
+log "ready: $(podman --version), $(buildah --version | cut -d' ' -f1-3), $(skopeo --version), containerd $(containerd --version | awk '{print $3}'), debootstrap $(dpkg-query -W -f='${Version}' debootstrap)"

@@ -1,0 +1,598 @@
+//! The outer image built and run by real container engines (`make test-image`).
+//!
+//! Builds the outer image from the Dockerfile with podman, on a Debian bookworm
+//! base made with debootstrap (nothing can be pulled here), once with a
+//! workload (memctr, 64 MiB, wrapped from an OCI tarball by
+//! `image/wrap-workload.sh`) and once as the standby image. Then it runs one
+//! outer container under podman and one under a containerd that the test
+//! starts itself (`ctr run`), each in the network namespace of its own host
+//! (`Host::pair`), and live-migrates the workload from the podman one to the
+//! containerd one and back, with the migration tests' assertions: the counter
+//! goes on with no gap and no repeat, the memory checksum and the written file
+//! are the same.
+//!
+//! Isolation: podman and buildah use a private storage and engine dir under a
+//! temp dir (CONTAINERS_STORAGE_CONF, CONTAINERS_CONF), containerd its own
+//! root, state and socket there too; a system podman or containerd is never
+//! touched. Everything is removed at the end, containerd stopped by its pid.
+//! Only the debootstrap'ed base tarball is kept, in `<target>/ums-e2e/`, so a
+//! second run saves the ~35 s of debootstrap.
+//!
+//! Needs image/install-image-deps.sh (podman, buildah, skopeo, containerd,
+//! debootstrap); compiled only with `--features image-tests`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use ums_e2e::*;
+
+const T: Duration = Duration::from_secs(90);
+const PEER_PORT: u16 = 7411;
+/// Where the tests mount the peer keys in both outer containers.
+const KEYS_IN_OUTER: &str = "/etc/ums/peer-keys";
+/// The ulimits this machine allows (no CAP_SYS_RESOURCE: docs/outer-image.md).
+const ULIMITS: [&str; 4] = ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768"];
+
+fn require_image_tools() {
+    for (tool, pkg) in [
+        ("podman", "podman"),
+        ("buildah", "buildah"),
+        ("skopeo", "skopeo"),
+        ("containerd", "containerd"),
+        ("ctr", "containerd"),
+        ("containerd-shim-runc-v2", "containerd"),
+        ("debootstrap", "debootstrap"),
+        ("runc", "runc"),
+    ] {
+        let found = std::env::var_os("PATH")
+            .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+            .unwrap_or(false);
+        assert!(found, "`{tool}` not found on PATH: install {pkg} (bash image/install-image-deps.sh)");
+    }
+}
+
+/// A private podman/buildah world: storage, engine temp dir, no systemd.
+struct Podman {
+    dir: PathBuf,
+    storage_conf: PathBuf,
+    containers_conf: PathBuf,
+    images: Vec<String>,
+}
+
+impl Podman {
+    fn new(dir: &Path) -> anyhow::Result<Podman> {
+        std::fs::create_dir_all(dir)?;
+        let storage_conf = dir.join("storage.conf");
+        let containers_conf = dir.join("containers.conf");
+        std::fs::write(
+            &storage_conf,
+            format!(
+                "[storage]\ndriver = \"overlay\"\ngraphroot = \"{0}/graph\"\nrunroot = \"{0}/runroot\"\n",
+                dir.display()
+            ),
+        )?;
+        std::fs::write(
+            &containers_conf,
+            format!(
+                "[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
+                 events_logfile_path = \"{0}/events.log\"\ntmp_dir = \"{0}/libpod-tmp\"\n\
+                 runtime = \"runc\"\n",
+                dir.display()
+            ),
+        )?;
+        Ok(Podman { dir: dir.to_path_buf(), storage_conf, containers_conf, images: Vec::new() })
+    }
+
+    /// Sets the environment that points podman, buildah and skopeo here.
+    fn env(&self, cmd: &mut Command) {
+        cmd.env("CONTAINERS_STORAGE_CONF", &self.storage_conf).env("CONTAINERS_CONF", &self.containers_conf);
+    }
+
+    fn cmd(&self) -> Command {
+        let mut cmd = Command::new("podman");
+        self.env(&mut cmd);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.cmd().args(["rm", "--all", "--force", "--time", "0"]).output();
+        for image in &self.images {
+            let _ = self.cmd().args(["rmi", "--force", image]).output();
+        }
+        let _ = self.cmd().args(["rmi", "--all", "--force"]).output();
+        unmount_below(&self.dir);
+    }
+}
+
+/// A containerd of our own: its own root, state, socket and namespace.
+struct Containerd {
+    dir: PathBuf,
+    /// Whether /run/containerd existed before (the shim and ctr put their
+    /// sockets, fifos and runc state there, per namespace, whatever the config).
+    had_run_dir: bool,
+    socket: PathBuf,
+    child: Child,
+    log: LineLog,
+}
+
+const CTR_NS: &str = "ums-test";
+
+impl Containerd {
+    fn start(dir: &Path) -> anyhow::Result<Containerd> {
+        std::fs::create_dir_all(dir)?;
+        let had_run_dir = Path::new("/run/containerd").exists();
+        let socket = dir.join("c.sock");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{1}\"\n[ttrpc]\n  address = \"{1}.ttrpc\"\n\
+                 [debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
+                dir.display(),
+                socket.display()
+            ),
+        )?;
+        let mut child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start containerd")?;
+        let log = LineLog::new();
+        log.capture(child.stdout.take().unwrap(), "containerd".into());
+        log.capture(child.stderr.take().unwrap(), "containerd".into());
+        let c = Containerd { dir: dir.to_path_buf(), had_run_dir, socket, child, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if c.socket.exists() && c.ctr().arg("version").output().map(|o| o.status.success()).unwrap_or(false) {
+                return Ok(c);
+            }
+            if Instant::now() > deadline {
+                bail!("containerd did not come up:\n{}", c.log.lines().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn ctr(&self) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address").arg(&self.socket).args(["--namespace", CTR_NS]);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Shim processes serving this containerd (they outlive it if left).
+    fn shims(&self) -> Vec<i32> {
+        let needle = self.socket.to_string_lossy().to_string();
+        let mut pids = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains("containerd-shim") && cmdline.contains(&needle) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Tasks, containers, images, then containerd itself (by pid).
+        if let Ok(out) = self.ctr().args(["containers", "list", "--quiet"]).output() {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = self.ctr().args(["task", "kill", "--signal", "SIGKILL", id]).output();
+                let _ = self.ctr().args(["task", "delete", "--force", id]).output();
+                let _ = self.ctr().args(["containers", "delete", id]).output();
+            }
+        }
+        if let Ok(out) = self.ctr().args(["images", "list", "--quiet"]).output() {
+            for image in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = self.ctr().args(["images", "remove", "--sync", image]).output();
+            }
+        }
+        let shims = self.shims();
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for pid in shims {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        unmount_below(&self.dir);
+        // Our namespace's runc state dir, and /run/containerd if we made it
+        // (remove_dir: only ever empty directories).
+        let _ = std::fs::remove_dir(format!("/run/containerd/runc/{CTR_NS}"));
+        if !self.had_run_dir {
+            for d in ["/run/containerd/runc", "/run/containerd/fifo", "/run/containerd/s", "/run/containerd"] {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+    }
+}
+
+/// Unmounts (lazily) everything mounted at or below `dir`, deepest first.
+fn unmount_below(dir: &Path) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(PathBuf::from)
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    found.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for m in found {
+        let _ = Command::new("umount").arg("-l").arg(&m).status();
+    }
+}
+
+/// An outer container run by a real engine, its stdout and stderr captured.
+struct EngineOuter<'a> {
+    name: String,
+    engine: Engine<'a>,
+    /// The attached `podman run` / `ctr run`.
+    child: Child,
+    log: LineLog,
+}
+
+enum Engine<'a> {
+    Podman(&'a Podman),
+    Containerd(&'a Containerd),
+}
+
+impl EngineOuter<'_> {
+    /// A command that runs `program args` inside the outer container.
+    fn exec_cmd(&self, program: &str, args: &[&str]) -> Command {
+        let mut cmd = match &self.engine {
+            Engine::Podman(p) => {
+                let mut c = p.cmd();
+                c.args(["exec", &self.name, program]);
+                c
+            }
+            Engine::Containerd(c) => {
+                let mut cmd = c.ctr();
+                let id = format!("x{:08x}", rand::random::<u32>());
+                cmd.args(["task", "exec", "--exec-id", &id, &self.name, program]);
+                cmd
+            }
+        };
+        cmd.args(args);
+        cmd
+    }
+
+    fn exec(&self, program: &str, args: &[&str]) -> Output {
+        let mut cmd = self.exec_cmd(program, args);
+        cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    }
+
+    fn ums_ok(&self, args: &[&str]) -> String {
+        let out = self.exec("ums", args);
+        assert!(
+            out.status.success(),
+            "ums {} in {} failed ({}): {}{}",
+            args.join(" "),
+            self.name,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Host pid of the outer container's PID 1 (ums).
+    fn pid1(&self) -> i32 {
+        match &self.engine {
+            Engine::Podman(p) => {
+                let out = run(p.cmd().args(["inspect", "--format", "{{.State.Pid}}", &self.name])).unwrap();
+                out.trim().parse().unwrap()
+            }
+            Engine::Containerd(c) => {
+                let out = run(c.ctr().args(["task", "list"])).unwrap();
+                out.lines()
+                    .find_map(|l| {
+                        let f: Vec<&str> = l.split_whitespace().collect();
+                        (f.first() == Some(&self.name.as_str())).then(|| f[1].parse().unwrap())
+                    })
+                    .unwrap_or_else(|| panic!("no task {} in {out}", self.name))
+            }
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.log.lines()
+    }
+
+    fn wait_for_line(&self, pattern: &str) -> String {
+        self.log.wait_for_from(0, pattern, T).map(|(_, l)| l).unwrap_or_else(|e| {
+            panic!("{}: {e:#}\n{}", self.name, self.lines().join("\n"))
+        })
+    }
+}
+
+impl Drop for EngineOuter<'_> {
+    fn drop(&mut self) {
+        match &self.engine {
+            Engine::Podman(p) => {
+                let _ = p.cmd().args(["rm", "--force", "--time", "0", &self.name]).output();
+            }
+            Engine::Containerd(c) => {
+                let _ = c.ctr().args(["task", "kill", "--signal", "SIGKILL", &self.name]).output();
+                std::thread::sleep(Duration::from_millis(200));
+                let _ = c.ctr().args(["task", "delete", "--force", &self.name]).output();
+                let _ = c.ctr().args(["containers", "delete", &self.name]).output();
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_outer<'a>(name: &str, engine: Engine<'a>, mut cmd: Command) -> EngineOuter<'a> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let log = LineLog::new();
+    log.capture(child.stdout.take().unwrap(), name.into());
+    log.capture(child.stderr.take().unwrap(), name.into());
+    EngineOuter { name: name.into(), engine, child, log }
+}
+
+/// `podman run --privileged` in `host`'s network namespace.
+fn podman_run<'a>(p: &'a Podman, name: &str, host: &Host, image: &str, keys: Option<&Path>, args: &[&str]) -> EngineOuter<'a> {
+    let mut cmd = p.cmd();
+    cmd.args(["run", "--rm", "--name", name, "--hostname", name, "--privileged", "--runtime", "/usr/sbin/runc"])
+        .args(ULIMITS)
+        .arg(format!("--network=ns:{}", host.netns_path().display()))
+        .args(["--tmpfs", "/run:rw,mode=0755"]);
+    if let Some(keys) = keys {
+        cmd.arg("--volume").arg(format!("{}:{KEYS_IN_OUTER}:ro", keys.display()));
+    }
+    cmd.arg(image).args(args);
+    spawn_outer(name, Engine::Podman(p), cmd)
+}
+
+/// `ctr run --privileged` in `host`'s network namespace. ctr replaces the
+/// image's Entrypoint and Cmd when given a command, so `args` is the whole
+/// command (`ums init ...`), or empty for the image's own.
+fn ctr_run<'a>(c: &'a Containerd, name: &str, host: &Host, image: &str, keys: Option<&Path>, args: &[&str]) -> EngineOuter<'a> {
+    let mut cmd = c.ctr();
+    cmd.args(["run", "--rm", "--privileged", "--runtime", "io.containerd.runc.v2"])
+        .arg("--with-ns")
+        .arg(format!("network:{}", host.netns_path().display()))
+        .args(["--mount", "type=tmpfs,src=tmpfs,dst=/run,options=rw:nosuid:nodev:mode=0755"])
+        // ctr's spec has no /sys/fs/cgroup at all (runc restore then fails:
+        // "no cgroup mount found in mountinfo"); podman --privileged mounts it rw.
+        .args(["--mount", "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=rw:nosuid:noexec:nodev"]);
+    if let Some(keys) = keys {
+        cmd.arg("--mount").arg(format!("type=bind,src={},dst={KEYS_IN_OUTER},options=rbind:ro", keys.display()));
+    }
+    cmd.arg(image).arg(name).args(args);
+    spawn_outer(name, Engine::Containerd(c), cmd)
+}
+
+fn status(o: &EngineOuter) -> serde_json::Value {
+    let out = o.ums_ok(&["status", "--json"]);
+    serde_json::from_str::<serde_json::Value>(&out).expect("status json")["result"].clone()
+}
+
+fn ticks(o: &EngineOuter, from: usize) -> Vec<u64> {
+    o.lines()[from..].iter().filter_map(|l| parse_tick(l)).map(|t| t.n).collect()
+}
+
+fn last_tick(o: &EngineOuter) -> u64 {
+    *ticks(o, 0).last().expect("some ticks")
+}
+
+/// As in tests/migration.rs: migrate, then the counter goes on at the
+/// destination with no gap, no repeat and no restart; the source is a standby.
+fn migrate(src: &EngineOuter, dst: &EngineOuter, addr: std::net::Ipv4Addr) -> serde_json::Value {
+    let from_dst = dst.log.len();
+    let out = src.exec("ums", &["migrate", "--json", "--to", &format!("{addr}:{PEER_PORT}")]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "migrate {} -> {} failed: {text} {}\n--- {}:\n{}\n--- {}:\n{}",
+        src.name,
+        dst.name,
+        String::from_utf8_lossy(&out.stderr),
+        src.name,
+        src.lines().join("\n"),
+        dst.name,
+        dst.lines().join("\n")
+    );
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let last_src = last_tick(src);
+    dst.log
+        .wait_for_from(from_dst, &format!("tick {} ", last_src + 3), T)
+        .expect("the counter goes on at the destination");
+    let t = ticks(dst, from_dst);
+    assert_eq!(t[0], last_src + 1, "source ended at {last_src}, destination printed {t:?}");
+    for w in t.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "ticks not consecutive at the destination: {t:?}");
+    }
+    assert_eq!(status(src)["state"], "standby");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(last_tick(src), last_src, "the workload still runs at the source");
+    assert_eq!(status(dst)["state"], "running");
+    report["result"].clone()
+}
+
+fn checksum(o: &EngineOuter) -> String {
+    let from = o.log.len();
+    kill(Pid::from_raw(o.pid1()), Signal::SIGUSR1).unwrap();
+    let (_, line) = o.log.wait_for_from(from, "sum ", T).unwrap();
+    parse_sum(&line).unwrap()
+}
+
+fn marker(o: &EngineOuter) -> String {
+    let pid = status(o)["workload"]["pid"].as_i64().unwrap();
+    let f = o.exec("cat", &[&format!("/proc/{pid}/root/data-marker")]);
+    String::from_utf8_lossy(&f.stdout).trim().to_string()
+}
+
+/// Runs an image/ script with the private podman world; returns its last
+/// stdout line (`image=... size_bytes=... build_seconds=...`).
+fn image_script(p: &Podman, script: &str, args: &[&str]) -> String {
+    let mut cmd = Command::new("bash");
+    cmd.arg(workspace_root().join("image").join(script)).args(args);
+    p.env(&mut cmd);
+    cmd.stdin(Stdio::null()).stderr(Stdio::inherit());
+    let t0 = Instant::now();
+    let out = run(&mut cmd).unwrap_or_else(|e| panic!("{script} {args:?}: {e:#}"));
+    let line = out.lines().last().unwrap_or_default().to_string();
+    println!("{script}: {line} ({:.1} s)", t0.elapsed().as_secs_f64());
+    line
+}
+
+fn field<'s>(line: &'s str, key: &str) -> &'s str {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+/// Peer authentication for `ums init`, whichever this ums has: keys made with
+/// `ums keys create DIR` (returns the dir and the flags), or nothing.
+fn peer_auth(ums: &Path, tmp: &Path) -> (Option<PathBuf>, Vec<String>) {
+    let help = Command::new(ums).args(["init", "--help"]).output().expect("ums init --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    if help.contains("--peer-keys") {
+        let dir = tmp.join("peer-keys");
+        let keys = Command::new(ums).args(["keys", "create"]).arg(&dir).output().expect("ums keys create");
+        if keys.status.success() {
+            return (Some(dir), vec!["--peer-keys".into(), KEYS_IN_OUTER.into()]);
+        }
+        eprintln!("ums keys create failed: {}", String::from_utf8_lossy(&keys.stderr));
+    }
+    if help.contains("--insecure-peer") {
+        return (None, vec!["--insecure-peer".into()]);
+    }
+    (None, Vec::new())
+}
+
+/// The workload image as an OCI tarball (what `skopeo copy ... oci-archive:`
+/// or a registry export hands a user): the layout directory, tarred.
+fn oci_tarball(layout: &Path, to: &Path) {
+    run(Command::new("tar").arg("-C").arg(layout).arg("-cf").arg(to).arg(".")).unwrap();
+}
+
+#[test]
+fn outer_image_migrates_between_podman_and_containerd() {
+    require_root();
+    require_image_tools();
+    let ums = ums_bin().unwrap();
+    let t_all = Instant::now();
+    let tmp = tempfile::Builder::new().prefix("ums-test-image-").tempdir().unwrap();
+    let podman = Podman::new(&tmp.path().join("podman")).unwrap();
+    let tag = unique_name("outer").replace("ums-test-", "localhost/ums-test-");
+    let (workload_tag, standby_tag) = (format!("{tag}:workload"), format!("{tag}:standby"));
+
+    // The workload: memctr, 64 MiB, writes a file; as an OCI tarball.
+    let memctr = build_workload(tmp.path());
+    let img = ImageBuilder::new(&memctr)
+        .cmd(&["64"])
+        .env("MEMCTR_FILE", "/data-marker")
+        .build(&tmp.path().join("layout"))
+        .expect("build the workload image");
+    let tarball = tmp.path().join("workload.oci.tar");
+    oci_tarball(&img.layout, &tarball);
+
+    // Build both outer images from the Dockerfile (the second one reuses every
+    // layer but the last few).
+    let base_tar = target_dir().join("ums-e2e").join("bookworm-base.tar");
+    let base_tar = base_tar.to_str().unwrap();
+    let ums_s = ums.to_str().unwrap();
+    let standby_archive = tmp.path().join("standby.docker.tar");
+    let built_w = image_script(
+        &podman,
+        "wrap-workload.sh",
+        &[tarball.to_str().unwrap(), "--tag", &workload_tag, "--base-tar", base_tar, "--ums", ums_s],
+    );
+    let built_s = image_script(
+        &podman,
+        "wrap-workload.sh",
+        &["--standby", "--tag", &standby_tag, "--base-tar", base_tar, "--ums", ums_s, "--save", standby_archive.to_str().unwrap()],
+    );
+    let size: u64 = field(&built_w, "size_bytes").parse().unwrap();
+    println!(
+        "outer image: {:.1} MiB with the workload, {:.1} MiB standby; built in {} s and {} s",
+        size as f64 / 1048576.0,
+        field(&built_s, "size_bytes").parse::<f64>().unwrap() / 1048576.0,
+        field(&built_w, "build_seconds"),
+        field(&built_s, "build_seconds")
+    );
+    assert!(size < 400 << 20, "the outer image grew to {size} bytes");
+
+    // The workload went in unchanged: the same manifest, by digest.
+    let index = run(podman.cmd().args(["run", "--rm", "--runtime", "/usr/sbin/runc"]).args(ULIMITS).args([
+        "--network=none",
+        "--entrypoint",
+        "cat",
+        &workload_tag,
+        "/var/lib/ums-image/index.json",
+    ]))
+    .unwrap();
+    assert!(index.contains(&img.manifest_digest), "wrapped layout {index} lacks {}", img.manifest_digest);
+
+    // containerd gets the standby image from a docker-archive.
+    let containerd = Containerd::start(&tmp.path().join("containerd")).unwrap();
+    run(containerd.ctr().args(["images", "import"]).arg(&standby_archive)).unwrap();
+    let ctr_images = run(containerd.ctr().args(["images", "list", "--quiet"])).unwrap();
+    let ctr_standby = ctr_images
+        .lines()
+        .find(|l| l.contains(&standby_tag.replace("localhost/", "")))
+        .unwrap_or_else(|| panic!("{standby_tag} not in containerd's images: {ctr_images}"))
+        .to_string();
+
+    let (keys, auth) = peer_auth(&ums, tmp.path());
+    let auth: Vec<&str> = auth.iter().map(String::as_str).collect();
+    let (ha, hb) = Host::pair("img", None).unwrap();
+    let a_name = unique_name("pod");
+    let b_name = unique_name("ctr");
+    let a = podman_run(&podman, &a_name, &ha, &workload_tag, keys.as_deref(), &auth);
+    let mut b_cmd = vec!["ums", "init"];
+    b_cmd.extend(&auth);
+    let b = ctr_run(&containerd, &b_name, &hb, &ctr_standby, keys.as_deref(), &b_cmd);
+    a.wait_for_line("tick 5 ");
+    b.wait_for_line("standby");
+    assert_eq!(status(&b)["state"], "standby", "the standby image starts as a standby");
+    let sum0 = a.lines().iter().find_map(|l| parse_sum(l)).unwrap();
+    let file0 = a.lines().iter().find(|l| l.starts_with("file ")).unwrap().split_whitespace().nth(2).unwrap().to_string();
+
+    let r1 = migrate(&a, &b, hb.addr());
+    println!("podman -> containerd: {r1}");
+    assert!(r1["bytes"].as_u64().unwrap() > 64 << 20, "{r1}");
+    assert!(r1["blob_bytes"].as_u64().unwrap() > 100_000, "the standby image got the workload's layers: {r1}");
+    assert_eq!(checksum(&b), sum0, "memory checksum after podman -> containerd");
+    assert_eq!(marker(&b), file0, "file written before the migration");
+
+    let r2 = migrate(&b, &a, ha.addr());
+    println!("containerd -> podman: {r2}");
+    assert_eq!(checksum(&a), sum0, "memory checksum after containerd -> podman");
+    assert_eq!(marker(&a), file0, "file written before the first migration");
+
+    drop(b);
+    drop(a);
+    let _ = std::io::stdout().flush();
+    println!("cross-engine round trip in {:.1} s in all", t_all.elapsed().as_secs_f64());
+}
