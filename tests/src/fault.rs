@@ -16,6 +16,10 @@ pub enum Fault {
     CutAfter(u64),
     /// Invert the byte at this offset of the source -> destination stream.
     FlipByteAt(u64),
+    /// Forward this many bytes source -> destination, then nothing more while
+    /// keeping the connection open (a peer that stops mid-stream); hang up
+    /// once the destination has.
+    StallAfter(u64),
 }
 
 pub struct FaultProxy {
@@ -98,6 +102,13 @@ fn relay(client: TcpStream, target: SocketAddr, fault: Option<Fault>) {
                 let _ = s.shutdown(Shutdown::Both);
                 let _ = c.shutdown(Shutdown::Both);
                 break;
+            }
+            Some(Fault::StallAfter(limit)) if sent + n as u64 >= limit => {
+                let keep = (limit - sent) as usize;
+                let _ = s.write_all(&chunk[..keep]);
+                // Unread bytes stay queued: closing then resets the source.
+                let _ = back.join();
+                return;
             }
             Some(Fault::FlipByteAt(at)) if at >= sent && at < sent + n as u64 => {
                 chunk[(at - sent) as usize] ^= 0xff;

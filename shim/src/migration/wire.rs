@@ -73,6 +73,8 @@ pub enum WireError {
     Peer(String),
     #[error("no data from the peer for {0:?}")]
     Timeout(std::time::Duration),
+    #[error("the peer speaks TLS and this ums plain TCP: give it the group's key set instead of --insecure-peer")]
+    PeerSpeaksTls,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,6 +159,10 @@ pub async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> Result<Frame, Wi
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
         Err(e) => return Err(e.into()),
     }
+    // A TLS record (alert or handshake, version 3.x) where a frame should be.
+    if matches!(len, [0x15 | 0x16, 3, 0..=4, _]) {
+        return Err(WireError::PeerSpeaksTls);
+    }
     let len = u32::from_be_bytes(len) as usize;
     if len == 0 {
         return Err(WireError::Empty);
@@ -207,6 +213,8 @@ mod tests {
 
     #[tokio::test]
     async fn bad_frames_are_refused_before_allocation() {
+        let alert = [0x15u8, 3, 3, 0, 2, 2, 40];
+        assert!(matches!(read_frame(&mut &alert[..]).await, Err(WireError::PeerSpeaksTls)));
         let huge = [0xffu8, 0xff, 0xff, 0xff, 1];
         assert!(matches!(read_frame(&mut &huge[..]).await, Err(WireError::TooLarge(_))));
         let zero = [0u8, 0, 0, 0];
