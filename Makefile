@@ -5,6 +5,11 @@
 #   make test    install the dependencies (with the test extras), build, and run
 #                every test: unit tests and end-to-end tests (root, namespaces)
 #   make bench   the benchmarks (extra arguments: make bench ARGS="...")
+#   make test-image  the outer image with real engines (a slower suite, about
+#                5 min, that .ci/run runs after make test): builds the outer image
+#                from the Dockerfile with podman on a debootstrap'ed bookworm,
+#                live-migrates a workload podman -> containerd -> podman, and
+#                validates deploy/kubernetes/ (docs/outer-image.md)
 #
 # Everything runs as root on a Debian 12 machine; image/install-deps.sh is
 # idempotent, so running a target again only checks what is installed.
@@ -19,7 +24,7 @@ ARGS ?=
 # Where cargo puts its output (honours CARGO_TARGET_DIR like cargo does).
 TARGET_DIR ?= $(abspath $(or $(CARGO_TARGET_DIR),target))
 
-.PHONY: all deps test-deps build demo test bench clean
+.PHONY: all deps test-deps build demo test bench clean test-image image-deps
 
 all: build
 
@@ -44,6 +49,17 @@ demo: test-deps
 test: test-deps
 	$(CARGO) build -p ums
 	$(CARGO) test --workspace -- --test-threads $(TEST_THREADS)
+
+# podman, buildah, skopeo, containerd, debootstrap (Debian) and the manifests'
+# schema validator (PyPI, in a venv under the target dir).
+image-deps:
+	bash image/install-image-deps.sh
+
+# ums in release, as the image ships it; the tests' own containerd, podman
+# storage and temp dirs are removed at the end (docs/outer-image.md).
+test-image: test-deps image-deps
+	$(CARGO) build --release -p ums
+	UMS_BIN=$(TARGET_DIR)/release/ums $(CARGO) test -p ums-e2e --features image-tests --test outer_image -- --test-threads 1
 
 bench: test-deps
 	$(CARGO) build --release -p ums

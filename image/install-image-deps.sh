@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and running the outer image with real container
 # engines needs, from Debian bookworm: podman (with conmon), buildah, skopeo,
-# containerd (with ctr and the runc v2 shim) and debootstrap. Used by
+# containerd (with ctr and the runc v2 shim) and debootstrap; and, in a Python
+# venv under the cargo target dir, kubernetes-validate (PyPI), the schema
+# validator the tests check deploy/kubernetes/ with. Used by
 # `make test-image` (tests/tests/outer_image.rs) and by anyone running
 # image/build-outer.sh or image/wrap-workload.sh. Idempotent.
 #
@@ -10,7 +12,12 @@
 # alone: the tests run their own containerd with its own socket and dirs.
 set -euo pipefail
 
-PKGS=(podman buildah skopeo containerd debootstrap conmon)
+PKGS=(podman buildah skopeo containerd debootstrap conmon python3-venv)
+KUBERNETES_VALIDATE=kubernetes-validate==1.37.0
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+target=${CARGO_TARGET_DIR:-$repo/target}
+[[ $target == /* ]] || target=$repo/$target
+VENV=$target/ums-tools/kubernetes-validate
 log() { echo "install-image-deps: $*" >&2; }
 
 need=()
@@ -31,4 +38,10 @@ if ((${#need[@]})); then
     apt-get install -y --no-install-recommends "${need[@]}" >/dev/null
   fi
 fi
-log "ready: $(podman --version), $(buildah --version | cut -d' ' -f1-3), $(skopeo --version), containerd $(containerd --version | awk '{print $3}'), debootstrap $(dpkg-query -W -f='${Version}' debootstrap)"
+if ! "$VENV/bin/kubernetes-validate" --version >/dev/null 2>&1; then
+  log "installing $KUBERNETES_VALIDATE into $VENV"
+  rm -rf "$VENV"
+  /usr/bin/python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE"
+fi
+log "ready: $(podman --version), $(buildah --version | cut -d' ' -f1-3), $(skopeo --version), containerd $(containerd --version | awk '{print $3}'), debootstrap $(dpkg-query -W -f='${Version}' debootstrap), kubernetes-validate $("$VENV/bin/kubernetes-validate" --version)"

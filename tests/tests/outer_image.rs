@@ -33,8 +33,9 @@ use ums_e2e::*;
 
 const T: Duration = Duration::from_secs(90);
 const PEER_PORT: u16 = 7411;
-/// Where the tests mount the peer keys in both outer containers.
-const KEYS_IN_OUTER: &str = "/etc/ums/peer-keys";
+/// Where the tests mount the peer keys in both outer containers: ums's
+/// default (`--peer-keys`), as in deploy/kubernetes/.
+const KEYS_IN_OUTER: &str = "/etc/ums/peer";
 /// The ulimits this machine allows (no CAP_SYS_RESOURCE: docs/outer-image.md).
 const ULIMITS: [&str; 4] = ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768"];
 
@@ -471,23 +472,24 @@ fn field<'s>(line: &'s str, key: &str) -> &'s str {
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
 
-/// Peer authentication for `ums init`, whichever this ums has: keys made with
-/// `ums keys create DIR` (returns the dir and the flags), or nothing.
-fn peer_auth(ums: &Path, tmp: &Path) -> (Option<PathBuf>, Vec<String>) {
+/// Peer authentication for `ums init`, whichever this ums has: a key set
+/// made with `ums keys create DIR`, mounted at ums's default path (no flag),
+/// as a Kubernetes Secret would be; or nothing for a ums without keys.
+fn peer_keys(ums: &Path, tmp: &Path) -> Option<PathBuf> {
     let help = Command::new(ums).args(["init", "--help"]).output().expect("ums init --help");
     let help = String::from_utf8_lossy(&help.stdout);
-    if help.contains("--peer-keys") {
-        let dir = tmp.join("peer-keys");
-        let keys = Command::new(ums).args(["keys", "create"]).arg(&dir).output().expect("ums keys create");
-        if keys.status.success() {
-            return (Some(dir), vec!["--peer-keys".into(), KEYS_IN_OUTER.into()]);
-        }
-        eprintln!("ums keys create failed: {}", String::from_utf8_lossy(&keys.stderr));
+    if !help.contains("--peer-keys") {
+        return None;
     }
-    if help.contains("--insecure-peer") {
-        return (None, vec!["--insecure-peer".into()]);
-    }
-    (None, Vec::new())
+    assert!(help.contains(KEYS_IN_OUTER), "ums's default --peer-keys is no longer {KEYS_IN_OUTER}: {help}");
+    let dir = tmp.join("peer-keys");
+    run(Command::new(ums).args(["keys", "create"]).arg(&dir)).expect("ums keys create");
+    Some(dir)
+}
+
+/// `ums-ready` (the Kubernetes readiness probe) in the outer container.
+fn ready(o: &EngineOuter) -> bool {
+    o.exec("ums-ready", &[]).status.success()
 }
 
 /// The workload image as an OCI tarball (what `skopeo copy ... oci-archive:`
@@ -564,18 +566,17 @@ fn outer_image_migrates_between_podman_and_containerd() {
         .unwrap_or_else(|| panic!("{standby_tag} not in containerd's images: {ctr_images}"))
         .to_string();
 
-    let (keys, auth) = peer_auth(&ums, tmp.path());
-    let auth: Vec<&str> = auth.iter().map(String::as_str).collect();
+    let keys = peer_keys(&ums, tmp.path());
     let (ha, hb) = Host::pair("img", None).unwrap();
     let a_name = unique_name("pod");
     let b_name = unique_name("ctr");
-    let a = podman_run(&podman, &a_name, &ha, &workload_tag, keys.as_deref(), &auth);
-    let mut b_cmd = vec!["ums", "init"];
-    b_cmd.extend(&auth);
-    let b = ctr_run(&containerd, &b_name, &hb, &ctr_standby, keys.as_deref(), &b_cmd);
+    // Each image as it is: its own Entrypoint (ums init) and environment.
+    let a = podman_run(&podman, &a_name, &ha, &workload_tag, keys.as_deref(), &[]);
+    let b = ctr_run(&containerd, &b_name, &hb, &ctr_standby, keys.as_deref(), &[]);
     a.wait_for_line("tick 5 ");
     b.wait_for_line("standby");
     assert_eq!(status(&b)["state"], "standby", "the standby image starts as a standby");
+    assert!(ready(&a) && !ready(&b), "ums-ready: the workload's outer container only");
     let sum0 = a.lines().iter().find_map(|l| parse_sum(l)).unwrap();
     let file0 = a.lines().iter().find(|l| l.starts_with("file ")).unwrap().split_whitespace().nth(2).unwrap().to_string();
 
@@ -585,6 +586,7 @@ fn outer_image_migrates_between_podman_and_containerd() {
     assert!(r1["blob_bytes"].as_u64().unwrap() > 100_000, "the standby image got the workload's layers: {r1}");
     assert_eq!(checksum(&b), sum0, "memory checksum after podman -> containerd");
     assert_eq!(marker(&b), file0, "file written before the migration");
+    assert!(!ready(&a) && ready(&b), "ums-ready follows the workload");
 
     let r2 = migrate(&b, &a, ha.addr());
     println!("containerd -> podman: {r2}");
@@ -595,4 +597,113 @@ fn outer_image_migrates_between_podman_and_containerd() {
     drop(a);
     let _ = std::io::stdout().flush();
     println!("cross-engine round trip in {:.1} s in all", t_all.elapsed().as_secs_f64());
+}
+
+/// kubernetes-validate from the venv image/install-image-deps.sh makes.
+fn kubernetes_validate() -> PathBuf {
+    let kv = target_dir().join("ums-tools/kubernetes-validate/bin/kubernetes-validate");
+    assert!(kv.is_file(), "{} is missing: run bash image/install-image-deps.sh", kv.display());
+    kv
+}
+
+/// Every document of the YAML files, as JSON (PyYAML, which kubernetes-validate brings).
+fn yaml_docs(kv: &Path, files: &[PathBuf]) -> Vec<serde_json::Value> {
+    let python = kv.parent().unwrap().join("python");
+    let mut cmd = Command::new(python);
+    cmd.args([
+        "-c",
+        "import json, sys, yaml\n\
+         print(json.dumps([d for f in sys.argv[1:] for d in yaml.safe_load_all(open(f)) if d]))",
+    ])
+    .args(files);
+    serde_json::from_str(&run(&mut cmd).unwrap()).unwrap()
+}
+
+/// deploy/kubernetes/: every manifest validates strictly (no unknown field)
+/// against the Kubernetes API schemas of the oldest and the newest version
+/// the validator knows, and gives the outer container what it needs.
+#[test]
+fn kubernetes_manifests_validate_and_give_the_outer_container_what_it_needs() {
+    let kv = kubernetes_validate();
+    let dir = workspace_root().join("deploy/kubernetes");
+    let mut files: Vec<PathBuf> = Vec::new();
+    for d in [dir.clone(), dir.join("secret")] {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    assert!(files.len() >= 5, "{files:?}");
+    for version in ["1.25.0", "1.37.0"] {
+        let mut cmd = Command::new(&kv);
+        cmd.args(["--strict", "--kubernetes-version", version]).args(&files);
+        let out = run(&mut cmd).unwrap_or_else(|e| panic!("kubernetes-validate {version}: {e:#}"));
+        println!("{out}");
+    }
+
+    let docs = yaml_docs(&kv, &files);
+    let by_kind = |kind: &str, name: &str| -> serde_json::Value {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} in deploy/kubernetes"))
+            .clone()
+    };
+    // The key set's file names are the ones `ums keys create` writes.
+    let ums = ums_bin().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    if let Some(keys) = peer_keys(&ums, tmp.path()) {
+        let mut made: Vec<String> =
+            std::fs::read_dir(&keys).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        made.sort();
+        let secret = by_kind("Secret", "ums-peer-keys");
+        let mut named: Vec<String> = secret["stringData"].as_object().unwrap().keys().cloned().collect();
+        named.sort();
+        assert_eq!(named, made, "the Secret's keys are what `ums keys create` makes");
+    }
+    let group_label = "app.kubernetes.io/part-of";
+    for (kind, name, standby) in [("StatefulSet", "ums-app", false), ("Deployment", "ums-standby", true)] {
+        let w = by_kind(kind, name);
+        let pod = &w["spec"]["template"];
+        assert_eq!(pod["metadata"]["labels"][group_label], "ums-app", "{name}: in the group the Services select");
+        let c = &pod["spec"]["containers"][0];
+        let image = c["image"].as_str().unwrap();
+        assert!(image.contains("ums-outer"), "{name} runs the outer image, not {image}");
+        assert_eq!(c["securityContext"]["privileged"], true, "{name}: nesting needs a privileged container");
+        assert_eq!(c["securityContext"]["seccompProfile"]["type"], "Unconfined");
+        assert!(c["ports"].as_array().unwrap().iter().any(|p| p["containerPort"] == PEER_PORT), "{name}: peer port");
+        assert_eq!(c["readinessProbe"]["exec"]["command"][0], "ums-ready", "{name}: readiness follows the workload");
+        assert_eq!(c["livenessProbe"]["exec"]["command"], serde_json::json!(["ums", "status"]));
+        let mounts = c["volumeMounts"].as_array().unwrap();
+        let volumes = pod["spec"]["volumes"].as_array().unwrap();
+        let volume_at = |path: &str| -> serde_json::Value {
+            let m = mounts.iter().find(|m| m["mountPath"] == path).unwrap_or_else(|| panic!("{name}: nothing at {path}"));
+            volumes.iter().find(|v| v["name"] == m["name"]).unwrap().clone()
+        };
+        for tmpfs in ["/run", "/var/lib/ums"] {
+            assert_eq!(volume_at(tmpfs)["emptyDir"]["medium"], "Memory", "{name}: tmpfs at {tmpfs}");
+        }
+        assert_eq!(volume_at(KEYS_IN_OUTER)["secret"]["secretName"], "ums-peer-keys", "{name}: peer keys");
+        let env_standby = c["env"]
+            .as_array()
+            .map(|e| e.iter().any(|v| v["name"] == "UMS_STANDBY" && v["value"] == "true"))
+            .unwrap_or(false);
+        assert_eq!(env_standby, standby, "{name}: UMS_STANDBY");
+        if kind == "StatefulSet" {
+            assert_eq!(w["spec"]["replicas"], 1, "the workload must never run twice");
+            assert_eq!(w["spec"]["serviceName"], "ums-peers");
+        }
+    }
+    let peers = by_kind("Service", "ums-peers");
+    assert_eq!(peers["spec"]["clusterIP"], "None");
+    assert_eq!(peers["spec"]["publishNotReadyAddresses"], true, "standbys are never ready, yet must be reachable");
+    assert_eq!(peers["spec"]["ports"][0]["port"], PEER_PORT);
+    for svc in ["ums-peers", "ums-app"] {
+        assert_eq!(by_kind("Service", svc)["spec"]["selector"][group_label], "ums-app", "{svc} selects the group");
+    }
+    let probe = workspace_root().join("rootfs/usr/local/bin/ums-ready");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&probe).unwrap().permissions());
+    assert!(mode & 0o111 != 0, "{} is not executable", probe.display());
 }
