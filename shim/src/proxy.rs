@@ -292,11 +292,11 @@ async fn route(s: &Shared, m: PortMap) -> Option<(SocketAddr, bool)> {
     out
 }
 
-async fn handle_tcp(s: Arc<Shared>, mut client: TcpStream, m: PortMap) {
+async fn handle_tcp(s: Arc<Shared>, client: TcpStream, m: PortMap) {
     let Some((to, local)) = route(&s, m).await else { return };
     let mut gen = s.generation.subscribe();
     gen.borrow_and_update();
-    let mut upstream = match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to)).await {
+    let upstream = match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to)).await {
         Ok(Ok(u)) => u,
         _ => {
             tracing::debug!(%to, "nothing answers behind the published port; closing the client");
@@ -308,12 +308,63 @@ async fn handle_tcp(s: Arc<Shared>, mut client: TcpStream, m: PortMap) {
         s.active.fetch_add(1, Ordering::AcqRel);
     }
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+        _ = splice_bidirectional(&client, &upstream) => {}
         // The workload left: this connection's far end is gone.
         _ = gen.changed(), if local => {}
     }
     if local {
         s.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Move bytes both ways between two sockets with splice(2) through a pipe,
+/// so they never enter user space; each direction ends with a half-close.
+/// An error in either direction ends both.
+async fn splice_bidirectional(a: &TcpStream, b: &TcpStream) -> std::io::Result<()> {
+    let ab = splice_one_way(a, b);
+    let ba = splice_one_way(b, a);
+    tokio::pin!(ab, ba);
+    tokio::select! {
+        r = &mut ab => { r?; ba.await.map(|_| ()) }
+        r = &mut ba => { r?; ab.await.map(|_| ()) }
+    }
+}
+
+async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64> {
+    use nix::fcntl::{splice, SpliceFFlags};
+    use std::os::fd::{AsFd, AsRawFd};
+    use tokio::io::Interest;
+    const CHUNK: usize = 1 << 20;
+    let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+    let (pr, pw) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+    // A bigger pipe moves more per call; the default (64 KiB) works too.
+    let _ = nix::fcntl::fcntl(pw.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
+    let mut total = 0u64;
+    loop {
+        from.readable().await?;
+        let n = match from.try_io(Interest::READABLE, || {
+            splice(from.as_fd(), None, pw.as_fd(), None, CHUNK, flags).map_err(std::io::Error::from)
+        }) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            let _ = nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+            return Ok(total);
+        }
+        let mut left = n;
+        while left > 0 {
+            to.writable().await?;
+            match to.try_io(Interest::WRITABLE, || {
+                splice(pr.as_fd(), None, to.as_fd(), None, left, flags).map_err(std::io::Error::from)
+            }) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        total += n as u64;
     }
 }
 
