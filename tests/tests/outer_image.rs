@@ -39,6 +39,14 @@ const KEYS_IN_OUTER: &str = "/etc/ums/peer";
 /// The ulimits this machine allows (no CAP_SYS_RESOURCE: docs/outer-image.md).
 const ULIMITS: [&str; 4] = ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768"];
 
+/// A line for the suite's log that shows even when the test passes (libtest
+/// captures only the print macros, not writes to the stderr handle).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 fn require_image_tools() {
     for (tool, pkg) in [
         ("podman", "podman"),
@@ -462,7 +470,7 @@ fn image_script(p: &Podman, script: &str, args: &[&str]) -> String {
     let t0 = Instant::now();
     let out = run(&mut cmd).unwrap_or_else(|e| panic!("{script} {args:?}: {e:#}"));
     let line = out.lines().last().unwrap_or_default().to_string();
-    println!("{script}: {line} ({:.1} s)", t0.elapsed().as_secs_f64());
+    say!("{script}: {line} ({:.1} s)", t0.elapsed().as_secs_f64());
     line
 }
 
@@ -536,7 +544,7 @@ fn outer_image_migrates_between_podman_and_containerd() {
         &["--standby", "--tag", &standby_tag, "--base-tar", base_tar, "--ums", ums_s, "--save", standby_archive.to_str().unwrap()],
     );
     let size: u64 = field(&built_w, "size_bytes").parse().unwrap();
-    println!(
+    say!(
         "outer image: {:.1} MiB with the workload, {:.1} MiB standby; built in {} s and {} s",
         size as f64 / 1048576.0,
         field(&built_s, "size_bytes").parse::<f64>().unwrap() / 1048576.0,
@@ -581,7 +589,7 @@ fn outer_image_migrates_between_podman_and_containerd() {
     let file0 = a.lines().iter().find(|l| l.starts_with("file ")).unwrap().split_whitespace().nth(2).unwrap().to_string();
 
     let r1 = migrate(&a, &b, hb.addr());
-    println!("podman -> containerd: {r1}");
+    say!("podman -> containerd: {r1}");
     assert!(r1["bytes"].as_u64().unwrap() > 64 << 20, "{r1}");
     assert!(r1["blob_bytes"].as_u64().unwrap() > 100_000, "the standby image got the workload's layers: {r1}");
     assert_eq!(checksum(&b), sum0, "memory checksum after podman -> containerd");
@@ -589,14 +597,13 @@ fn outer_image_migrates_between_podman_and_containerd() {
     assert!(!ready(&a) && ready(&b), "ums-ready follows the workload");
 
     let r2 = migrate(&b, &a, ha.addr());
-    println!("containerd -> podman: {r2}");
+    say!("containerd -> podman: {r2}");
     assert_eq!(checksum(&a), sum0, "memory checksum after containerd -> podman");
     assert_eq!(marker(&a), file0, "file written before the first migration");
 
     drop(b);
     drop(a);
-    let _ = std::io::stdout().flush();
-    println!("cross-engine round trip in {:.1} s in all", t_all.elapsed().as_secs_f64());
+    say!("cross-engine round trip in {:.1} s in all", t_all.elapsed().as_secs_f64());
 }
 
 /// kubernetes-validate from the venv image/install-image-deps.sh makes.
