@@ -98,18 +98,50 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
+/// Control connections open right now: on the way out, ums waits (briefly)
+/// for them to end, so a client that asked for the operation which preceded
+/// the exit (a migration, then a deferred SIGTERM) gets its answer.
+#[derive(Clone, Default)]
+pub struct OpenConnections(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenConnections {
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+    /// Wait until none is open, at most `limit`.
+    pub async fn drain(&self, limit: Duration) {
+        let until = tokio::time::Instant::now() + limit;
+        while self.count() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 /// Accept connections until `shutdown` fires.
-pub async fn serve(listener: UnixListener, to_supervisor: mpsc::Sender<Envelope>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn serve(listener: UnixListener, to_supervisor: mpsc::Sender<Envelope>, shutdown: tokio::sync::watch::Receiver<bool>) {
+    serve_counted(listener, to_supervisor, shutdown, OpenConnections::default()).await;
+}
+
+/// `serve`, counting open connections in `open`.
+pub async fn serve_counted(
+    listener: UnixListener,
+    to_supervisor: mpsc::Sender<Envelope>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    open: OpenConnections,
+) {
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let tx = to_supervisor.clone();
+                    let open = open.clone();
+                    open.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     tokio::spawn(async move {
                         if let Err(e) = handle(stream, tx).await {
                             tracing::debug!(error = %e, "control connection ended");
                         }
+                        open.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                     });
                 }
                 Err(e) => {

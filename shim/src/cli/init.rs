@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
@@ -142,7 +143,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             .with_context(|| format!("bind the control socket {}", cfg.socket_path().display()))?;
         let inbox = sup.inbox();
         let (ctl_tx, mut ctl_rx) = mpsc::channel(16);
-        tokio::spawn(crate::control::serve(listener, ctl_tx, shutdown_rx.clone()));
+        let open_controls = crate::control::OpenConnections::default();
+        tokio::spawn(crate::control::serve_counted(listener, ctl_tx, shutdown_rx.clone(), open_controls.clone()));
         let to_sup = inbox.clone();
         tokio::spawn(async move {
             while let Some((req, reply)) = ctl_rx.recv().await {
@@ -161,7 +163,10 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             anyhow::bail!("cannot start the workload: {e}");
         }
         tracing::info!(socket = %cfg.socket_path().display(), "ums ready");
-        Ok::<i32, anyhow::Error>(sup.run(shutdown_tx).await)
+        let code = sup.run(shutdown_tx).await;
+        // Let clients read the answer to the request that ended it all.
+        open_controls.drain(Duration::from_secs(2)).await;
+        Ok::<i32, anyhow::Error>(code)
     })?;
     let _ = std::fs::remove_file(Config { ..Config::default() }.socket_path());
     Ok(code)
