@@ -27,7 +27,7 @@ fn status(o: &Outer) -> serde_json::Value {
 }
 
 fn last_tick(o: &Outer) -> u64 {
-    o.lines().iter().filter_map(|l| parse_tick(l)).map(|t| t.n).last().expect("some ticks")
+    o.lines().iter().rev().find_map(|l| parse_tick(l)).map(|t| t.n).expect("some ticks")
 }
 
 fn checksum(o: &Outer) -> String {

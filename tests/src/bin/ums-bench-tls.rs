@@ -54,7 +54,7 @@ fn one(img: &std::path::Path, rate: Option<&str>, tls: bool, mib: u32) -> anyhow
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("migration report")?;
     let r = &v["result"];
     let peer = r["peer"].as_str().unwrap_or("");
-    if tls != !peer.starts_with("insecure") {
+    if tls == peer.starts_with("insecure") {
         bail!("{mode} migration went over the wrong transport: peer {peer}");
     }
     Ok(Sample {
