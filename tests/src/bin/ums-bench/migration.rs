@@ -211,8 +211,8 @@ pub fn run(ums: &Path, images: &[(u32, OciImage)], rates: &[Option<String>], run
     }
     main.print();
     phases.note("from the same reports: pre_migration_ms, checkpoint_ms, transfer_ms, restore_ms, throughput_mib_s;");
-    phases.note("ums computes transfer_ms as frozen_ms - restore_ms (so it includes freeze and dump) and");
-    phases.note("  throughput_mib_s as bytes / transfer_ms; the phases therefore overlap and do not add up to the total.");
+    phases.note("transfer_ms: until the last byte was handed to the socket, from the start of the dump when");
+    phases.note("  streaming (dump and transfer overlap) and from its end otherwise; throughput_mib_s = bytes / transfer_ms.");
     phases.note("CLI wall: the `ums migrate` command as timed by the bench (nsenter included).");
     phases.print();
     Ok(())
