@@ -93,7 +93,10 @@ impl Bundle {
             b.dir.join("upper").display(),
             b.work().display()
         );
-        fill_upper(&b.dir.join("upper")).map_err(BundleError::Upper)?;
+        if let Err(e) = fill_upper(&b.dir.join("upper")) {
+            teardown_dir(dir);
+            return Err(BundleError::Upper(e));
+        }
         match mount(Some("overlay"), &b.rootfs(), Some("overlay"), MsFlags::empty(), Some(opts.as_str())) {
             Ok(()) => {}
             Err(e) => {

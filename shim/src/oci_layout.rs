@@ -596,11 +596,12 @@ fn unpack_one_layer(
         path: path.clone(),
         source,
     })?;
+    let compressed = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut hashing = HashingReader {
         inner: io::BufReader::new(file),
         hasher: Sha256::new(),
     };
-    apply_layer(&mut hashing, media_type, rootfs)?;
+    apply_layer_bounded(&mut hashing, media_type, rootfs, expansion_limit(compressed))?;
     // The tar reader stops at its end-of-archive blocks; hash whatever follows.
     io::copy(&mut hashing, &mut io::sink()).map_err(|source| LayoutError::ReadBlob {
         path: path.clone(),
@@ -621,6 +622,39 @@ fn unpack_one_layer(
 /// (plain tar, gzip, zstd; OCI and Docker names). Whiteouts delete from earlier
 /// layers, opaque markers empty a directory of earlier layers' children.
 pub fn apply_layer(reader: impl Read, media_type: &str, dest: &Path) -> Result<(), LayoutError> {
+    apply_layer_bounded(reader, media_type, dest, u64::MAX)
+}
+
+/// How far a layer of `compressed` bytes may expand: real layers compress 2
+/// to 10 times; a decompression bomb (gzip reaches 1000:1) is stopped long
+/// before it fills the state dir.
+pub fn expansion_limit(compressed: u64) -> u64 {
+    compressed.saturating_mul(64).max(256 << 20)
+}
+
+/// Counts the bytes a decompressor produced and fails past the limit.
+struct Bounded<R> {
+    inner: R,
+    left: u64,
+    limit: u64,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.left {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("layer expands beyond {} bytes; refusing it as a decompression bomb", self.limit),
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// `apply_layer`, failing once the uncompressed tar exceeds `limit` bytes.
+pub fn apply_layer_bounded(reader: impl Read, media_type: &str, dest: &Path, limit: u64) -> Result<(), LayoutError> {
     let decompress_err = |source| LayoutError::Decompress {
         dest: dest.to_path_buf(),
         source,
@@ -646,7 +680,7 @@ pub fn apply_layer(reader: impl Read, media_type: &str, dest: &Path) -> Result<(
             })
         }
     };
-    apply_tar(stream, dest)
+    apply_tar(Bounded { inner: stream, left: limit, limit }, dest)
 }
 
 fn apply_tar(stream: impl Read, dest: &Path) -> Result<(), LayoutError> {
@@ -1349,6 +1383,30 @@ fn set_mtime(path: &Path, mtime: i64) -> Result<(), EntryError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_decompression_bomb_is_stopped() {
+        use std::io::Write;
+        // 300 MiB of zeros in a tar entry compress to a few hundred KiB.
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(300 << 20);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        tar.append_data(&mut h, "zeros", std::io::repeat(0).take(300 << 20)).unwrap();
+        let plain = tar.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&plain).unwrap();
+        let packed = gz.finish().unwrap();
+        assert!(packed.len() < 4 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let limit = super::expansion_limit(packed.len() as u64);
+        let err = super::apply_layer_bounded(&packed[..], "application/vnd.oci.image.layer.v1.tar+gzip", dir.path(), limit)
+            .unwrap_err();
+        assert!(super::super::supervisor::describe(&err).contains("decompression bomb"), "{err}");
+    }
+
     use super::*;
     use std::os::unix::fs::FileTypeExt;
 

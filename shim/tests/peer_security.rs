@@ -416,3 +416,60 @@ async fn two_peers_pushing_at_once_one_is_busy() {
     assert!(d.tmp.path().join("state/images/m-first/criu").is_dir());
     assert!(!d.tmp.path().join("state/images/m-second").exists());
 }
+
+/// A writable-layer diff whose symlink points outside, with a file written
+/// "through" it: the stream and its manifest are well formed and verified, but
+/// laying the layer in place refuses the entry; the restore fails cleanly,
+/// nothing appears outside, and the destination stays a standby.
+#[tokio::test]
+async fn a_symlink_escaping_the_writable_layer_is_refused() {
+    let mut d = dest(Duration::from_secs(5)).await;
+    let escape = d.tmp.path().parent().unwrap().join(format!("ums-escape-{}", rand::random::<u32>()));
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    h.set_mode(0o777);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    tar.append_link(&mut h, "evil", &escape).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(5);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    tar.append_data(&mut h, "evil/owned", &b"owned"[..]).unwrap();
+    let diff = tar.into_inner().unwrap();
+    std::fs::create_dir_all(&escape).unwrap();
+    let mut c = d.ready("m-symlink").await;
+    assert_eq!(d.event().await, Ev::Begin(true));
+    let open = FileOpen { id: 1, kind: FileKind::UpperDiff, name: "rootfs-diff.tar".into() };
+    wire::send_json(&mut c.write, Kind::FileOpen, &open).await.unwrap();
+    wire::write_frame(&mut c.write, Kind::Data, &[&wire::data_header(1, 0), &diff]).await.unwrap();
+    let manifest = ums::migration::Manifest {
+        files: vec![ums::migration::FileEntry {
+            name: "rootfs-diff.tar".into(),
+            kind: FileKind::UpperDiff,
+            size: diff.len() as u64,
+            sha256: hex::encode(Sha256::digest(&diff)),
+        }],
+        meta: ums::checkpoint::Meta {
+            ums_version: "test".into(),
+            runtime: d.hello.runtime,
+            image: d.hello.image.clone(),
+            created_unix_ms: 0,
+            tcp_established: true,
+        },
+    };
+    wire::send_json(&mut c.write, Kind::Manifest, &manifest).await.unwrap();
+    let res: ums::migration::MigrationResult = read(&mut c).await.unwrap().expect(Kind::Result).unwrap();
+    assert!(!res.running);
+    let why = res.error.unwrap_or_default();
+    assert!(why.contains("writable layer") || why.contains("symlink"), "{why}");
+    assert!(matches!(d.event().await, Ev::Done(Some(_))));
+    assert!(!escape.join("owned").exists(), "a file was written through the symlink");
+    let _ = std::fs::remove_dir_all(&escape);
+    d.clean();
+}
