@@ -141,7 +141,8 @@ pub fn checkpoint_to_dir(
     freeze_and_dump(cfg, reaper, runtime, n, &cd.images(), &work, &mut t)?;
     let t1 = Instant::now();
     let packed = (|| {
-        let f = std::fs::File::create(cd.upper_diff()).map_err(|source| CheckpointError::Dir { path: dir.into(), source })?;
+        let f = std::fs::File::create(cd.upper_diff())
+            .map_err(|source| CheckpointError::Dir { path: dir.into(), source })?;
         let w = std::io::BufWriter::with_capacity(1 << 20, f);
         upper_diff::pack(&n.bundle.upper(), w).map_err(CheckpointError::Diff)?;
         let m = serde_json::to_vec_pretty(&meta(cfg, n)).expect("meta serializes");
@@ -183,12 +184,20 @@ pub fn restore_from_dir(
     let cd = CheckpointDir(dir);
     let diff = cd.upper_diff();
     let max = cfg.max_checkpoint_bytes;
-    let (n, restore) = nested::restore(cfg, reaper, runtime, &m.image.manifest_digest, &cd.images(), &dir.join("restore-work"), move |upper| {
-        let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
-        upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    })?;
+    let (n, restore) = nested::restore(
+        cfg,
+        reaper,
+        runtime,
+        &m.image.manifest_digest,
+        &cd.images(),
+        &dir.join("restore-work"),
+        move |upper| {
+            let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
+            upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        },
+    )?;
     let t = Timings { restore_ms: ms(restore), total_ms: ms(t0.elapsed()), ..Default::default() };
     Ok((n, t))
 }

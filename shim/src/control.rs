@@ -118,7 +118,11 @@ impl OpenConnections {
 }
 
 /// Accept connections until `shutdown` fires.
-pub async fn serve(listener: UnixListener, to_supervisor: mpsc::Sender<Envelope>, shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn serve(
+    listener: UnixListener,
+    to_supervisor: mpsc::Sender<Envelope>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     serve_counted(listener, to_supervisor, shutdown, OpenConnections::default()).await;
 }
 
@@ -169,7 +173,11 @@ async fn write_response(w: &mut (impl AsyncWriteExt + Unpin), r: &Response) -> s
 async fn handle(stream: UnixStream, to_supervisor: mpsc::Sender<Envelope>) -> std::io::Result<()> {
     if !caller_allowed(&stream) {
         let (_, mut w) = stream.into_split();
-        return write_response(&mut w, &Response::err(ErrorKind::BadRequest, "permission denied: caller uid not allowed")).await;
+        return write_response(
+            &mut w,
+            &Response::err(ErrorKind::BadRequest, "permission denied: caller uid not allowed"),
+        )
+        .await;
     }
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
@@ -181,7 +189,11 @@ async fn handle(stream: UnixStream, to_supervisor: mpsc::Sender<Envelope>) -> st
             return Ok(());
         }
         if buf.len() > MAX_REQUEST {
-            write_response(&mut w, &Response::err(ErrorKind::BadRequest, format!("request longer than {MAX_REQUEST} bytes"))).await?;
+            write_response(
+                &mut w,
+                &Response::err(ErrorKind::BadRequest, format!("request longer than {MAX_REQUEST} bytes")),
+            )
+            .await?;
             return Ok(());
         }
         let response = match std::str::from_utf8(&buf).map_err(|_| "request is not UTF-8".to_string()).and_then(parse) {
@@ -203,9 +215,9 @@ use tokio::io::AsyncReadExt as _;
 
 /// Client side: send one request, wait for its response.
 pub async fn call(socket: &Path, req: &Request) -> std::io::Result<Response> {
-    let stream = UnixStream::connect(socket).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot reach ums at {}: {e}", socket.display()))
-    })?;
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot reach ums at {}: {e}", socket.display())))?;
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_vec(req).expect("request serializes");
     line.push(b'\n');
@@ -218,7 +230,10 @@ pub async fn call(socket: &Path, req: &Request) -> std::io::Result<Response> {
     if resp.is_empty() {
         written?;
         read?;
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "ums closed the connection without an answer"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "ums closed the connection without an answer",
+        ));
     }
     serde_json::from_str(&resp).map_err(|e| std::io::Error::other(format!("bad response from ums: {e}: {resp:?}")))
 }
@@ -238,7 +253,10 @@ mod tests {
             parse(r#"{"op":"checkpoint","dir":"/tmp/c","leave_running":false}"#),
             Ok(Request::Checkpoint { dir: "/tmp/c".into(), leave_running: false })
         );
-        assert_eq!(parse(r#"{"op":"migrate","to":"10.0.0.2:7411"}"#), Ok(Request::Migrate { to: "10.0.0.2:7411".into() }));
+        assert_eq!(
+            parse(r#"{"op":"migrate","to":"10.0.0.2:7411"}"#),
+            Ok(Request::Migrate { to: "10.0.0.2:7411".into() })
+        );
     }
 
     #[test]

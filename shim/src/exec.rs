@@ -81,7 +81,5 @@ pub fn check_blocking(reaper: &Reaper, cmd: Command) -> Result<Output, ExecError
 pub async fn check(reaper: &Reaper, cmd: Command) -> Result<Output, ExecError> {
     let reaper = reaper.clone();
     let program = program_name(&cmd);
-    tokio::task::spawn_blocking(move || check_blocking(&reaper, cmd))
-        .await
-        .unwrap_or(Err(ExecError::Lost { program }))
+    tokio::task::spawn_blocking(move || check_blocking(&reaper, cmd)).await.unwrap_or(Err(ExecError::Lost { program }))
 }

@@ -28,7 +28,12 @@ enum Cmd {
 
 fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("UMS_LOG").unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
     let result = match Cli::parse().cmd {
         Cmd::Init(a) => cli::init::run(a),
         Cmd::Status(a) => cli::status::run(a),

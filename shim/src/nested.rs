@@ -195,7 +195,13 @@ fn write_spec(cfg: &Config, img: &ResolvedImage, bundle: &Bundle, id: &str) -> R
     let lower = bundle.lower.clone();
     let s = spec::build(
         &img.config,
-        &SpecInput { command: &cfg.command, hostname: &host, netns: &netns, cgroups_path: &cgroups_path, rootfs: &lower },
+        &SpecInput {
+            command: &cfg.command,
+            hostname: &host,
+            netns: &netns,
+            cgroups_path: &cgroups_path,
+            rootfs: &lower,
+        },
     )?;
     spec::write(&s, &bundle.dir)?;
     Ok(s.process().as_ref().map(|p| p.user().uid()).unwrap_or(0))
@@ -311,10 +317,9 @@ pub fn restore(
         Ok((read_pid(&bundle.pid_file())?, uid))
     })();
     match result {
-        Ok((pid, uid)) => Ok((
-            Nested { id, pid, image: image_info(cfg, &img), bundle, started: Instant::now(), uid },
-            t0.elapsed(),
-        )),
+        Ok((pid, uid)) => {
+            Ok((Nested { id, pid, image: image_info(cfg, &img), bundle, started: Instant::now(), uid }, t0.elapsed()))
+        }
         Err(e) => {
             let _ = runtime.delete(reaper, &id);
             bundle.teardown();

@@ -20,9 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::sys::stat::{Mode, SFlag};
 use nix::sys::time::TimeSpec;
-use oci_spec::image::{
-    Arch, Descriptor, Digest, ImageConfiguration, ImageIndex, ImageManifest, MediaType, Os,
-};
+use oci_spec::image::{Arch, Descriptor, Digest, ImageConfiguration, ImageIndex, ImageManifest, MediaType, Os};
 use sha2::{Digest as _, Sha256};
 
 /// Name of the file, inside `cache_dir/<manifest hex>/`, that marks a finished unpack.
@@ -40,10 +38,7 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
     #[error("{path} is not an oci image layout: {missing} is missing")]
-    NotALayout {
-        path: PathBuf,
-        missing: &'static str,
-    },
+    NotALayout { path: PathBuf, missing: &'static str },
     #[error("create layout directory {path}")]
     CreateDir {
         path: PathBuf,
@@ -65,12 +60,7 @@ pub enum LayoutError {
     #[error("index {path} lists no manifest")]
     EmptyIndex { path: PathBuf },
     #[error("index {path} lists {count} manifests and none is for {os}/{arch}")]
-    NoPlatformMatch {
-        path: PathBuf,
-        count: usize,
-        os: String,
-        arch: String,
-    },
+    NoPlatformMatch { path: PathBuf, count: usize, os: String, arch: String },
     #[error("index {path} nests image indexes more than one level deep")]
     IndexTooDeep { path: PathBuf },
     #[error("invalid digest {digest:?}: expected sha256:<64 lowercase hex digits>")]
@@ -82,11 +72,7 @@ pub enum LayoutError {
         source: io::Error,
     },
     #[error("blob {path} hashes to sha256:{actual}, expected {expected}")]
-    DigestMismatch {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
+    DigestMismatch { path: PathBuf, expected: String, actual: String },
     #[error("blob {digest} is larger than the limit of {max_size} bytes")]
     BlobTooLarge { digest: String, max_size: u64 },
     #[error("parse manifest {path}")]
@@ -265,24 +251,16 @@ impl OciLayout {
     pub fn open(root: &Path) -> Result<Self, LayoutError> {
         for missing in ["oci-layout", "index.json"] {
             if !root.join(missing).is_file() {
-                return Err(LayoutError::NotALayout {
-                    path: root.to_path_buf(),
-                    missing,
-                });
+                return Err(LayoutError::NotALayout { path: root.to_path_buf(), missing });
             }
         }
-        Ok(Self {
-            root: root.to_path_buf(),
-        })
+        Ok(Self { root: root.to_path_buf() })
     }
 
     /// Make an empty layout (or keep an existing one) that can receive blobs.
     pub fn create(root: &Path) -> Result<Self, LayoutError> {
         let blobs = root.join("blobs").join("sha256");
-        fs::create_dir_all(&blobs).map_err(|source| LayoutError::CreateDir {
-            path: blobs.clone(),
-            source,
-        })?;
+        fs::create_dir_all(&blobs).map_err(|source| LayoutError::CreateDir { path: blobs.clone(), source })?;
         let marker = root.join("oci-layout");
         if !marker.is_file() {
             write_atomically(&marker, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
@@ -291,9 +269,7 @@ impl OciLayout {
         if !index.is_file() {
             write_atomically(&index, br#"{"schemaVersion":2,"manifests":[]}"#)?;
         }
-        Ok(Self {
-            root: root.to_path_buf(),
-        })
+        Ok(Self { root: root.to_path_buf() })
     }
 
     pub fn root(&self) -> &Path {
@@ -308,22 +284,15 @@ impl OciLayout {
     /// host's platform (linux/amd64 here); a nested image index is followed one level.
     pub fn resolve(&self) -> Result<ResolvedImage, LayoutError> {
         let index_path = self.index_path();
-        let index =
-            ImageIndex::from_file(&index_path).map_err(|source| LayoutError::ReadIndex {
-                path: index_path.clone(),
-                source,
-            })?;
+        let index = ImageIndex::from_file(&index_path)
+            .map_err(|source| LayoutError::ReadIndex { path: index_path.clone(), source })?;
         let mut chosen = pick_manifest(index.manifests(), &index_path)?.clone();
         if is_index_media_type(chosen.media_type()) {
             let nested_digest = chosen.digest().to_string();
             let nested_path = self.blob_path(&nested_digest)?;
             let bytes = self.read_verified(&nested_digest)?;
-            let nested = ImageIndex::from_reader(&bytes[..]).map_err(|source| {
-                LayoutError::ParseNestedIndex {
-                    path: nested_path.clone(),
-                    source,
-                }
-            })?;
+            let nested = ImageIndex::from_reader(&bytes[..])
+                .map_err(|source| LayoutError::ParseNestedIndex { path: nested_path.clone(), source })?;
             chosen = pick_manifest(nested.manifests(), &nested_path)?.clone();
             if is_index_media_type(chosen.media_type()) {
                 return Err(LayoutError::IndexTooDeep { path: index_path });
@@ -333,26 +302,14 @@ impl OciLayout {
         let manifest_digest = chosen.digest().to_string();
         let manifest_path = self.blob_path(&manifest_digest)?;
         let bytes = self.read_verified(&manifest_digest)?;
-        let manifest = ImageManifest::from_reader(&bytes[..]).map_err(|source| {
-            LayoutError::ParseManifest {
-                path: manifest_path,
-                source,
-            }
-        })?;
+        let manifest = ImageManifest::from_reader(&bytes[..])
+            .map_err(|source| LayoutError::ParseManifest { path: manifest_path, source })?;
         let config_digest = manifest.config().digest().to_string();
         let config_path = self.blob_path(&config_digest)?;
         let config_bytes = self.read_verified(&config_digest)?;
-        let config = parse_config(&config_bytes).map_err(|source| LayoutError::ParseConfig {
-            path: config_path,
-            source,
-        })?;
-        Ok(ResolvedImage {
-            manifest_digest,
-            manifest_size: bytes.len() as u64,
-            manifest,
-            config,
-            config_digest,
-        })
+        let config =
+            parse_config(&config_bytes).map_err(|source| LayoutError::ParseConfig { path: config_path, source })?;
+        Ok(ResolvedImage { manifest_digest, manifest_size: bytes.len() as u64, manifest, config, config_digest })
     }
 
     /// Path of a blob; only `sha256:<64 lowercase hex>` is accepted, so a digest
@@ -368,23 +325,14 @@ impl OciLayout {
 
     /// The digests of `digests` that this layout does not hold.
     pub fn missing_blobs(&self, digests: &[String]) -> Vec<String> {
-        digests
-            .iter()
-            .filter(|d| !self.has_blob(d))
-            .cloned()
-            .collect()
+        digests.iter().filter(|d| !self.has_blob(d)).cloned().collect()
     }
 
     /// Write a blob from `reader` into a temporary file in `blobs/sha256`, hashing
     /// as it goes, and rename it into place only if its digest matches and it is
     /// no larger than `max_size`. On any failure the temporary file is removed.
     /// Returns the blob's size.
-    pub fn add_blob(
-        &self,
-        digest: &str,
-        mut reader: impl Read,
-        max_size: u64,
-    ) -> Result<u64, LayoutError> {
+    pub fn add_blob(&self, digest: &str, mut reader: impl Read, max_size: u64) -> Result<u64, LayoutError> {
         let final_path = self.blob_path(digest)?;
         let expected_hex = sha256_hex(digest)?;
         let dir = final_path.parent().unwrap_or(&self.root).to_path_buf();
@@ -395,10 +343,7 @@ impl OciLayout {
             .create_new(true)
             .mode(0o644)
             .open(&temp_path)
-            .map_err(|source| LayoutError::WriteFile {
-                path: temp_path.clone(),
-                source,
-            })?;
+            .map_err(|source| LayoutError::WriteFile { path: temp_path.clone(), source })?;
         let mut hasher = Sha256::new();
         let mut total: u64 = 0;
         let mut buf = vec![0u8; 64 * 1024];
@@ -407,35 +352,19 @@ impl OciLayout {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => {
-                    return Err(LayoutError::ReadBlob {
-                        path: temp_path.clone(),
-                        source,
-                    })
-                }
+                Err(source) => return Err(LayoutError::ReadBlob { path: temp_path.clone(), source }),
             };
             total += n as u64;
             if total > max_size {
-                return Err(LayoutError::BlobTooLarge {
-                    digest: digest.to_string(),
-                    max_size,
-                });
+                return Err(LayoutError::BlobTooLarge { digest: digest.to_string(), max_size });
             }
             hasher.update(&buf[..n]);
-            file.write_all(&buf[..n])
-                .map_err(|source| LayoutError::WriteFile {
-                    path: temp_path.clone(),
-                    source,
-                })?;
+            file.write_all(&buf[..n]).map_err(|source| LayoutError::WriteFile { path: temp_path.clone(), source })?;
         }
         drop(file);
         let actual = hex::encode(hasher.finalize());
         if actual != expected_hex {
-            return Err(LayoutError::DigestMismatch {
-                path: temp_path,
-                expected: digest.to_string(),
-                actual,
-            });
+            return Err(LayoutError::DigestMismatch { path: temp_path, expected: digest.to_string(), actual });
         }
         fs::rename(&temp_path, &final_path).map_err(|source| LayoutError::Rename {
             from: temp_path.clone(),
@@ -450,28 +379,17 @@ impl OciLayout {
     /// manifest blob must already be present (its media type is read from it).
     pub fn set_index(&self, manifest_digest: &str, manifest_size: u64) -> Result<(), LayoutError> {
         let path = self.blob_path(manifest_digest)?;
-        let bytes = fs::read(&path).map_err(|source| LayoutError::ReadBlob {
-            path: path.clone(),
-            source,
-        })?;
+        let bytes = fs::read(&path).map_err(|source| LayoutError::ReadBlob { path: path.clone(), source })?;
         // Docker's v2 manifests carry their own media type; keep it so tools agree.
         let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
-            .and_then(|v| {
-                v.get("mediaType")
-                    .and_then(|m| m.as_str())
-                    .map(MediaType::from)
-            })
+            .and_then(|v| v.get("mediaType").and_then(|m| m.as_str()).map(MediaType::from))
             .unwrap_or(MediaType::ImageManifest);
-        let digest = Digest::from_str(manifest_digest).map_err(|_| LayoutError::InvalidDigest {
-            digest: manifest_digest.to_string(),
-        })?;
+        let digest = Digest::from_str(manifest_digest)
+            .map_err(|_| LayoutError::InvalidDigest { digest: manifest_digest.to_string() })?;
         let mut index = ImageIndex::default();
         index.set_manifests(vec![Descriptor::new(media_type, manifest_size, digest)]);
-        let json = index.to_string().map_err(|source| LayoutError::ReadIndex {
-            path: self.index_path(),
-            source,
-        })?;
+        let json = index.to_string().map_err(|source| LayoutError::ReadIndex { path: self.index_path(), source })?;
         write_atomically(&self.index_path(), json.as_bytes())
     }
 
@@ -479,34 +397,19 @@ impl OciLayout {
     pub fn image_blobs(&self, img: &ResolvedImage) -> Vec<(String, u64)> {
         let mut blobs = vec![
             (img.manifest_digest.clone(), img.manifest_size),
-            (
-                img.manifest.config().digest().to_string(),
-                img.manifest.config().size(),
-            ),
+            (img.manifest.config().digest().to_string(), img.manifest.config().size()),
         ];
-        blobs.extend(
-            img.manifest
-                .layers()
-                .iter()
-                .map(|l| (l.digest().to_string(), l.size())),
-        );
+        blobs.extend(img.manifest.layers().iter().map(|l| (l.digest().to_string(), l.size())));
         blobs
     }
 
     /// Read a whole (small) blob and check its digest.
     fn read_verified(&self, digest: &str) -> Result<Vec<u8>, LayoutError> {
         let path = self.blob_path(digest)?;
-        let bytes = fs::read(&path).map_err(|source| LayoutError::ReadBlob {
-            path: path.clone(),
-            source,
-        })?;
+        let bytes = fs::read(&path).map_err(|source| LayoutError::ReadBlob { path: path.clone(), source })?;
         let actual = hex::encode(Sha256::digest(&bytes));
         if actual != sha256_hex(digest)? {
-            return Err(LayoutError::DigestMismatch {
-                path,
-                expected: digest.to_string(),
-                actual,
-            });
+            return Err(LayoutError::DigestMismatch { path, expected: digest.to_string(), actual });
         }
         Ok(bytes)
     }
@@ -516,11 +419,7 @@ impl OciLayout {
 /// once. The layers go into a temporary directory that is renamed into place
 /// with a completion marker inside, so a crash never leaves a half-made cache.
 /// Returns the rootfs path (the nested container's read-only lower dir).
-pub fn unpack_image(
-    layout: &OciLayout,
-    img: &ResolvedImage,
-    cache_dir: &Path,
-) -> Result<PathBuf, LayoutError> {
+pub fn unpack_image(layout: &OciLayout, img: &ResolvedImage, cache_dir: &Path) -> Result<PathBuf, LayoutError> {
     let hex = sha256_hex(&img.manifest_digest)?;
     let final_dir = cache_dir.join(hex);
     if final_dir.join(COMPLETE_MARKER).is_file() {
@@ -529,51 +428,30 @@ pub fn unpack_image(
     }
     if final_dir.exists() {
         // Not made by us (we only ever rename complete trees here): start over.
-        fs::remove_dir_all(&final_dir).map_err(|source| LayoutError::Remove {
-            path: final_dir.clone(),
-            source,
-        })?;
+        fs::remove_dir_all(&final_dir).map_err(|source| LayoutError::Remove { path: final_dir.clone(), source })?;
     }
-    fs::create_dir_all(cache_dir).map_err(|source| LayoutError::CreateDir {
-        path: cache_dir.to_path_buf(),
-        source,
-    })?;
+    fs::create_dir_all(cache_dir).map_err(|source| LayoutError::CreateDir { path: cache_dir.to_path_buf(), source })?;
     let temp_dir = cache_dir.join(temp_name(hex));
     let mut guard = TempGuard::dir(temp_dir.clone());
     let rootfs = temp_dir.join("rootfs");
-    fs::create_dir_all(&rootfs).map_err(|source| LayoutError::CreateDir {
-        path: rootfs.clone(),
-        source,
-    })?;
+    fs::create_dir_all(&rootfs).map_err(|source| LayoutError::CreateDir { path: rootfs.clone(), source })?;
     for layer in img.manifest.layers() {
         let digest = layer.digest().to_string();
         let media_type = layer.media_type().to_string();
-        unpack_one_layer(layout, &digest, &media_type, &rootfs).map_err(|source| {
-            LayoutError::UnpackLayer {
-                digest: digest.clone(),
-                dest: rootfs.clone(),
-                source: Box::new(source),
-            }
+        unpack_one_layer(layout, &digest, &media_type, &rootfs).map_err(|source| LayoutError::UnpackLayer {
+            digest: digest.clone(),
+            dest: rootfs.clone(),
+            source: Box::new(source),
         })?;
     }
     let marker = temp_dir.join(COMPLETE_MARKER);
-    fs::write(&marker, img.manifest_digest.as_bytes()).map_err(|source| {
-        LayoutError::WriteFile {
-            path: marker.clone(),
-            source,
-        }
-    })?;
+    fs::write(&marker, img.manifest_digest.as_bytes())
+        .map_err(|source| LayoutError::WriteFile { path: marker.clone(), source })?;
     match fs::rename(&temp_dir, &final_dir) {
         Ok(()) => guard.disarm(),
         // Someone else finished the same image first: theirs is as good as ours.
         Err(_) if final_dir.join(COMPLETE_MARKER).is_file() => {}
-        Err(source) => {
-            return Err(LayoutError::Rename {
-                from: temp_dir,
-                to: final_dir,
-                source,
-            })
-        }
+        Err(source) => return Err(LayoutError::Rename { from: temp_dir, to: final_dir, source }),
     }
     tracing::info!(
         image = %img.manifest_digest,
@@ -585,35 +463,17 @@ pub fn unpack_image(
 }
 
 /// Apply one layer blob, checking its digest over the compressed bytes.
-fn unpack_one_layer(
-    layout: &OciLayout,
-    digest: &str,
-    media_type: &str,
-    rootfs: &Path,
-) -> Result<(), LayoutError> {
+fn unpack_one_layer(layout: &OciLayout, digest: &str, media_type: &str, rootfs: &Path) -> Result<(), LayoutError> {
     let path = layout.blob_path(digest)?;
-    let file = File::open(&path).map_err(|source| LayoutError::ReadBlob {
-        path: path.clone(),
-        source,
-    })?;
+    let file = File::open(&path).map_err(|source| LayoutError::ReadBlob { path: path.clone(), source })?;
     let compressed = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut hashing = HashingReader {
-        inner: io::BufReader::new(file),
-        hasher: Sha256::new(),
-    };
+    let mut hashing = HashingReader { inner: io::BufReader::new(file), hasher: Sha256::new() };
     apply_layer_bounded(&mut hashing, media_type, rootfs, expansion_limit(compressed))?;
     // The tar reader stops at its end-of-archive blocks; hash whatever follows.
-    io::copy(&mut hashing, &mut io::sink()).map_err(|source| LayoutError::ReadBlob {
-        path: path.clone(),
-        source,
-    })?;
+    io::copy(&mut hashing, &mut io::sink()).map_err(|source| LayoutError::ReadBlob { path: path.clone(), source })?;
     let actual = hex::encode(hashing.hasher.finalize());
     if actual != sha256_hex(digest)? {
-        return Err(LayoutError::DigestMismatch {
-            path,
-            expected: digest.to_string(),
-            actual,
-        });
+        return Err(LayoutError::DigestMismatch { path, expected: digest.to_string(), actual });
     }
     Ok(())
 }
@@ -655,10 +515,7 @@ impl<R: Read> Read for Bounded<R> {
 
 /// `apply_layer`, failing once the uncompressed tar exceeds `limit` bytes.
 pub fn apply_layer_bounded(reader: impl Read, media_type: &str, dest: &Path, limit: u64) -> Result<(), LayoutError> {
-    let decompress_err = |source| LayoutError::Decompress {
-        dest: dest.to_path_buf(),
-        source,
-    };
+    let decompress_err = |source| LayoutError::Decompress { dest: dest.to_path_buf(), source };
     let stream: Box<dyn Read + '_> = match media_type {
         "application/vnd.oci.image.layer.v1.tar"
         | "application/vnd.oci.image.layer.nondistributable.v1.tar"
@@ -674,30 +531,19 @@ pub fn apply_layer_bounded(reader: impl Read, media_type: &str, dest: &Path, lim
         | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
             Box::new(zstd::stream::read::Decoder::new(reader).map_err(decompress_err)?)
         }
-        other => {
-            return Err(LayoutError::UnsupportedMediaType {
-                media_type: other.to_string(),
-            })
-        }
+        other => return Err(LayoutError::UnsupportedMediaType { media_type: other.to_string() }),
     };
     apply_tar(Bounded { inner: stream, left: limit, limit }, dest)
 }
 
 fn apply_tar(stream: impl Read, dest: &Path) -> Result<(), LayoutError> {
-    let read_err = |source| LayoutError::ReadTar {
-        dest: dest.to_path_buf(),
-        source,
-    };
+    let read_err = |source| LayoutError::ReadTar { dest: dest.to_path_buf(), source };
     let mut archive = tar::Archive::new(stream);
     let mut writer = TreeWriter::new(dest, ParentPolicy::FollowInRoot);
     for entry in archive.entries().map_err(read_err)? {
         let mut entry = entry.map_err(read_err)?;
         let name = entry.path().map_err(read_err)?.into_owned();
-        let apply_err = |source| LayoutError::ApplyEntry {
-            name: name.clone(),
-            dest: dest.to_path_buf(),
-            source,
-        };
+        let apply_err = |source| LayoutError::ApplyEntry { name: name.clone(), dest: dest.to_path_buf(), source };
         let Some(node) = read_node(&mut entry).map_err(apply_err)? else {
             continue;
         };
@@ -715,18 +561,11 @@ fn apply_tar(stream: impl Read, dest: &Path) -> Result<(), LayoutError> {
             }
         } else if let Some(hidden) = last_bytes.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
             if let Some(parent) = writer.resolve_parent(&comps, false).map_err(apply_err)? {
-                writer
-                    .whiteout(&parent, OsStr::from_bytes(hidden))
-                    .map_err(apply_err)?;
+                writer.whiteout(&parent, OsStr::from_bytes(hidden)).map_err(apply_err)?;
             }
         } else {
-            let parent = writer
-                .resolve_parent(&comps, true)
-                .map_err(apply_err)?
-                .unwrap_or_default();
-            writer
-                .write_node(&parent, &last, &node, &mut entry)
-                .map_err(apply_err)?;
+            let parent = writer.resolve_parent(&comps, true).map_err(apply_err)?.unwrap_or_default();
+            writer.write_node(&parent, &last, &node, &mut entry).map_err(apply_err)?;
         }
     }
     writer.finish().map_err(|source| LayoutError::ApplyEntry {
@@ -738,9 +577,7 @@ fn apply_tar(stream: impl Read, dest: &Path) -> Result<(), LayoutError> {
 
 /// The hex part of `sha256:<64 lowercase hex>`, or an error for anything else.
 pub fn sha256_hex(digest: &str) -> Result<&str, LayoutError> {
-    let invalid = || LayoutError::InvalidDigest {
-        digest: digest.to_string(),
-    };
+    let invalid = || LayoutError::InvalidDigest { digest: digest.to_string() };
     let hex = digest.strip_prefix("sha256:").ok_or_else(invalid)?;
     if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         Ok(hex)
@@ -759,12 +596,8 @@ fn parse_config(bytes: &[u8]) -> Result<ImageConfiguration, oci_spec::OciSpecErr
     let Ok(serde_json::Value::Object(mut object)) = serde_json::from_slice(bytes) else {
         return Err(first_err);
     };
-    object
-        .entry("history")
-        .or_insert_with(|| serde_json::json!([]));
-    object
-        .entry("rootfs")
-        .or_insert_with(|| serde_json::json!({"type": "layers", "diff_ids": []}));
+    object.entry("history").or_insert_with(|| serde_json::json!([]));
+    object.entry("rootfs").or_insert_with(|| serde_json::json!({"type": "layers", "diff_ids": []}));
     let patched = serde_json::Value::Object(object).to_string();
     ImageConfiguration::from_reader(patched.as_bytes()).map_err(|_| first_err)
 }
@@ -782,23 +615,14 @@ fn host_platform() -> (Os, Arch) {
     (Os::Linux, Arch::default())
 }
 
-fn pick_manifest<'a>(
-    manifests: &'a [Descriptor],
-    index_path: &Path,
-) -> Result<&'a Descriptor, LayoutError> {
+fn pick_manifest<'a>(manifests: &'a [Descriptor], index_path: &Path) -> Result<&'a Descriptor, LayoutError> {
     match manifests {
-        [] => Err(LayoutError::EmptyIndex {
-            path: index_path.to_path_buf(),
-        }),
+        [] => Err(LayoutError::EmptyIndex { path: index_path.to_path_buf() }),
         [only] => Ok(only),
         many => {
             let (os, arch) = host_platform();
             many.iter()
-                .find(|d| {
-                    d.platform()
-                        .as_ref()
-                        .is_some_and(|p| *p.os() == os && *p.architecture() == arch)
-                })
+                .find(|d| d.platform().as_ref().is_some_and(|p| *p.os() == os && *p.architecture() == arch))
                 .ok_or_else(|| LayoutError::NoPlatformMatch {
                     path: index_path.to_path_buf(),
                     count: many.len(),
@@ -817,17 +641,10 @@ fn temp_name(hex: &str) -> String {
 /// Write a small file through a temporary name and rename it into place.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), LayoutError> {
     let temp = path.with_file_name(temp_name("write"));
-    fs::write(&temp, bytes).map_err(|source| LayoutError::WriteFile {
-        path: temp.clone(),
-        source,
-    })?;
+    fs::write(&temp, bytes).map_err(|source| LayoutError::WriteFile { path: temp.clone(), source })?;
     fs::rename(&temp, path).map_err(|source| {
         let _ = fs::remove_file(&temp);
-        LayoutError::Rename {
-            from: temp.clone(),
-            to: path.to_path_buf(),
-            source,
-        }
+        LayoutError::Rename { from: temp.clone(), to: path.to_path_buf(), source }
     })
 }
 
@@ -839,16 +656,10 @@ struct TempGuard {
 
 impl TempGuard {
     fn file(path: PathBuf) -> Self {
-        Self {
-            path: Some(path),
-            is_dir: false,
-        }
+        Self { path: Some(path), is_dir: false }
     }
     fn dir(path: PathBuf) -> Self {
-        Self {
-            path: Some(path),
-            is_dir: true,
-        }
+        Self { path: Some(path), is_dir: true }
     }
     fn disarm(&mut self) {
         self.path = None;
@@ -858,11 +669,7 @@ impl TempGuard {
 impl Drop for TempGuard {
     fn drop(&mut self) {
         if let Some(path) = self.path.take() {
-            let result = if self.is_dir {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            };
+            let result = if self.is_dir { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
             if let Err(e) = result {
                 if e.kind() != io::ErrorKind::NotFound {
                     tracing::warn!(path = %path.display(), error = %e, "remove temporary");
@@ -929,38 +736,21 @@ pub(crate) struct Node {
 
 /// Read a tar entry's type and metadata; `None` for entry types that create
 /// nothing (global PAX headers and the like).
-pub(crate) fn read_node<R: Read>(
-    entry: &mut tar::Entry<'_, R>,
-) -> Result<Option<Node>, EntryError> {
+pub(crate) fn read_node<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Node>, EntryError> {
     let hdr_err = |source| EntryError::Header { source };
-    let bad = |what: &str| EntryError::Header {
-        source: io::Error::new(io::ErrorKind::InvalidData, what.to_string()),
-    };
+    let bad = |what: &str| EntryError::Header { source: io::Error::new(io::ErrorKind::InvalidData, what.to_string()) };
     let header = entry.header();
     let device = |h: &tar::Header| -> Result<(u32, u32), EntryError> {
-        Ok((
-            h.device_major().map_err(hdr_err)?.unwrap_or(0),
-            h.device_minor().map_err(hdr_err)?.unwrap_or(0),
-        ))
+        Ok((h.device_major().map_err(hdr_err)?.unwrap_or(0), h.device_minor().map_err(hdr_err)?.unwrap_or(0)))
     };
     let kind = match header.entry_type() {
-        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-            NodeKind::File
-        }
+        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => NodeKind::File,
         tar::EntryType::Directory => NodeKind::Dir,
         tar::EntryType::Symlink => NodeKind::Symlink(
-            entry
-                .link_name()
-                .map_err(hdr_err)?
-                .ok_or_else(|| bad("symlink without target"))?
-                .into_owned(),
+            entry.link_name().map_err(hdr_err)?.ok_or_else(|| bad("symlink without target"))?.into_owned(),
         ),
         tar::EntryType::Link => NodeKind::HardLink(
-            entry
-                .link_name()
-                .map_err(hdr_err)?
-                .ok_or_else(|| bad("hard link without target"))?
-                .into_owned(),
+            entry.link_name().map_err(hdr_err)?.ok_or_else(|| bad("hard link without target"))?.into_owned(),
         ),
         tar::EntryType::Char => {
             let (major, minor) = device(header)?;
@@ -972,7 +762,7 @@ pub(crate) fn read_node<R: Read>(
         }
         tar::EntryType::Fifo => NodeKind::Fifo,
         other => {
-            tracing::debug!(entry_type = ?other, "skipping tar entry that creates nothing");
+            tracing::debug!(entry_type = ?other, "tar entry creates nothing; passed over");
             return Ok(None);
         }
     };
@@ -992,10 +782,7 @@ pub(crate) fn read_node<R: Read>(
             let Ok(key) = ext.key() else { continue };
             let value = ext.value_bytes();
             let number = || {
-                std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|s| s.split('.').next())
-                    .and_then(|s| s.parse::<i64>().ok())
+                std::str::from_utf8(value).ok().and_then(|s| s.split('.').next()).and_then(|s| s.parse::<i64>().ok())
             };
             if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
                 meta.xattrs.push((name.to_string(), value.to_vec()));
@@ -1015,10 +802,7 @@ pub(crate) fn read_node<R: Read>(
 
 /// Split an entry name into normal components. `./` is dropped; a leading `/`
 /// is dropped when `allow_absolute` (layers) and refused otherwise; `..` is refused.
-pub(crate) fn entry_components(
-    name: &Path,
-    allow_absolute: bool,
-) -> Result<Vec<OsString>, EntryError> {
+pub(crate) fn entry_components(name: &Path, allow_absolute: bool) -> Result<Vec<OsString>, EntryError> {
     let mut out = Vec::new();
     for comp in name.components() {
         match comp {
@@ -1040,32 +824,17 @@ pub(crate) fn remove_any(path: &Path) -> Result<(), EntryError> {
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(EntryError::Inspect {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+        Err(source) => return Err(EntryError::Inspect { path: path.to_path_buf(), source }),
     };
-    let result = if meta.is_dir() {
-        fs::remove_dir_all(path)
-    } else {
-        fs::remove_file(path)
-    };
-    result.map_err(|source| EntryError::Remove {
-        path: path.to_path_buf(),
-        source,
-    })
+    let result = if meta.is_dir() { fs::remove_dir_all(path) } else { fs::remove_file(path) };
+    result.map_err(|source| EntryError::Remove { path: path.to_path_buf(), source })
 }
 
 fn lstat_opt(path: &Path) -> Result<Option<fs::Metadata>, EntryError> {
     match fs::symlink_metadata(path) {
         Ok(m) => Ok(Some(m)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(EntryError::Inspect {
-            path: path.to_path_buf(),
-            source,
-        }),
+        Err(source) => Err(EntryError::Inspect { path: path.to_path_buf(), source }),
     }
 }
 
@@ -1083,12 +852,7 @@ pub(crate) struct TreeWriter {
 
 impl TreeWriter {
     pub(crate) fn new(root: &Path, policy: ParentPolicy) -> Self {
-        Self {
-            root: root.to_path_buf(),
-            policy,
-            created: HashSet::new(),
-            dir_mtimes: Vec::new(),
-        }
+        Self { root: root.to_path_buf(), policy, created: HashSet::new(), dir_mtimes: Vec::new() }
     }
 
     pub(crate) fn root(&self) -> &Path {
@@ -1098,11 +862,7 @@ impl TreeWriter {
     /// Resolve parent components to a real directory under the root (relative
     /// path). Missing directories are made (mode 0755) when `create`; otherwise
     /// a missing one gives `None`.
-    pub(crate) fn resolve_parent(
-        &mut self,
-        comps: &[OsString],
-        create: bool,
-    ) -> Result<Option<PathBuf>, EntryError> {
+    pub(crate) fn resolve_parent(&mut self, comps: &[OsString], create: bool) -> Result<Option<PathBuf>, EntryError> {
         let mut pending: Vec<OsString> = comps.iter().rev().cloned().collect();
         let mut cur = PathBuf::new();
         let mut hops = 0;
@@ -1126,10 +886,8 @@ impl TreeWriter {
                     if hops > MAX_SYMLINK_HOPS {
                         return Err(EntryError::SymlinkLoop(self.root.clone()));
                     }
-                    let target = fs::read_link(&full).map_err(|source| EntryError::ReadLink {
-                        path: full.clone(),
-                        source,
-                    })?;
+                    let target =
+                        fs::read_link(&full).map_err(|source| EntryError::ReadLink { path: full.clone(), source })?;
                     if target.is_absolute() {
                         cur = PathBuf::new();
                     }
@@ -1143,10 +901,7 @@ impl TreeWriter {
                 }
                 Some(_) => return Err(EntryError::NotADirectory(full)),
                 None if create => {
-                    fs::create_dir(&full).map_err(|source| EntryError::CreateDir {
-                        path: full.clone(),
-                        source,
-                    })?;
+                    fs::create_dir(&full).map_err(|source| EntryError::CreateDir { path: full.clone(), source })?;
                     self.created.insert(rel.clone());
                     cur = rel;
                 }
@@ -1175,10 +930,7 @@ impl TreeWriter {
                     if existing.is_some() {
                         remove_any(&full)?;
                     }
-                    fs::create_dir(&full).map_err(|source| EntryError::CreateDir {
-                        path: full.clone(),
-                        source,
-                    })?;
+                    fs::create_dir(&full).map_err(|source| EntryError::CreateDir { path: full.clone(), source })?;
                 }
             }
             NodeKind::HardLink(target) => {
@@ -1186,9 +938,8 @@ impl TreeWriter {
                 let target_meta = lstat_opt(&target_full)?
                     .filter(|m| !m.is_dir())
                     .ok_or_else(|| EntryError::LinkTargetMissing(target.clone()))?;
-                let same = existing
-                    .as_ref()
-                    .is_some_and(|m| m.dev() == target_meta.dev() && m.ino() == target_meta.ino());
+                let same =
+                    existing.as_ref().is_some_and(|m| m.dev() == target_meta.dev() && m.ino() == target_meta.ino());
                 if !same {
                     if existing.is_some() {
                         remove_any(&full)?;
@@ -1222,42 +973,25 @@ impl TreeWriter {
         data: &mut dyn Read,
     ) -> Result<(), EntryError> {
         let mknod = |sflag: SFlag, dev: u64| {
-            nix::sys::stat::mknod(full, sflag, Mode::from_bits_truncate(meta.mode), dev).map_err(
-                |source| EntryError::Mknod {
-                    path: full.to_path_buf(),
-                    source,
-                },
-            )
+            nix::sys::stat::mknod(full, sflag, Mode::from_bits_truncate(meta.mode), dev)
+                .map_err(|source| EntryError::Mknod { path: full.to_path_buf(), source })
         };
         match kind {
             NodeKind::File => {
-                let write_err = |source| EntryError::WriteFile {
-                    path: full.to_path_buf(),
-                    source,
-                };
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(full)
-                    .map_err(write_err)?;
+                let write_err = |source| EntryError::WriteFile { path: full.to_path_buf(), source };
+                let mut file =
+                    OpenOptions::new().write(true).create_new(true).mode(0o600).open(full).map_err(write_err)?;
                 io::copy(data, &mut file).map_err(write_err)?;
                 Ok(())
             }
-            NodeKind::Symlink(target) => {
-                std::os::unix::fs::symlink(target, full).map_err(|source| EntryError::Symlink {
-                    path: full.to_path_buf(),
-                    source,
-                })
+            NodeKind::Symlink(target) => std::os::unix::fs::symlink(target, full)
+                .map_err(|source| EntryError::Symlink { path: full.to_path_buf(), source }),
+            NodeKind::Char(major, minor) => {
+                mknod(SFlag::S_IFCHR, nix::sys::stat::makedev(u64::from(*major), u64::from(*minor)))
             }
-            NodeKind::Char(major, minor) => mknod(
-                SFlag::S_IFCHR,
-                nix::sys::stat::makedev(u64::from(*major), u64::from(*minor)),
-            ),
-            NodeKind::Block(major, minor) => mknod(
-                SFlag::S_IFBLK,
-                nix::sys::stat::makedev(u64::from(*major), u64::from(*minor)),
-            ),
+            NodeKind::Block(major, minor) => {
+                mknod(SFlag::S_IFBLK, nix::sys::stat::makedev(u64::from(*major), u64::from(*minor)))
+            }
             NodeKind::Fifo => mknod(SFlag::S_IFIFO, 0),
             NodeKind::Dir | NodeKind::HardLink(_) => {
                 unreachable!("directories and hard links are not leaves")
@@ -1266,27 +1000,13 @@ impl TreeWriter {
     }
 
     /// Ownership first (chown clears setuid bits), then mode, xattrs, mtime.
-    fn apply_meta(
-        &mut self,
-        full: &Path,
-        rel: &Path,
-        kind: &NodeKind,
-        meta: &NodeMeta,
-    ) -> Result<(), EntryError> {
-        std::os::unix::fs::lchown(full, Some(meta.uid), Some(meta.gid)).map_err(|source| {
-            EntryError::Chown {
-                path: full.to_path_buf(),
-                source,
-            }
-        })?;
+    fn apply_meta(&mut self, full: &Path, rel: &Path, kind: &NodeKind, meta: &NodeMeta) -> Result<(), EntryError> {
+        std::os::unix::fs::lchown(full, Some(meta.uid), Some(meta.gid))
+            .map_err(|source| EntryError::Chown { path: full.to_path_buf(), source })?;
         let is_symlink = matches!(kind, NodeKind::Symlink(_));
         if !is_symlink {
-            fs::set_permissions(full, fs::Permissions::from_mode(meta.mode & 0o7777)).map_err(
-                |source| EntryError::Chmod {
-                    path: full.to_path_buf(),
-                    source,
-                },
-            )?;
+            fs::set_permissions(full, fs::Permissions::from_mode(meta.mode & 0o7777))
+                .map_err(|source| EntryError::Chmod { path: full.to_path_buf(), source })?;
         }
         for (name, value) in &meta.xattrs {
             if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
@@ -1314,9 +1034,8 @@ impl TreeWriter {
     fn resolve_link_target(&mut self, target: &Path) -> Result<PathBuf, EntryError> {
         let mut comps = entry_components(target, true)?;
         let last = comps.pop().ok_or(EntryError::EmptyName)?;
-        let parent = self
-            .resolve_parent(&comps, false)?
-            .ok_or_else(|| EntryError::LinkTargetMissing(target.to_path_buf()))?;
+        let parent =
+            self.resolve_parent(&comps, false)?.ok_or_else(|| EntryError::LinkTargetMissing(target.to_path_buf()))?;
         Ok(self.root.join(parent).join(last))
     }
 
@@ -1337,10 +1056,7 @@ impl TreeWriter {
     /// keeping what this layer made, whichever order the entries came in.
     pub(crate) fn make_opaque(&mut self, dir: &Path) -> Result<(), EntryError> {
         let full = self.root.join(dir);
-        let read_err = |source| EntryError::Inspect {
-            path: full.clone(),
-            source,
-        };
+        let read_err = |source| EntryError::Inspect { path: full.clone(), source };
         for child in fs::read_dir(&full).map_err(read_err)? {
             let child = child.map_err(read_err)?;
             let rel = dir.join(child.file_name());
@@ -1368,17 +1084,8 @@ impl TreeWriter {
 
 fn set_mtime(path: &Path, mtime: i64) -> Result<(), EntryError> {
     let t = TimeSpec::new(mtime, 0);
-    nix::sys::stat::utimensat(
-        None,
-        path,
-        &t,
-        &t,
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .map_err(|source| EntryError::SetTime {
-        path: path.to_path_buf(),
-        source,
-    })
+    nix::sys::stat::utimensat(None, path, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
+        .map_err(|source| EntryError::SetTime { path: path.to_path_buf(), source })
 }
 
 #[cfg(test)]
@@ -1402,8 +1109,9 @@ mod tests {
         assert!(packed.len() < 4 << 20);
         let dir = tempfile::tempdir().unwrap();
         let limit = super::expansion_limit(packed.len() as u64);
-        let err = super::apply_layer_bounded(&packed[..], "application/vnd.oci.image.layer.v1.tar+gzip", dir.path(), limit)
-            .unwrap_err();
+        let err =
+            super::apply_layer_bounded(&packed[..], "application/vnd.oci.image.layer.v1.tar+gzip", dir.path(), limit)
+                .unwrap_err();
         assert!(super::super::supervisor::describe(&err).contains("decompression bomb"), "{err}");
     }
 
@@ -1417,9 +1125,7 @@ mod tests {
 
     impl LayerBuilder {
         fn new() -> Self {
-            Self {
-                builder: tar::Builder::new(Vec::new()),
-            }
+            Self { builder: tar::Builder::new(Vec::new()) }
         }
         fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
             let mut h = tar::Header::new_gnu();
@@ -1476,18 +1182,8 @@ mod tests {
     #[test]
     fn whiteout_removes_file_from_earlier_layer() {
         let dest = tempfile::tempdir().unwrap();
-        apply(
-            dest.path(),
-            LayerBuilder::new()
-                .dir("etc")
-                .file("etc/a", b"a")
-                .file("etc/b", b"b")
-                .tar(),
-        );
-        apply(
-            dest.path(),
-            LayerBuilder::new().file("etc/.wh.a", b"").tar(),
-        );
+        apply(dest.path(), LayerBuilder::new().dir("etc").file("etc/a", b"a").file("etc/b", b"b").tar());
+        apply(dest.path(), LayerBuilder::new().file("etc/.wh.a", b"").tar());
         assert!(!dest.path().join("etc/a").exists());
         assert!(!dest.path().join("etc/.wh.a").exists());
         assert_eq!(read(&dest.path().join("etc/b")), "b");
@@ -1506,10 +1202,7 @@ mod tests {
                 .file("opt/keep", b"k")
                 .tar(),
         );
-        apply(
-            dest.path(),
-            LayerBuilder::new().file("opt/.wh.app", b"").tar(),
-        );
+        apply(dest.path(), LayerBuilder::new().file("opt/.wh.app", b"").tar());
         assert!(!dest.path().join("opt/app").exists());
         assert_eq!(read(&dest.path().join("opt/keep")), "k");
     }
@@ -1520,21 +1213,13 @@ mod tests {
             let dest = tempfile::tempdir().unwrap();
             apply(
                 dest.path(),
-                LayerBuilder::new()
-                    .dir("d")
-                    .file("d/old", b"old")
-                    .dir("d/sub")
-                    .file("d/sub/old", b"old")
-                    .tar(),
+                LayerBuilder::new().dir("d").file("d/old", b"old").dir("d/sub").file("d/sub/old", b"old").tar(),
             );
             let mut layer = LayerBuilder::new().dir("d");
             if marker_first {
                 layer = layer.file("d/.wh..wh..opq", b"");
             }
-            layer = layer
-                .file("d/new", b"new")
-                .dir("d/sub")
-                .file("d/sub/new", b"n");
+            layer = layer.file("d/new", b"new").dir("d/sub").file("d/sub/new", b"n");
             if !marker_first {
                 layer = layer.file("d/.wh..wh..opq", b"");
             }
@@ -1604,23 +1289,12 @@ mod tests {
         );
         let link = fs::symlink_metadata(dest.path().join("link")).unwrap();
         assert!(link.file_type().is_symlink());
-        assert_eq!(
-            fs::read_link(dest.path().join("link")).unwrap(),
-            Path::new("/")
-        );
+        assert_eq!(fs::read_link(dest.path().join("link")).unwrap(), Path::new("/"));
         // Written inside, as if dest were `/`.
         assert_eq!(read(&dest.path().join("etc/x")), "x");
         assert!(!Path::new("/etc/x").exists());
         assert!(!outside.path().join("y").exists());
-        assert_eq!(
-            read(
-                &dest
-                    .path()
-                    .join(outside.path().strip_prefix("/").unwrap())
-                    .join("y")
-            ),
-            "y"
-        );
+        assert_eq!(read(&dest.path().join(outside.path().strip_prefix("/").unwrap()).join("y")), "y");
         assert_eq!(read(&dest.path().join("z")), "z");
     }
 
@@ -1630,13 +1304,7 @@ mod tests {
         fs::write(outside.path().join("victim"), b"safe").unwrap();
         let dest = tempfile::tempdir().unwrap();
         let victim = outside.path().join("victim");
-        apply(
-            dest.path(),
-            LayerBuilder::new()
-                .symlink("f", victim.to_str().unwrap())
-                .file("f", b"overwritten")
-                .tar(),
-        );
+        apply(dest.path(), LayerBuilder::new().symlink("f", victim.to_str().unwrap()).file("f", b"overwritten").tar());
         assert_eq!(read(&victim), "safe");
         assert_eq!(read(&dest.path().join("f")), "overwritten");
     }
@@ -1654,25 +1322,14 @@ mod tests {
         b.append(&h, &b"e"[..]).unwrap();
         let layer = b.into_inner().unwrap();
         let err = apply_layer(&layer[..], TAR, dest.path()).unwrap_err();
-        assert!(matches!(
-            err,
-            LayoutError::ApplyEntry {
-                source: EntryError::DotDot,
-                ..
-            }
-        ));
+        assert!(matches!(err, LayoutError::ApplyEntry { source: EntryError::DotDot, .. }));
         assert!(!dest.path().parent().unwrap().join("esc").exists());
     }
 
     #[test]
     fn mode_setuid_and_ownership_preserved() {
         let dest = tempfile::tempdir().unwrap();
-        apply(
-            dest.path(),
-            LayerBuilder::new()
-                .file_owned("su", b"#!", 0o4755, 1000, 1000)
-                .tar(),
-        );
+        apply(dest.path(), LayerBuilder::new().file_owned("su", b"#!", 0o4755, 1000, 1000).tar());
         let m = fs::metadata(dest.path().join("su")).unwrap();
         assert_eq!(m.mode() & 0o7777, 0o4755);
         assert_eq!((m.uid(), m.gid()), (1000, 1000));
@@ -1682,15 +1339,7 @@ mod tests {
     #[test]
     fn directory_kept_but_takes_new_mode_and_file_replaces_tree() {
         let dest = tempfile::tempdir().unwrap();
-        apply(
-            dest.path(),
-            LayerBuilder::new()
-                .dir("d")
-                .file("d/x", b"x")
-                .dir("t")
-                .file("t/y", b"y")
-                .tar(),
-        );
+        apply(dest.path(), LayerBuilder::new().dir("d").file("d/x", b"x").dir("t").file("t/y", b"y").tar());
         let mut b = LayerBuilder::new();
         let mut h = LayerBuilder::header(tar::EntryType::Directory, 0o1777, 0);
         b.builder.append_data(&mut h, "d", io::empty()).unwrap();
@@ -1717,10 +1366,7 @@ mod tests {
         let null = fs::symlink_metadata(dest.path().join("null")).unwrap();
         assert!(null.file_type().is_char_device());
         assert_eq!(null.rdev(), nix::sys::stat::makedev(1, 3));
-        assert!(fs::symlink_metadata(dest.path().join("pipe"))
-            .unwrap()
-            .file_type()
-            .is_fifo());
+        assert!(fs::symlink_metadata(dest.path().join("pipe")).unwrap().file_type().is_fifo());
     }
 
     #[test]
@@ -1730,20 +1376,10 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&plain).unwrap();
         let gz = gz.finish().unwrap();
-        apply_layer(
-            &gz[..],
-            "application/vnd.docker.image.rootfs.diff.tar.gzip",
-            dest.path(),
-        )
-        .unwrap();
+        apply_layer(&gz[..], "application/vnd.docker.image.rootfs.diff.tar.gzip", dest.path()).unwrap();
         let plain = LayerBuilder::new().file("zst", b"z").tar();
         let zst = zstd::encode_all(&plain[..], 3).unwrap();
-        apply_layer(
-            &zst[..],
-            "application/vnd.oci.image.layer.v1.tar+zstd",
-            dest.path(),
-        )
-        .unwrap();
+        apply_layer(&zst[..], "application/vnd.oci.image.layer.v1.tar+zstd", dest.path()).unwrap();
         assert_eq!(read(&dest.path().join("gz")), "g");
         assert_eq!(read(&dest.path().join("zst")), "z");
         assert!(matches!(
@@ -1774,10 +1410,7 @@ mod tests {
             .iter()
             .map(|(bytes, media_type)| {
                 let d = put_blob(layout, bytes);
-                format!(
-                    r#"{{"mediaType":"{media_type}","digest":"{d}","size":{}}}"#,
-                    bytes.len()
-                )
+                format!(r#"{{"mediaType":"{media_type}","digest":"{d}","size":{}}}"#, bytes.len())
             })
             .collect();
         let manifest = format!(
@@ -1796,9 +1429,7 @@ mod tests {
             .iter()
             .map(|(d, size, media_type, platform)| {
                 let p = platform
-                    .map(|(os, arch)| {
-                        format!(r#","platform":{{"os":"{os}","architecture":"{arch}"}}"#)
-                    })
+                    .map(|(os, arch)| format!(r#","platform":{{"os":"{os}","architecture":"{arch}"}}"#))
                     .unwrap_or_default();
                 format!(r#"{{"mediaType":"{media_type}","digest":"{d}","size":{size}{p}}}"#)
             })
@@ -1816,10 +1447,7 @@ mod tests {
     fn resolve_single_manifest() {
         let dir = tempfile::tempdir().unwrap();
         let layout = OciLayout::create(dir.path()).unwrap();
-        assert!(matches!(
-            layout.resolve(),
-            Err(LayoutError::EmptyIndex { .. })
-        ));
+        assert!(matches!(layout.resolve(), Err(LayoutError::EmptyIndex { .. })));
         let layer = LayerBuilder::new().file("hello", b"hi").tar();
         let (digest, size) = put_image(&layout, &[(layer, TAR)], "one");
         layout.set_index(&digest, size).unwrap();
@@ -1835,10 +1463,7 @@ mod tests {
         let names: Vec<String> = blobs.iter().map(|b| b.0.clone()).collect();
         assert!(layout.missing_blobs(&names).is_empty());
         let absent = format!("sha256:{}", "0".repeat(64));
-        assert_eq!(
-            layout.missing_blobs(std::slice::from_ref(&absent)),
-            vec![absent]
-        );
+        assert_eq!(layout.missing_blobs(std::slice::from_ref(&absent)), vec![absent]);
     }
 
     #[test]
@@ -1862,15 +1487,7 @@ mod tests {
             arm.0, arm.1, amd.0, amd.1
         );
         let nested_digest = put_blob(&layout, nested.as_bytes());
-        write_index(
-            &layout,
-            &[(
-                nested_digest,
-                nested.len() as u64,
-                "application/vnd.oci.image.index.v1+json",
-                None,
-            )],
-        );
+        write_index(&layout, &[(nested_digest, nested.len() as u64, "application/vnd.oci.image.index.v1+json", None)]);
         let img = layout.resolve().unwrap();
         assert_eq!(img.manifest_digest, amd.0);
 
@@ -1882,22 +1499,13 @@ mod tests {
                 (arm.0.clone(), arm.1, MANIFEST, Some(("windows", "amd64"))),
             ],
         );
-        assert!(matches!(
-            layout.resolve(),
-            Err(LayoutError::NoPlatformMatch { .. })
-        ));
+        assert!(matches!(layout.resolve(), Err(LayoutError::NoPlatformMatch { .. })));
     }
 
     #[test]
     fn open_refuses_a_directory_that_is_not_a_layout() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(
-            OciLayout::open(dir.path()),
-            Err(LayoutError::NotALayout {
-                missing: "oci-layout",
-                ..
-            })
-        ));
+        assert!(matches!(OciLayout::open(dir.path()), Err(LayoutError::NotALayout { missing: "oci-layout", .. })));
     }
 
     #[test]
@@ -1912,20 +1520,11 @@ mod tests {
             &format!("sha256:{}/", "a".repeat(63)),
             "",
         ] {
-            assert!(
-                matches!(
-                    layout.blob_path(bad),
-                    Err(LayoutError::InvalidDigest { .. })
-                ),
-                "{bad}"
-            );
+            assert!(matches!(layout.blob_path(bad), Err(LayoutError::InvalidDigest { .. })), "{bad}");
             assert!(!layout.has_blob(bad));
         }
         let ok = format!("sha256:{}", "a".repeat(64));
-        assert_eq!(
-            layout.blob_path(&ok).unwrap(),
-            dir.path().join("blobs/sha256").join("a".repeat(64))
-        );
+        assert_eq!(layout.blob_path(&ok).unwrap(), dir.path().join("blobs/sha256").join("a".repeat(64)));
     }
 
     #[test]
@@ -1938,9 +1537,7 @@ mod tests {
         let right = digest_of(b"payload");
         let err = layout.add_blob(&right, &b"payload"[..], 3).unwrap_err();
         assert!(matches!(err, LayoutError::BlobTooLarge { .. }));
-        let entries: Vec<_> = fs::read_dir(dir.path().join("blobs/sha256"))
-            .unwrap()
-            .collect();
+        let entries: Vec<_> = fs::read_dir(dir.path().join("blobs/sha256")).unwrap().collect();
         assert!(entries.is_empty(), "left behind: {entries:?}");
         assert!(!layout.has_blob(&wrong));
         assert_eq!(layout.add_blob(&right, &b"payload"[..], 1024).unwrap(), 7);
@@ -1952,28 +1549,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = tempfile::tempdir().unwrap();
         let layout = OciLayout::create(dir.path()).unwrap();
-        let base = LayerBuilder::new()
-            .dir("etc")
-            .file("etc/os", b"base")
-            .file("etc/gone", b"x")
-            .tar();
+        let base = LayerBuilder::new().dir("etc").file("etc/os", b"base").file("etc/gone", b"x").tar();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(
-            &LayerBuilder::new()
-                .file("etc/os", b"top")
-                .file("etc/.wh.gone", b"")
-                .tar(),
-        )
-        .unwrap();
+        gz.write_all(&LayerBuilder::new().file("etc/os", b"top").file("etc/.wh.gone", b"").tar()).unwrap();
         let top = gz.finish().unwrap();
-        let (digest, size) = put_image(
-            &layout,
-            &[
-                (base, TAR),
-                (top, "application/vnd.oci.image.layer.v1.tar+gzip"),
-            ],
-            "x",
-        );
+        let (digest, size) =
+            put_image(&layout, &[(base, TAR), (top, "application/vnd.oci.image.layer.v1.tar+gzip")], "x");
         layout.set_index(&digest, size).unwrap();
         let img = layout.resolve().unwrap();
         let rootfs = unpack_image(&layout, &img, cache.path()).unwrap();

@@ -216,7 +216,8 @@ pub fn with_criu_log(e: ExecError, log: &Path) -> ExecError {
     match e {
         ExecError::Failed { program, exit, stderr } => {
             let criu = std::fs::read_to_string(log).map(|t| last_lines(&t, 8)).unwrap_or_default();
-            let stderr = if criu.is_empty() { stderr } else { format!("{stderr}\ncriu log {}:\n{criu}", log.display()) };
+            let stderr =
+                if criu.is_empty() { stderr } else { format!("{stderr}\ncriu log {}:\n{criu}", log.display()) };
             ExecError::Failed { program, exit, stderr }
         }
         other => other,

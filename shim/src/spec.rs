@@ -165,30 +165,18 @@ pub fn build(config: &ImageConfiguration, input: &SpecInput<'_>) -> Result<Spec,
     let image_cfg = config.config().as_ref();
     let cwd = image_cfg.and_then(|c| c.working_dir().clone()).filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into());
     let user_field = image_cfg.and_then(|c| c.user().clone()).unwrap_or_default();
-    let user = resolve_user(
-        &user_field,
-        &image_file(input.rootfs, "etc/passwd"),
-        &image_file(input.rootfs, "etc/group"),
-    )?;
+    let user =
+        resolve_user(&user_field, &image_file(input.rootfs, "etc/passwd"), &image_file(input.rootfs, "etc/group"))?;
 
     let caps: HashSet<Capability> = DEFAULT_CAPS.into_iter().collect();
-    let capabilities = LinuxCapabilitiesBuilder::default()
-        .bounding(caps.clone())
-        .effective(caps.clone())
-        .permitted(caps)
-        .build()?;
+    let capabilities =
+        LinuxCapabilitiesBuilder::default().bounding(caps.clone()).effective(caps.clone()).permitted(caps).build()?;
     let process = ProcessBuilder::default()
         .terminal(false)
         .args(args)
         .env(env)
         .cwd(cwd)
-        .user(
-            UserBuilder::default()
-                .uid(user.uid)
-                .gid(user.gid)
-                .additional_gids(user.additional_gids)
-                .build()?,
-        )
+        .user(UserBuilder::default().uid(user.uid).gid(user.gid).additional_gids(user.additional_gids).build()?)
         .capabilities(capabilities)
         .no_new_privileges(false)
         .rlimits(vec![oci_spec::runtime::PosixRlimitBuilder::default()
@@ -264,11 +252,14 @@ mod tests {
 
     #[test]
     fn entrypoint_and_cmd_join_unless_overridden() {
-        let c = image(r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"history":[],
-            "config":{"Entrypoint":["/bin/memctr"],"Cmd":["128"]}}"#);
+        let c = image(
+            r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"history":[],
+            "config":{"Entrypoint":["/bin/memctr"],"Cmd":["128"]}}"#,
+        );
         assert_eq!(command_line(&c, &[]).unwrap(), ["/bin/memctr", "128"]);
         assert_eq!(command_line(&c, &["/bin/sh".into()]).unwrap(), ["/bin/sh"]);
-        let empty = image(r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"history":[]}"#);
+        let empty =
+            image(r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"history":[]}"#);
         assert!(matches!(command_line(&empty, &[]), Err(SpecError::NoCommand)));
     }
 
@@ -278,9 +269,11 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("etc")).unwrap();
         std::fs::write(dir.path().join("etc/passwd"), PASSWD).unwrap();
         std::fs::write(dir.path().join("etc/group"), GROUP).unwrap();
-        let c = image(r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"history":[],
+        let c = image(
+            r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"history":[],
             "config":{"Cmd":["/bin/memctr"],"Env":["FOO=bar"],"WorkingDir":"/work","User":"app",
-                      "ExposedPorts":{"8080/tcp":{},"53/udp":{}}}}"#);
+                      "ExposedPorts":{"8080/tcp":{},"53/udp":{}}}}"#,
+        );
         let spec = build(
             &c,
             &SpecInput {
@@ -308,7 +301,8 @@ mod tests {
         let nss = linux.namespaces().as_ref().unwrap();
         let net = nss.iter().find(|n| n.typ() == LinuxNamespaceType::Network).unwrap();
         assert_eq!(net.path().as_deref(), Some(Path::new("/run/ums/netns-workload")));
-        for t in [LinuxNamespaceType::Pid, LinuxNamespaceType::Ipc, LinuxNamespaceType::Uts, LinuxNamespaceType::Mount] {
+        for t in [LinuxNamespaceType::Pid, LinuxNamespaceType::Ipc, LinuxNamespaceType::Uts, LinuxNamespaceType::Mount]
+        {
             assert!(nss.iter().any(|n| n.typ() == t && n.path().is_none()));
         }
         let mounts: Vec<_> = spec.mounts().as_ref().unwrap().iter().map(|m| m.destination().clone()).collect();

@@ -171,10 +171,7 @@ impl Supervisor {
                 "rootfs": n.bundle.mode,
             })
         });
-        let rss_kib = procfs::process::Process::myself()
-            .and_then(|p| p.status())
-            .ok()
-            .and_then(|s| s.vmrss);
+        let rss_kib = procfs::process::Process::myself().and_then(|p| p.status()).ok().and_then(|s| s.vmrss);
         json!({
             "state": self.state,
             "workload": workload,
@@ -371,16 +368,20 @@ impl Supervisor {
                 let n = workload.expect("running state has a workload");
                 tokio::spawn(async move {
                     let r = tokio::task::spawn_blocking(move || {
-                        let r = checkpoint::checkpoint_to_dir(&ctx.cfg, &ctx.reaper, &ctx.runtime, &n, &dir, leave_running);
+                        let r =
+                            checkpoint::checkpoint_to_dir(&ctx.cfg, &ctx.reaper, &ctx.runtime, &n, &dir, leave_running);
                         if r.is_ok() && !leave_running {
                             nested::cleanup(&ctx.cfg, &ctx.reaper, &ctx.runtime, &n);
                         }
-                        r.map(|t| (timings_json(&t, &dir), if leave_running { Outcome::Running } else { Outcome::Gone }))
-                            .map_err(|e| describe(&e))
+                        r.map(|t| {
+                            (timings_json(&t, &dir), if leave_running { Outcome::Running } else { Outcome::Gone })
+                        })
+                        .map_err(|e| describe(&e))
                     })
                     .await
                     .unwrap_or_else(|e| Err(e.to_string()));
-                    let _ = inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result: r, new_workload: None })).await;
+                    let _ =
+                        inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result: r, new_workload: None })).await;
                 });
             }
             Request::Restore { dir } => {
@@ -404,7 +405,8 @@ impl Supervisor {
                         .await
                         .map(|report| (report, Outcome::Gone))
                         .map_err(|e| describe(&e));
-                    let _ = inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result, new_workload: None })).await;
+                    let _ =
+                        inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result, new_workload: None })).await;
                 });
             }
         }

@@ -16,8 +16,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::oci_layout::{
-    entry_components, read_node, EntryError, Node, NodeKind, NodeMeta, ParentPolicy, TreeWriter,
-    OPAQUE_MARKER, WHITEOUT_PREFIX,
+    entry_components, read_node, EntryError, Node, NodeKind, NodeMeta, ParentPolicy, TreeWriter, OPAQUE_MARKER,
+    WHITEOUT_PREFIX,
 };
 
 /// Overlay's opaque-directory xattr in the trusted namespace (set by unpack).
@@ -64,10 +64,7 @@ pub enum DiffError {
         source: io::Error,
     },
     #[error("{path} uses overlay {feature}, which refers to the lower dir and cannot be carried")]
-    UnsupportedOverlayFeature {
-        path: PathBuf,
-        feature: &'static str,
-    },
+    UnsupportedOverlayFeature { path: PathBuf, feature: &'static str },
     #[error("read symlink {path}")]
     ReadLink {
         path: PathBuf,
@@ -127,32 +124,15 @@ pub enum DiffError {
 /// an extra `DIR/.wh..wh..opq`. The upper dir must not change meanwhile (the
 /// workload is frozen).
 pub fn pack(upper: &Path, writer: impl Write) -> Result<DiffStats, DiffError> {
-    let mut counting = CountingWriter {
-        inner: writer,
-        count: 0,
-    };
+    let mut counting = CountingWriter { inner: writer, count: 0 };
     let entries = {
-        let mut packer = Packer {
-            builder: tar::Builder::new(&mut counting),
-            upper,
-            links: HashMap::new(),
-            entries: 0,
-        };
+        let mut packer = Packer { builder: tar::Builder::new(&mut counting), upper, links: HashMap::new(), entries: 0 };
         let root_xwhiteouts = packer.opaque_marker(upper, Path::new(""))?;
         packer.walk(Path::new(""), root_xwhiteouts)?;
-        packer
-            .builder
-            .finish()
-            .map_err(|source| DiffError::Finish {
-                path: upper.to_path_buf(),
-                source,
-            })?;
+        packer.builder.finish().map_err(|source| DiffError::Finish { path: upper.to_path_buf(), source })?;
         packer.entries
     };
-    let stats = DiffStats {
-        entries,
-        bytes: counting.count,
-    };
+    let stats = DiffStats { entries, bytes: counting.count };
     tracing::debug!(upper = %upper.display(), entries = stats.entries, bytes = stats.bytes, "packed writable layer");
     Ok(stats)
 }
@@ -170,10 +150,7 @@ impl<W: Write> Packer<'_, W> {
     /// by name so the same tree always gives the same stream.
     fn walk(&mut self, dir: &Path, xwhiteouts: bool) -> Result<(), DiffError> {
         let full_dir = self.upper.join(dir);
-        let read_err = |source| DiffError::ReadDir {
-            path: full_dir.clone(),
-            source,
-        };
+        let read_err = |source| DiffError::ReadDir { path: full_dir.clone(), source };
         let mut names = Vec::new();
         for child in fs::read_dir(&full_dir).map_err(read_err)? {
             names.push(child.map_err(read_err)?.file_name());
@@ -182,10 +159,8 @@ impl<W: Write> Packer<'_, W> {
         for name in names {
             let rel = dir.join(&name);
             let full = self.upper.join(&rel);
-            let meta = fs::symlink_metadata(&full).map_err(|source| DiffError::Inspect {
-                path: full.clone(),
-                source,
-            })?;
+            let meta =
+                fs::symlink_metadata(&full).map_err(|source| DiffError::Inspect { path: full.clone(), source })?;
             let ft = meta.file_type();
             let mut header = header_from(&meta);
             if ft.is_char_device() && meta.rdev() == 0 {
@@ -197,10 +172,8 @@ impl<W: Write> Packer<'_, W> {
                 let child_xwhiteouts = self.opaque_marker(&full, &rel)?;
                 self.walk(&rel, child_xwhiteouts)?;
             } else if ft.is_symlink() {
-                let target = fs::read_link(&full).map_err(|source| DiffError::ReadLink {
-                    path: full.clone(),
-                    source,
-                })?;
+                let target =
+                    fs::read_link(&full).map_err(|source| DiffError::ReadLink { path: full.clone(), source })?;
                 header.set_entry_type(tar::EntryType::Symlink);
                 self.append_link(&mut header, &rel, &target)?;
             } else if ft.is_file() {
@@ -219,26 +192,17 @@ impl<W: Write> Packer<'_, W> {
                     self.links.insert((meta.dev(), meta.ino()), rel.clone());
                 }
                 self.carry_xattrs(&full)?;
-                let file = fs::File::open(&full).map_err(|source| DiffError::OpenFile {
-                    path: full.clone(),
-                    source,
-                })?;
+                let file =
+                    fs::File::open(&full).map_err(|source| DiffError::OpenFile { path: full.clone(), source })?;
                 header.set_entry_type(tar::EntryType::Regular);
                 header.set_size(meta.len());
                 self.append(&mut header, &rel, file.take(meta.len()))?;
             } else if ft.is_char_device() || ft.is_block_device() {
-                let kind = if ft.is_char_device() {
-                    tar::EntryType::Char
-                } else {
-                    tar::EntryType::Block
-                };
+                let kind = if ft.is_char_device() { tar::EntryType::Char } else { tar::EntryType::Block };
                 header.set_entry_type(kind);
                 let major = nix::sys::stat::major(meta.rdev());
                 let minor = nix::sys::stat::minor(meta.rdev());
-                let dev_err = |source| DiffError::WriteEntry {
-                    path: full.clone(),
-                    source,
-                };
+                let dev_err = |source| DiffError::WriteEntry { path: full.clone(), source };
                 header.set_device_major(major as u32).map_err(dev_err)?;
                 header.set_device_minor(minor as u32).map_err(dev_err)?;
                 self.append(&mut header, &rel, io::empty())?;
@@ -247,7 +211,7 @@ impl<W: Write> Packer<'_, W> {
                 self.append(&mut header, &rel, io::empty())?;
             } else {
                 // Sockets: nothing to carry, their owner recreates them on restore.
-                tracing::debug!(path = %full.display(), "skipping socket in writable layer");
+                tracing::debug!(path = %full.display(), "a socket in the writable layer is not carried");
             }
         }
         Ok(())
@@ -282,11 +246,7 @@ impl<W: Write> Packer<'_, W> {
         let mut wh_name = WHITEOUT_PREFIX.as_bytes().to_vec();
         wh_name.extend_from_slice(name.as_bytes());
         let mut header = marker_header(meta.mtime());
-        self.append(
-            &mut header,
-            &dir.join(OsStr::from_bytes(&wh_name)),
-            io::empty(),
-        )
+        self.append(&mut header, &dir.join(OsStr::from_bytes(&wh_name)), io::empty())
     }
 
     /// Put the carried xattrs of `full` in a PAX header for the next entry.
@@ -307,40 +267,21 @@ impl<W: Write> Packer<'_, W> {
         }
         self.builder
             .append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
-            .map_err(|source| DiffError::WriteEntry {
-                path: full.to_path_buf(),
-                source,
-            })
+            .map_err(|source| DiffError::WriteEntry { path: full.to_path_buf(), source })
     }
 
-    fn append(
-        &mut self,
-        header: &mut tar::Header,
-        rel: &Path,
-        data: impl Read,
-    ) -> Result<(), DiffError> {
+    fn append(&mut self, header: &mut tar::Header, rel: &Path, data: impl Read) -> Result<(), DiffError> {
         self.builder
             .append_data(header, rel, data)
-            .map_err(|source| DiffError::WriteEntry {
-                path: self.upper.join(rel),
-                source,
-            })?;
+            .map_err(|source| DiffError::WriteEntry { path: self.upper.join(rel), source })?;
         self.entries += 1;
         Ok(())
     }
 
-    fn append_link(
-        &mut self,
-        header: &mut tar::Header,
-        rel: &Path,
-        target: &Path,
-    ) -> Result<(), DiffError> {
+    fn append_link(&mut self, header: &mut tar::Header, rel: &Path, target: &Path) -> Result<(), DiffError> {
         self.builder
             .append_link(header, rel, target)
-            .map_err(|source| DiffError::WriteEntry {
-                path: self.upper.join(rel),
-                source,
-            })?;
+            .map_err(|source| DiffError::WriteEntry { path: self.upper.join(rel), source })?;
         self.entries += 1;
         Ok(())
     }
@@ -370,11 +311,8 @@ fn header_from(meta: &fs::Metadata) -> tar::Header {
 
 fn has_any_xattr(path: &Path, names: &[&'static str]) -> Result<bool, DiffError> {
     for &name in names {
-        let value = get_xattr(path, name).map_err(|source| DiffError::ReadXattr {
-            path: path.to_path_buf(),
-            name,
-            source,
-        })?;
+        let value =
+            get_xattr(path, name).map_err(|source| DiffError::ReadXattr { path: path.to_path_buf(), name, source })?;
         if value.is_some() {
             return Ok(true);
         }
@@ -382,16 +320,9 @@ fn has_any_xattr(path: &Path, names: &[&'static str]) -> Result<bool, DiffError>
     Ok(false)
 }
 
-fn reject_xattrs(
-    path: &Path,
-    names: &[&'static str],
-    feature: &'static str,
-) -> Result<(), DiffError> {
+fn reject_xattrs(path: &Path, names: &[&'static str], feature: &'static str) -> Result<(), DiffError> {
     if has_any_xattr(path, names)? {
-        return Err(DiffError::UnsupportedOverlayFeature {
-            path: path.to_path_buf(),
-            feature,
-        });
+        return Err(DiffError::UnsupportedOverlayFeature { path: path.to_path_buf(), feature });
     }
     Ok(())
 }
@@ -403,16 +334,8 @@ fn reject_xattrs(
 /// while writing, hard link targets must be inside, and the stream may be at
 /// most `max_bytes` long.
 pub fn unpack(reader: impl Read, upper: &Path, max_bytes: u64) -> Result<DiffStats, DiffError> {
-    fs::create_dir_all(upper).map_err(|source| DiffError::CreateUpper {
-        path: upper.to_path_buf(),
-        source,
-    })?;
-    let mut limited = LimitedReader {
-        inner: reader,
-        count: 0,
-        max: max_bytes,
-        exceeded: false,
-    };
+    fs::create_dir_all(upper).map_err(|source| DiffError::CreateUpper { path: upper.to_path_buf(), source })?;
+    let mut limited = LimitedReader { inner: reader, count: 0, max: max_bytes, exceeded: false };
     let result = {
         let mut archive = tar::Archive::new(&mut limited);
         unpack_entries(&mut archive, upper)
@@ -421,29 +344,19 @@ pub fn unpack(reader: impl Read, upper: &Path, max_bytes: u64) -> Result<DiffSta
     if limited.exceeded {
         return Err(DiffError::TooLarge { max_bytes });
     }
-    let stats = DiffStats {
-        entries: result?,
-        bytes: limited.count,
-    };
+    let stats = DiffStats { entries: result?, bytes: limited.count };
     tracing::debug!(upper = %upper.display(), entries = stats.entries, bytes = stats.bytes, "unpacked writable layer");
     Ok(stats)
 }
 
 fn unpack_entries<R: Read>(archive: &mut tar::Archive<R>, upper: &Path) -> Result<u64, DiffError> {
-    let read_err = |source| DiffError::ReadTar {
-        upper: upper.to_path_buf(),
-        source,
-    };
+    let read_err = |source| DiffError::ReadTar { upper: upper.to_path_buf(), source };
     let mut writer = TreeWriter::new(upper, ParentPolicy::Reject);
     let mut entries = 0;
     for entry in archive.entries().map_err(read_err)? {
         let mut entry = entry.map_err(read_err)?;
         let name = entry.path().map_err(read_err)?.into_owned();
-        let entry_err = |source| DiffError::UnpackEntry {
-            name: name.clone(),
-            upper: upper.to_path_buf(),
-            source,
-        };
+        let entry_err = |source| DiffError::UnpackEntry { name: name.clone(), upper: upper.to_path_buf(), source };
         let Some(node) = read_node(&mut entry).map_err(entry_err)? else {
             continue;
         };
@@ -452,34 +365,21 @@ fn unpack_entries<R: Read>(archive: &mut tar::Archive<R>, upper: &Path) -> Resul
         let Some(last) = comps.pop() else {
             return Err(entry_err(EntryError::EmptyName));
         };
-        let parent = writer
-            .resolve_parent(&comps, true)
-            .map_err(entry_err)?
-            .unwrap_or_default();
+        let parent = writer.resolve_parent(&comps, true).map_err(entry_err)?.unwrap_or_default();
         let last_bytes = last.as_bytes();
         if last_bytes == OPAQUE_MARKER.as_bytes() {
             let dir = writer.root().join(&parent);
-            set_xattr(&dir, OPAQUE_XATTR, b"y")
-                .map_err(|source| DiffError::SetOpaque { path: dir, source })?;
+            set_xattr(&dir, OPAQUE_XATTR, b"y").map_err(|source| DiffError::SetOpaque { path: dir, source })?;
         } else if let Some(hidden) = last_bytes.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
-            let whiteout = Node {
-                kind: NodeKind::Char(0, 0),
-                meta: NodeMeta {
-                    mtime: node.meta.mtime,
-                    ..NodeMeta::default()
-                },
-            };
+            let whiteout =
+                Node { kind: NodeKind::Char(0, 0), meta: NodeMeta { mtime: node.meta.mtime, ..NodeMeta::default() } };
             let hidden = OsStr::from_bytes(hidden);
             if hidden.is_empty() || hidden == "." || hidden == ".." {
                 return Err(entry_err(EntryError::DotDot));
             }
-            writer
-                .write_node(&parent, hidden, &whiteout, &mut io::empty())
-                .map_err(entry_err)?;
+            writer.write_node(&parent, hidden, &whiteout, &mut io::empty()).map_err(entry_err)?;
         } else {
-            writer
-                .write_node(&parent, &last, &node, &mut entry)
-                .map_err(entry_err)?;
+            writer.write_node(&parent, &last, &node, &mut entry).map_err(entry_err)?;
         }
     }
     writer.finish().map_err(|source| DiffError::UnpackEntry {
@@ -537,15 +437,7 @@ pub(crate) fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()>
     // SAFETY: `c_path` and `c_name` are NUL-terminated strings that live until
     // after the call; `value` points to `value.len()` readable bytes; the kernel
     // keeps none of these pointers.
-    let rc = unsafe {
-        libc::lsetxattr(
-            c_path.as_ptr(),
-            c_name.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
+    let rc = unsafe { libc::lsetxattr(c_path.as_ptr(), c_name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
     if rc == 0 {
         Ok(())
     } else {
@@ -562,14 +454,7 @@ pub(crate) fn get_xattr(path: &Path, name: &str) -> io::Result<Option<Vec<u8>>> 
     loop {
         // SAFETY: the strings are NUL-terminated and outlive the call; `buf` is
         // valid for writes of `buf.len()` bytes and the kernel writes at most that.
-        let n = unsafe {
-            libc::lgetxattr(
-                c_path.as_ptr(),
-                c_name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
+        let n = unsafe { libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if n >= 0 {
             buf.truncate(n as usize);
             return Ok(Some(buf));
@@ -594,14 +479,7 @@ mod tests {
 
     fn set_mtime(path: &Path, secs: i64) {
         let t = nix::sys::time::TimeSpec::new(secs, 0);
-        nix::sys::stat::utimensat(
-            None,
-            path,
-            &t,
-            &t,
-            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-        )
-        .unwrap();
+        nix::sys::stat::utimensat(None, path, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink).unwrap();
     }
 
     fn write_file(path: &Path, body: &[u8], mode: u32) {
@@ -620,53 +498,16 @@ mod tests {
         symlink("../outside/target", upper.join("link")).unwrap();
         write_file(&upper.join("h1"), b"shared", 0o644);
         fs::hard_link(upper.join("h1"), upper.join("d/h2")).unwrap();
-        mknod(
-            &upper.join("gone"),
-            SFlag::S_IFCHR,
-            Mode::empty(),
-            makedev(0, 0),
-        )
-        .unwrap();
-        mknod(
-            &upper.join("d/e/gone2"),
-            SFlag::S_IFCHR,
-            Mode::empty(),
-            makedev(0, 0),
-        )
-        .unwrap();
-        mknod(
-            &upper.join("pipe"),
-            SFlag::S_IFIFO,
-            Mode::from_bits_truncate(0o600),
-            0,
-        )
-        .unwrap();
-        mknod(
-            &upper.join("null"),
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            makedev(1, 3),
-        )
-        .unwrap();
+        mknod(&upper.join("gone"), SFlag::S_IFCHR, Mode::empty(), makedev(0, 0)).unwrap();
+        mknod(&upper.join("d/e/gone2"), SFlag::S_IFCHR, Mode::empty(), makedev(0, 0)).unwrap();
+        mknod(&upper.join("pipe"), SFlag::S_IFIFO, Mode::from_bits_truncate(0o600), 0).unwrap();
+        mknod(&upper.join("null"), SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(1, 3)).unwrap();
         fs::create_dir(upper.join("op")).unwrap();
         set_xattr(&upper.join("op"), OPAQUE_XATTR, b"y").unwrap();
         write_file(&upper.join("op/new"), b"n", 0o644);
-        for (i, rel) in [
-            "a.txt",
-            "suid",
-            "d/e/f.txt",
-            "link",
-            "h1",
-            "gone",
-            "pipe",
-            "null",
-            "op/new",
-            "d/e",
-            "d",
-            "op",
-        ]
-        .iter()
-        .enumerate()
+        for (i, rel) in ["a.txt", "suid", "d/e/f.txt", "link", "h1", "gone", "pipe", "null", "op/new", "d/e", "d", "op"]
+            .iter()
+            .enumerate()
         {
             set_mtime(&upper.join(rel), T + i as i64);
         }
@@ -674,16 +515,8 @@ mod tests {
 
     /// Everything about a tree that an overlay mount can see, as comparable rows.
     fn snapshot(root: &Path) -> Vec<String> {
-        fn walk(
-            root: &Path,
-            dir: &Path,
-            rows: &mut Vec<String>,
-            inodes: &mut HashMap<u64, String>,
-        ) {
-            let mut names: Vec<_> = fs::read_dir(root.join(dir))
-                .unwrap()
-                .map(|e| e.unwrap().file_name())
-                .collect();
+        fn walk(root: &Path, dir: &Path, rows: &mut Vec<String>, inodes: &mut HashMap<u64, String>) {
+            let mut names: Vec<_> = fs::read_dir(root.join(dir)).unwrap().map(|e| e.unwrap().file_name()).collect();
             names.sort();
             for name in names {
                 let rel = dir.join(&name);
@@ -696,29 +529,16 @@ mod tests {
                 } else if ft.is_symlink() {
                     format!("symlink -> {}", fs::read_link(&full).unwrap().display())
                 } else if ft.is_file() {
-                    let first = inodes
-                        .entry(m.ino())
-                        .or_insert_with(|| rel.display().to_string());
-                    format!(
-                        "file {:?} link-group={first}",
-                        String::from_utf8_lossy(&fs::read(&full).unwrap())
-                    )
+                    let first = inodes.entry(m.ino()).or_insert_with(|| rel.display().to_string());
+                    format!("file {:?} link-group={first}", String::from_utf8_lossy(&fs::read(&full).unwrap()))
                 } else if ft.is_char_device() {
-                    format!(
-                        "char {}:{}",
-                        nix::sys::stat::major(m.rdev()),
-                        nix::sys::stat::minor(m.rdev())
-                    )
+                    format!("char {}:{}", nix::sys::stat::major(m.rdev()), nix::sys::stat::minor(m.rdev()))
                 } else if ft.is_fifo() {
                     "fifo".to_string()
                 } else {
                     "other".to_string()
                 };
-                let mode = if ft.is_symlink() {
-                    0
-                } else {
-                    m.mode() & 0o7777
-                };
+                let mode = if ft.is_symlink() { 0 } else { m.mode() & 0o7777 };
                 rows.push(format!(
                     "{} {what} mode={mode:o} owner={}:{} mtime={}",
                     rel.display(),
@@ -738,11 +558,7 @@ mod tests {
 
     fn entry_names(stream: &[u8]) -> Vec<String> {
         let mut archive = tar::Archive::new(stream);
-        archive
-            .entries()
-            .unwrap()
-            .map(|e| e.unwrap().path().unwrap().display().to_string())
-            .collect()
+        archive.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect()
     }
 
     #[test]
@@ -768,18 +584,12 @@ mod tests {
         // The rows above cover these too; spelled out for the reader.
         let gone = fs::symlink_metadata(dst.path().join("gone")).unwrap();
         assert!(gone.file_type().is_char_device() && gone.rdev() == 0);
-        assert_eq!(
-            get_xattr(&dst.path().join("op"), OPAQUE_XATTR).unwrap(),
-            Some(b"y".to_vec())
-        );
+        assert_eq!(get_xattr(&dst.path().join("op"), OPAQUE_XATTR).unwrap(), Some(b"y".to_vec()));
         assert_eq!(
             fs::metadata(dst.path().join("h1")).unwrap().ino(),
             fs::metadata(dst.path().join("d/h2")).unwrap().ino()
         );
-        assert_eq!(
-            fs::metadata(dst.path().join("suid")).unwrap().mode() & 0o7777,
-            0o4755
-        );
+        assert_eq!(fs::metadata(dst.path().join("suid")).unwrap().mode() & 0o7777, 0o4755);
 
         // Unpacking again over the same upper dir gives the same tree.
         unpack(&stream[..], dst.path(), 1 << 20).unwrap();
@@ -816,30 +626,12 @@ mod tests {
         fs::create_dir(&outside).unwrap();
 
         let err = unpack(&raw_entry("../x", b"x")[..], &upper, 1 << 20).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DiffError::UnpackEntry {
-                    source: EntryError::DotDot,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, DiffError::UnpackEntry { source: EntryError::DotDot, .. }), "{err:?}");
         assert!(!base.path().join("x").exists());
 
         let abs = base.path().join("abs");
         let err = unpack(&raw_entry(abs.to_str().unwrap(), b"a")[..], &upper, 1 << 20).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DiffError::UnpackEntry {
-                    source: EntryError::AbsoluteName,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, DiffError::UnpackEntry { source: EntryError::AbsoluteName, .. }), "{err:?}");
         assert!(!abs.exists());
 
         let mut b = tar::Builder::new(Vec::new());
@@ -854,21 +646,9 @@ mod tests {
         b.append_data(&mut h, "evil/f", &b"f"[..]).unwrap();
         let stream = b.into_inner().unwrap();
         let err = unpack(&stream[..], &upper, 1 << 20).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DiffError::UnpackEntry {
-                    source: EntryError::SymlinkParent(_),
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, DiffError::UnpackEntry { source: EntryError::SymlinkParent(_), .. }), "{err:?}");
         assert!(!outside.join("f").exists());
-        assert!(fs::symlink_metadata(upper.join("evil"))
-            .unwrap()
-            .file_type()
-            .is_symlink());
+        assert!(fs::symlink_metadata(upper.join("evil")).unwrap().file_type().is_symlink());
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
 
         // A hard link may not reach outside either.
@@ -894,10 +674,7 @@ mod tests {
         assert!(stats.bytes > 100_000);
         let dst = tempfile::tempdir().unwrap();
         let err = unpack(&stream[..], dst.path(), 10_000).unwrap_err();
-        assert!(
-            matches!(err, DiffError::TooLarge { max_bytes: 10_000 }),
-            "{err:?}"
-        );
+        assert!(matches!(err, DiffError::TooLarge { max_bytes: 10_000 }), "{err:?}");
         assert!(unpack(&stream[..], dst.path(), stats.bytes).is_ok());
     }
 
@@ -909,12 +686,8 @@ mod tests {
             for d in [upper, work, target] {
                 fs::create_dir_all(d).unwrap();
             }
-            let options = format!(
-                "lowerdir={},upperdir={},workdir={}",
-                lower.display(),
-                upper.display(),
-                work.display()
-            );
+            let options =
+                format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
             if let Err(e) = nix::mount::mount(
                 Some("overlay"),
                 target,
@@ -971,25 +744,12 @@ mod tests {
 
         let merged = base.path().join("merged2");
         let _m = Mounted::overlay(&lower, &upper2, &base.path().join("work2"), &merged);
-        assert!(
-            !merged.join("gone").exists(),
-            "whited-out lower file is visible"
-        );
-        assert!(
-            !merged.join("tree").exists(),
-            "whited-out lower tree is visible"
-        );
+        assert!(!merged.join("gone").exists(), "whited-out lower file is visible");
+        assert!(!merged.join("tree").exists(), "whited-out lower tree is visible");
         assert_eq!(fs::read(merged.join("keep")).unwrap(), b"keep");
         assert_eq!(fs::read(merged.join("changed")).unwrap(), b"new");
         assert_eq!(fs::read(merged.join("added")).unwrap(), b"added");
-        let opq: Vec<_> = fs::read_dir(merged.join("opq"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(
-            opq,
-            vec![std::ffi::OsString::from("new")],
-            "opaque dir shows lower children"
-        );
+        let opq: Vec<_> = fs::read_dir(merged.join("opq")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(opq, vec![std::ffi::OsString::from("new")], "opaque dir shows lower children");
     }
 }

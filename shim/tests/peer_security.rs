@@ -195,7 +195,8 @@ impl Dest {
     fn clean(&self) {
         let root = self.tmp.path();
         assert_eq!(tree(root), self.before, "files appeared outside the images dir");
-        let left: Vec<_> = std::fs::read_dir(root.join("state/images")).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        let left: Vec<_> =
+            std::fs::read_dir(root.join("state/images")).into_iter().flatten().flatten().map(|e| e.path()).collect();
         assert!(left.is_empty(), "left in the images dir: {left:?}");
         assert!(!root.parent().unwrap().join("escape").exists());
     }
@@ -368,7 +369,8 @@ async fn more_than_the_quota_is_refused() {
     wire::send_json(&mut c.write, Kind::FileOpen, &open).await.unwrap();
     let chunk = vec![0u8; wire::CHUNK];
     for i in 0..12u64 {
-        let sent = wire::write_frame(&mut c.write, Kind::Data, &[&wire::data_header(1, i * wire::CHUNK as u64), &chunk]).await;
+        let sent =
+            wire::write_frame(&mut c.write, Kind::Data, &[&wire::data_header(1, i * wire::CHUNK as u64), &chunk]).await;
         if sent.is_err() || c.write.flush().await.is_err() {
             break; // the destination hung up
         }

@@ -47,11 +47,20 @@ impl Host {
 
         let tmp_a = format!("ut{:08x}a", rand::random::<u32>());
         let tmp_b = format!("{}b", &tmp_a[..tmp_a.len() - 1]);
-        run(Command::new("ip").args(["link", "add", &tmp_a, "netns", &a.name, "type", "veth", "peer", "name", &tmp_b, "netns", &b.name]))
-            .context("creating the veth pair")?;
+        run(Command::new("ip")
+            .args(["link", "add", &tmp_a, "netns", &a.name, "type", "veth", "peer", "name", &tmp_b, "netns", &b.name]))
+        .context("creating the veth pair")?;
         for (host, dev) in [(&a, &tmp_a), (&b, &tmp_b)] {
             run(Command::new("ip").args(["-n", &host.name, "link", "set", dev, "name", LINK_DEV]))?;
-            run(Command::new("ip").args(["-n", &host.name, "addr", "add", &format!("{}/30", host.addr), "dev", LINK_DEV]))?;
+            run(Command::new("ip").args([
+                "-n",
+                &host.name,
+                "addr",
+                "add",
+                &format!("{}/30", host.addr),
+                "dev",
+                LINK_DEV,
+            ]))?;
             run(Command::new("ip").args(["-n", &host.name, "link", "set", LINK_DEV, "up"]))?;
             if let Some(rate) = rate {
                 crate::require_tool("tc", "iproute2");

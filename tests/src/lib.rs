@@ -32,10 +32,7 @@ pub use workload::{build_websrv, build_workload, parse_sum, parse_tick, Tick};
 
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("crate dir has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("crate dir has a parent").to_path_buf()
 }
 
 /// Cargo's target directory: `$CARGO_TARGET_DIR` or `<workspace>/target`.
@@ -94,9 +91,7 @@ pub fn require_root() {
 
 /// Runs a command to completion; fails with its stderr when it exits non-zero.
 pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd
-        .output()
-        .map_err(|e| anyhow::anyhow!("cannot run {cmd:?}: {e}"))?;
+    let out = cmd.output().map_err(|e| anyhow::anyhow!("cannot run {cmd:?}: {e}"))?;
     anyhow::ensure!(
         out.status.success(),
         "{cmd:?} failed ({}): {}",

@@ -28,9 +28,7 @@ const MTIME: u64 = 1_700_000_000;
 /// Where the base layer takes busybox from (Debian's busybox-static).
 const HOST_BUSYBOX: &[&str] = &["/bin/busybox", "/usr/bin/busybox"];
 /// Applets linked in /bin and /usr/bin.
-const APPLETS: &[&str] = &[
-    "sh", "ls", "cat", "sleep", "echo", "id", "env", "ps", "wc", "sha256sum", "httpd", "nc",
-];
+const APPLETS: &[&str] = &["sh", "ls", "cat", "sleep", "echo", "id", "env", "ps", "wc", "sha256sum", "httpd", "nc"];
 
 /// How a layer blob is compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,9 +99,7 @@ impl Layer {
         for path in self.entries.keys() {
             let mut parent = Path::new(path).parent();
             while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
-                entries
-                    .entry(p.to_string_lossy().into_owned())
-                    .or_insert(Entry::Dir { mode: 0o755, uid: 0, gid: 0 });
+                entries.entry(p.to_string_lossy().into_owned()).or_insert(Entry::Dir { mode: 0o755, uid: 0, gid: 0 });
                 parent = p.parent();
             }
         }
@@ -303,11 +299,7 @@ impl ImageBuilder {
         let data = std::fs::read(busybox)?;
         let mut layer = Layer::new(Compression::Gzip)
             .file("bin/busybox", data, 0o755)
-            .file(
-                "etc/passwd",
-                "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
-                0o644,
-            )
+            .file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n", 0o644)
             .file("etc/group", "root:x:0:\napp:x:1000:\n", 0o644)
             .dir("tmp", 0o1777, 0, 0)
             .dir("root", 0o700, 0, 0)
@@ -414,9 +406,7 @@ fn write_blob(dir: &Path, media_type: &str, data: &[u8]) -> anyhow::Result<Descr
 }
 
 fn blob_path(layout: &Path, digest: &str) -> anyhow::Result<PathBuf> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .with_context(|| format!("digest {digest} is not sha256"))?;
+    let hex = digest.strip_prefix("sha256:").with_context(|| format!("digest {digest} is not sha256"))?;
     Ok(layout.join("blobs/sha256").join(hex))
 }
 

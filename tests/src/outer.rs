@@ -68,7 +68,9 @@ pub fn default_peer_keys() -> anyhow::Result<PathBuf> {
 
 fn make_peer_keys(dir: &Path) -> anyhow::Result<PathBuf> {
     let ums = crate::ums_bin()?;
-    let valid = |d: &Path| Command::new(&ums).args(["keys", "check"]).arg(d).output().map(|o| o.status.success()).unwrap_or(false);
+    let valid = |d: &Path| {
+        Command::new(&ums).args(["keys", "check"]).arg(d).output().map(|o| o.status.success()).unwrap_or(false)
+    };
     if valid(dir) {
         return Ok(dir.to_path_buf());
     }
@@ -224,15 +226,8 @@ impl OuterBuilder {
         let log = LineLog::new();
         log.capture(child.stdout.take().unwrap(), self.name.clone());
         log.capture(child.stderr.take().unwrap(), self.name.clone());
-        let mut outer = Outer {
-            name: self.name,
-            root,
-            unshare_pid: child.id() as i32,
-            child,
-            pid1: None,
-            status: None,
-            log,
-        };
+        let mut outer =
+            Outer { name: self.name, root, unshare_pid: child.id() as i32, child, pid1: None, status: None, log };
         outer.pid1 = Some(outer.find_pid1()?);
         outer
             .log
@@ -345,10 +340,7 @@ impl Outer {
     /// namespaces and its root), with the outer's PATH and no other env.
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg("-t")
-            .arg(self.pid1().to_string())
-            .args(["-m", "-p", "-n", "-u", "-i", "-r", "-w", "--"])
-            .arg(program);
+        cmd.arg("-t").arg(self.pid1().to_string()).args(["-m", "-p", "-n", "-u", "-i", "-r", "-w", "--"]).arg(program);
         cmd.env_clear().env("PATH", OUTER_PATH).env("HOME", "/root");
         for key in ["RUST_LOG", "RUST_BACKTRACE"] {
             if let Some(v) = std::env::var_os(key) {

@@ -34,8 +34,7 @@ pub fn build_websrv(tmp: &Path) -> PathBuf {
 
 fn try_build(tmp: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads").join(format!("{name}.c"));
-    let code = std::fs::read(&source)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", source.display()))?;
+    let code = std::fs::read(&source).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", source.display()))?;
     let hash = hex::encode(&Sha256::digest(&code)[..8]);
     let cache_dir = crate::target_dir().join("ums-e2e");
     let cached = cache_dir.join(format!("{name}-{hash}"));
@@ -45,11 +44,7 @@ fn try_build(tmp: &Path, name: &str) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(&cache_dir)?;
     std::fs::create_dir_all(tmp)?;
     let out = tmp.join(format!("{name}-{hash}-{}", std::process::id()));
-    let result = Command::new("gcc")
-        .args(["-O2", "-static", "-Wall", "-o"])
-        .arg(&out)
-        .arg(&source)
-        .output();
+    let result = Command::new("gcc").args(["-O2", "-static", "-Wall", "-o"]).arg(&out).arg(&source).output();
     match result {
         Err(e) => anyhow::bail!("cannot run gcc to build the {name} workload ({e}): install gcc and libc6-dev"),
         Ok(o) if !o.status.success() => anyhow::bail!(

@@ -33,7 +33,10 @@ fn status(o: &Outer) -> serde_json::Value {
 }
 
 /// Run `f` on a thread that lives in the network namespace at `netns`.
-fn in_netns<R: Send + 'static>(netns: std::path::PathBuf, f: impl FnOnce() -> R + Send + 'static) -> std::thread::JoinHandle<R> {
+fn in_netns<R: Send + 'static>(
+    netns: std::path::PathBuf,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> std::thread::JoinHandle<R> {
     std::thread::spawn(move || {
         let ns = std::fs::File::open(&netns).unwrap();
         nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();

@@ -73,12 +73,8 @@ fn memctr_ticks_sums_and_terminates() {
 fn memctr_reaps_orphans() {
     let tmp = tempdir();
     let memctr = build_workload(tmp.path());
-    let mut child = Command::new(&memctr)
-        .args(["spawn-orphans", "4"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        Command::new(&memctr).args(["spawn-orphans", "4"]).stdin(Stdio::null()).stdout(Stdio::piped()).spawn().unwrap();
     let log = LineLog::new();
     log.capture(child.stdout.take().unwrap(), "memctr".into());
     let result = log.wait_for_from(0, "orphans-done", WAIT);
@@ -124,7 +120,12 @@ fn image_layout_is_consistent_and_deterministic() {
     let media: Vec<_> = manifest["layers"].as_array().unwrap().iter().map(|l| l["mediaType"].clone()).collect();
     assert_eq!(
         media,
-        [oci_layout::MEDIA_LAYER_GZIP, oci_layout::MEDIA_LAYER_GZIP, oci_layout::MEDIA_LAYER_ZSTD, oci_layout::MEDIA_LAYER_TAR]
+        [
+            oci_layout::MEDIA_LAYER_GZIP,
+            oci_layout::MEDIA_LAYER_GZIP,
+            oci_layout::MEDIA_LAYER_ZSTD,
+            oci_layout::MEDIA_LAYER_TAR
+        ]
     );
     assert_eq!(manifest["config"]["digest"], one.config_digest.as_str());
 

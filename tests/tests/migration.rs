@@ -42,7 +42,9 @@ fn migrate(src: &Outer, dst: &Outer, addr: std::net::Ipv4Addr) -> serde_json::Va
     assert!(out.status.success(), "migrate failed: {text} {}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_str(&text).unwrap();
     let last_src = last_tick(src);
-    dst.log().wait_for_from(from_dst, &format!("tick {} ", last_src + 3), T).expect("the counter goes on at the destination");
+    dst.log()
+        .wait_for_from(from_dst, &format!("tick {} ", last_src + 3), T)
+        .expect("the counter goes on at the destination");
     let t = ticks(dst, from_dst);
     assert_eq!(t[0], last_src + 1, "source ended at {last_src}, destination printed {t:?}");
     for w in t.windows(2) {
@@ -80,7 +82,8 @@ fn migrates_there_and_back_and_there_again() {
     a.wait_for_line("tick 5 ", T).unwrap();
     b.wait_for_line("standby", T).unwrap();
     let sum0 = a.lines().iter().find_map(|l| parse_sum(l)).unwrap();
-    let file0 = a.lines().iter().find(|l| l.starts_with("file ")).unwrap().split_whitespace().nth(2).unwrap().to_string();
+    let file0 =
+        a.lines().iter().find(|l| l.starts_with("file ")).unwrap().split_whitespace().nth(2).unwrap().to_string();
 
     let r1 = migrate(&a, &b, hb.addr());
     println!("A->B: {r1}");

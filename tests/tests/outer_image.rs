@@ -330,9 +330,10 @@ impl EngineOuter<'_> {
     }
 
     fn wait_for_line(&self, pattern: &str) -> String {
-        self.log.wait_for_from(0, pattern, T).map(|(_, l)| l).unwrap_or_else(|e| {
-            panic!("{}: {e:#}\n{}", self.name, self.lines().join("\n"))
-        })
+        self.log
+            .wait_for_from(0, pattern, T)
+            .map(|(_, l)| l)
+            .unwrap_or_else(|e| panic!("{}: {e:#}\n{}", self.name, self.lines().join("\n")))
     }
 }
 
@@ -368,7 +369,14 @@ fn spawn_outer<'a>(name: &str, engine: Engine<'a>, mut cmd: Command) -> EngineOu
 }
 
 /// `podman run --privileged` in `host`'s network namespace.
-fn podman_run<'a>(p: &'a Podman, name: &str, host: &Host, image: &str, keys: Option<&Path>, args: &[&str]) -> EngineOuter<'a> {
+fn podman_run<'a>(
+    p: &'a Podman,
+    name: &str,
+    host: &Host,
+    image: &str,
+    keys: Option<&Path>,
+    args: &[&str],
+) -> EngineOuter<'a> {
     let mut cmd = p.cmd();
     cmd.args(["run", "--rm", "--name", name, "--hostname", name, "--privileged", "--runtime", "/usr/sbin/runc"])
         .args(ULIMITS)
@@ -384,7 +392,14 @@ fn podman_run<'a>(p: &'a Podman, name: &str, host: &Host, image: &str, keys: Opt
 /// `ctr run --privileged` in `host`'s network namespace. ctr replaces the
 /// image's Entrypoint and Cmd when given a command, so `args` is the whole
 /// command (`ums init ...`), or empty for the image's own.
-fn ctr_run<'a>(c: &'a Containerd, name: &str, host: &Host, image: &str, keys: Option<&Path>, args: &[&str]) -> EngineOuter<'a> {
+fn ctr_run<'a>(
+    c: &'a Containerd,
+    name: &str,
+    host: &Host,
+    image: &str,
+    keys: Option<&Path>,
+    args: &[&str],
+) -> EngineOuter<'a> {
     let mut cmd = c.ctr();
     cmd.args(["run", "--rm", "--privileged", "--runtime", "io.containerd.runc.v2"])
         .arg("--with-ns")
@@ -541,7 +556,17 @@ fn outer_image_migrates_between_podman_and_containerd() {
     let built_s = image_script(
         &podman,
         "wrap-workload.sh",
-        &["--standby", "--tag", &standby_tag, "--base-tar", base_tar, "--ums", ums_s, "--save", standby_archive.to_str().unwrap()],
+        &[
+            "--standby",
+            "--tag",
+            &standby_tag,
+            "--base-tar",
+            base_tar,
+            "--ums",
+            ums_s,
+            "--save",
+            standby_archive.to_str().unwrap(),
+        ],
     );
     let size: u64 = field(&built_w, "size_bytes").parse().unwrap();
     say!(
@@ -586,7 +611,8 @@ fn outer_image_migrates_between_podman_and_containerd() {
     assert_eq!(status(&b)["state"], "standby", "the standby image starts as a standby");
     assert!(ready(&a) && !ready(&b), "ums-ready: the workload's outer container only");
     let sum0 = a.lines().iter().find_map(|l| parse_sum(l)).unwrap();
-    let file0 = a.lines().iter().find(|l| l.starts_with("file ")).unwrap().split_whitespace().nth(2).unwrap().to_string();
+    let file0 =
+        a.lines().iter().find(|l| l.starts_with("file ")).unwrap().split_whitespace().nth(2).unwrap().to_string();
 
     let r1 = migrate(&a, &b, hb.addr());
     say!("podman -> containerd: {r1}");
@@ -686,7 +712,8 @@ fn kubernetes_manifests_validate_and_give_the_outer_container_what_it_needs() {
         let mounts = c["volumeMounts"].as_array().unwrap();
         let volumes = pod["spec"]["volumes"].as_array().unwrap();
         let volume_at = |path: &str| -> serde_json::Value {
-            let m = mounts.iter().find(|m| m["mountPath"] == path).unwrap_or_else(|| panic!("{name}: nothing at {path}"));
+            let m =
+                mounts.iter().find(|m| m["mountPath"] == path).unwrap_or_else(|| panic!("{name}: nothing at {path}"));
             volumes.iter().find(|v| v["name"] == m["name"]).unwrap().clone()
         };
         for tmpfs in ["/run", "/var/lib/ums"] {

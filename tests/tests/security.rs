@@ -114,11 +114,22 @@ fn a_peer_of_another_group_is_refused_and_nothing_moves() {
     assert_eq!(status(&b)["state"], "standby");
     images_dir_empty(&b);
     // The intruder as the source: refused by A's group in turn.
-    let c = Outer::builder("wkey-c").netns(s.hb.netns_path()).layout(&s.img.layout).peer_keys(&other[0]).args(&["--peer-listen", "0.0.0.0:7412"]).start().unwrap();
+    let c = Outer::builder("wkey-c")
+        .netns(s.hb.netns_path())
+        .layout(&s.img.layout)
+        .peer_keys(&other[0])
+        .args(&["--peer-listen", "0.0.0.0:7412"])
+        .start()
+        .unwrap();
     c.wait_for_line("tick 3 ", T).unwrap();
     let from_b = b.log().len();
     // B (group "other") accepts the intruder's own group; A's group does not.
-    let hb_a = Outer::builder("wkey-a2").host(&s.ha).layout(&s.img.layout).args(&["--standby", "--peer-listen", "0.0.0.0:7413"]).start().unwrap();
+    let hb_a = Outer::builder("wkey-a2")
+        .host(&s.ha)
+        .layout(&s.img.layout)
+        .args(&["--standby", "--peer-listen", "0.0.0.0:7413"])
+        .start()
+        .unwrap();
     hb_a.wait_for_line("standby", T).unwrap();
     let e = err(&migrate(&c, &format!("{}:7413", s.ha.addr())));
     println!("intruder source, to a standby of the test group: {e}");

@@ -45,11 +45,7 @@ fn runs_the_image_as_configured_and_stops_on_sigterm() {
     require_root();
     let tmp = tempfile::tempdir().unwrap();
     let img = image(tmp.path(), "8", true);
-    let mut o = Outer::builder("sup-run")
-        .layout(&img.layout)
-        .env("UMS_STOP_GRACE", "5s")
-        .start()
-        .unwrap();
+    let mut o = Outer::builder("sup-run").layout(&img.layout).env("UMS_STOP_GRACE", "5s").start().unwrap();
     o.wait_for_line("tick 3 ", T).expect("the workload's output reaches ums's stdout");
     let lines = o.lines();
     assert!(lines.iter().any(|l| l.contains("env FOO=from-image")), "{lines:?}");
@@ -125,14 +121,20 @@ fn checkpoint_restore_keeps_counting_with_128mib() {
     let marker = a.lines().iter().find(|l| l.starts_with("file ")).cloned().expect("marker file line");
 
     // Garbage on the control socket: an error, and the workload keeps running.
-    let out = a.exec("sh", &["-c", "printf 'garbage\\n{\"op\":\"nope\"}\\n' | busybox nc local:/run/ums/ums.sock || true"]).unwrap();
+    let out = a
+        .exec("sh", &["-c", "printf 'garbage\\n{\"op\":\"nope\"}\\n' | busybox nc local:/run/ums/ums.sock || true"])
+        .unwrap();
     let reply = String::from_utf8_lossy(&out.stdout).to_string();
     if !reply.is_empty() {
         assert!(reply.contains("bad_request"), "{reply}");
     }
     let bad = a.ums(&["restore", "/nonexistent"]).unwrap();
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a standby") || String::from_utf8_lossy(&bad.stderr).contains("already"), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("not a standby")
+            || String::from_utf8_lossy(&bad.stderr).contains("already"),
+        "{bad:?}"
+    );
 
     // A leave-running checkpoint, and a second one while it runs: busy.
     let from = a.log().len();

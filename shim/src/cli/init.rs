@@ -106,8 +106,14 @@ fn prepare_dirs(cfg: &Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.run_dir).with_context(|| format!("create {}", cfg.run_dir.display()))?;
     if crate::sys::is_overlayfs(&cfg.state_dir) {
         tracing::info!(dir = %cfg.state_dir.display(), "state dir is on overlayfs; mounting a tmpfs there");
-        nix::mount::mount(Some("tmpfs"), &cfg.state_dir, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("mode=0700"))
-            .with_context(|| format!("mount tmpfs on {}", cfg.state_dir.display()))?;
+        nix::mount::mount(
+            Some("tmpfs"),
+            &cfg.state_dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("mode=0700"),
+        )
+        .with_context(|| format!("mount tmpfs on {}", cfg.state_dir.display()))?;
     }
     // Leftovers of an earlier ums in the same outer container are stale.
     let _ = std::fs::remove_dir_all(cfg.images_root());

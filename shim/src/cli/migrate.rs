@@ -15,18 +15,39 @@ pub struct Args {
 
 /// The table printed after a migration, from its JSON report.
 pub fn table(v: &serde_json::Value) -> String {
-    let s = |k: &str| v[k].as_f64().map(|ms| format!("{:>10.3} s", ms / 1000.0)).unwrap_or_else(|| format!("{:>12}", "-"));
+    let s =
+        |k: &str| v[k].as_f64().map(|ms| format!("{:>10.3} s", ms / 1000.0)).unwrap_or_else(|| format!("{:>12}", "-"));
     let mib = v["bytes"].as_f64().unwrap_or(0.0) / 1048576.0;
     let mut out = String::new();
-    out.push_str(&format!("migrated to {} ({})\n", v["peer"].as_str().unwrap_or("?"), v["migration_id"].as_str().unwrap_or("")));
+    out.push_str(&format!(
+        "migrated to {} ({})\n",
+        v["peer"].as_str().unwrap_or("?"),
+        v["migration_id"].as_str().unwrap_or("")
+    ));
     out.push_str("phase                    time\n");
     out.push_str(&format!("pre-migration    {}\n", s("pre_migration_ms")));
-    out.push_str(&format!("checkpoint       {}   (freeze {:.3} s + CRIU dump)\n", s("checkpoint_ms"), v["freeze_ms"].as_f64().unwrap_or(0.0) / 1000.0));
-    out.push_str(&format!("transfer         {}   ({})\n", s("transfer_ms"), if v["streaming"].as_bool() == Some(true) { "from the start of the dump: they overlap" } else { "after the dump" }));
+    out.push_str(&format!(
+        "checkpoint       {}   (freeze {:.3} s + CRIU dump)\n",
+        s("checkpoint_ms"),
+        v["freeze_ms"].as_f64().unwrap_or(0.0) / 1000.0
+    ));
+    out.push_str(&format!(
+        "transfer         {}   ({})\n",
+        s("transfer_ms"),
+        if v["streaming"].as_bool() == Some(true) {
+            "from the start of the dump: they overlap"
+        } else {
+            "after the dump"
+        }
+    ));
     out.push_str(&format!("restore          {}\n", s("restore_ms")));
     out.push_str(&format!("downtime         {}   (workload frozen until the destination ran it)\n", s("frozen_ms")));
     out.push_str(&format!("total            {}\n", s("total_ms")));
-    out.push_str(&format!("bytes            {:>10.1} MiB  (+{:.1} MiB image blobs)\n", mib, v["blob_bytes"].as_f64().unwrap_or(0.0) / 1048576.0));
+    out.push_str(&format!(
+        "bytes            {:>10.1} MiB  (+{:.1} MiB image blobs)\n",
+        mib,
+        v["blob_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+    ));
     out.push_str(&format!("throughput       {:>10.1} MiB/s\n", v["throughput_mib_s"].as_f64().unwrap_or(0.0)));
     out
 }

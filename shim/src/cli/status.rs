@@ -19,7 +19,12 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         if w.is_null() {
             println!("workload:   none (standby)");
         } else {
-            println!("workload:   {} pid {} ({} processes)", w["id"].as_str().unwrap_or("-"), w["pid"], w["pids"].as_array().map_or(0, |a| a.len()));
+            println!(
+                "workload:   {} pid {} ({} processes)",
+                w["id"].as_str().unwrap_or("-"),
+                w["pid"],
+                w["pids"].as_array().map_or(0, |a| a.len())
+            );
             println!("image:      {}", w["image_digest"].as_str().unwrap_or("-"));
             println!("command:    {}", w["command"]);
             println!("ports:      {}", w["exposed_ports"]);
@@ -27,9 +32,21 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         }
         let op = &v["last_op"];
         if !op.is_null() {
-            let status = if op["ok"].as_bool() == Some(true) { "ok".to_string() } else { format!("failed: {}", op["error"].as_str().unwrap_or("")) };
-            println!("last op:    {} {} {}", op["op"].as_str().unwrap_or("-"), status, if op["timings"].is_null() { String::new() } else { op["timings"].to_string() });
+            let status = if op["ok"].as_bool() == Some(true) {
+                "ok".to_string()
+            } else {
+                format!("failed: {}", op["error"].as_str().unwrap_or(""))
+            };
+            println!(
+                "last op:    {} {} {}",
+                op["op"].as_str().unwrap_or("-"),
+                status,
+                if op["timings"].is_null() { String::new() } else { op["timings"].to_string() }
+            );
         }
-        println!("ums:        pid {} rss {} KiB, {} orphans reaped", v["ums"]["pid"], v["ums"]["rss_kib"], v["orphans_reaped"]);
+        println!(
+            "ums:        pid {} rss {} KiB, {} orphans reaped",
+            v["ums"]["pid"], v["ums"]["rss_kib"], v["orphans_reaped"]
+        );
     })
 }

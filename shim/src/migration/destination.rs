@@ -30,7 +30,12 @@ type Outcomes = Arc<Mutex<HashMap<String, bool>>>;
 pub const MAX_PEER_CONNECTIONS: usize = 8;
 
 /// Accept peer connections until shutdown.
-pub async fn serve_peers(ctx: Ctx, listener: TcpListener, inbox: mpsc::Sender<Msg>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve_peers(
+    ctx: Ctx,
+    listener: TcpListener,
+    inbox: mpsc::Sender<Msg>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let outcomes: Outcomes = Arc::default();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
     loop {
@@ -68,7 +73,9 @@ enum InError {
 }
 
 async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes: Outcomes) -> Result<(), InError> {
-    let conn = super::transport::accept(&ctx.cfg, stream).await.map_err(|e| InError::Refuse(format!("peer connection: {e}")))?;
+    let conn = super::transport::accept(&ctx.cfg, stream)
+        .await
+        .map_err(|e| InError::Refuse(format!("peer connection: {e}")))?;
     let (peer, r, w) = (conn.peer, conn.read, conn.write);
     let mut r = BufReader::with_capacity(wire::CHUNK + 64, r);
     let mut w = BufWriter::new(w);
@@ -81,7 +88,8 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     }
     let hello: Hello = first.expect(Kind::Hello)?;
     if hello.protocol != wire::PROTOCOL_VERSION {
-        let msg = format!("protocol version {} not supported (this ums speaks {})", hello.protocol, wire::PROTOCOL_VERSION);
+        let msg =
+            format!("protocol version {} not supported (this ums speaks {})", hello.protocol, wire::PROTOCOL_VERSION);
         wire::send_json(&mut w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await?;
         return Err(InError::Refuse(msg));
     }
@@ -135,7 +143,10 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     // Report to the supervisor first: the workload runs here from now on,
     // whether or not the source hears about it.
     let msg = match result {
-        Ok(n) => Msg::IncomingDone(Ok((n, serde_json::json!({ "peer": peer, "verify_ms": report.0, "restore_ms": report.1 })))),
+        Ok(n) => Msg::IncomingDone(Ok((
+            n,
+            serde_json::json!({ "peer": peer, "verify_ms": report.0, "restore_ms": report.1 }),
+        ))),
         Err(e) => Msg::IncomingDone(Err(e)),
     };
     let _ = inbox.send(msg).await;
@@ -166,20 +177,29 @@ async fn receive(
     let deadline = cfg.peer_read_timeout;
     // ---- can we host it?
     if hello.runtime != cfg.runtime {
-        return Err(InError::Refuse(format!("the workload ran under {:?}, this outer container uses {:?}", hello.runtime, cfg.runtime)));
+        return Err(InError::Refuse(format!(
+            "the workload ran under {:?}, this outer container uses {:?}",
+            hello.runtime, cfg.runtime
+        )));
     }
     std::fs::create_dir_all(dir.join("criu")).map_err(|e| InError::Refuse(format!("{}: {e}", dir.display())))?;
     if let Ok(st) = nix::sys::statvfs::statvfs(dir) {
         let free = st.blocks_available() as u64 * st.fragment_size() as u64;
         let need = hello.memory_bytes + (16 << 20);
         if free < need {
-            return Err(InError::Refuse(format!("not enough space for the checkpoint in {}: {free} bytes free, about {need} needed", dir.display())));
+            return Err(InError::Refuse(format!(
+                "not enough space for the checkpoint in {}: {free} bytes free, about {need} needed",
+                dir.display()
+            )));
         }
     }
     if let Ok(mi) = <procfs::Meminfo as procfs::Current>::current() {
         if let Some(avail) = mi.mem_available {
             if avail < hello.memory_bytes {
-                return Err(InError::Refuse(format!("not enough memory: {avail} bytes available, the workload uses {}", hello.memory_bytes)));
+                return Err(InError::Refuse(format!(
+                    "not enough memory: {avail} bytes available, the workload uses {}",
+                    hello.memory_bytes
+                )));
             }
         }
     }
@@ -197,7 +217,10 @@ async fn receive(
     // earlier; otherwise the blobs go into the writable received layout.
     let have = hello.blobs.iter().map(|b| b.0.clone()).collect::<Vec<_>>();
     let ready = cfg.layout_candidates().into_iter().find(|d| {
-        OciLayout::open(d).and_then(|l| l.resolve()).map(|i| i.manifest_digest == hello.image.manifest_digest).unwrap_or(false)
+        OciLayout::open(d)
+            .and_then(|l| l.resolve())
+            .map(|i| i.manifest_digest == hello.image.manifest_digest)
+            .unwrap_or(false)
     });
     let layout = match &ready {
         Some(d) => OciLayout::open(d).map_err(|e| InError::Refuse(e.to_string()))?,
@@ -233,7 +256,12 @@ async fn receive(
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
         .unwrap_or_default();
-    wire::send_json(w, Kind::HelloOk, &HelloOk { protocol: wire::PROTOCOL_VERSION, missing_blobs: missing.clone(), criu_version }).await?;
+    wire::send_json(
+        w,
+        Kind::HelloOk,
+        &HelloOk { protocol: wire::PROTOCOL_VERSION, missing_blobs: missing.clone(), criu_version },
+    )
+    .await?;
 
     // ---- missing blobs, verified by digest on arrival.
     let mut files: HashMap<u32, Incoming> = HashMap::new();
@@ -245,7 +273,13 @@ async fn receive(
             Kind::FileOpen | Kind::Data => {
                 accept_file_frame(&f, dir, &mut files, &mut total, cfg.max_checkpoint_bytes, FileKind::Blob, &missing)?
             }
-            _ => return Err(f.expect::<serde_json::Value>(Kind::BlobsDone).err().map(InError::from).unwrap_or_else(|| InError::Refuse("unexpected frame".into()))),
+            _ => {
+                return Err(f
+                    .expect::<serde_json::Value>(Kind::BlobsDone)
+                    .err()
+                    .map(InError::from)
+                    .unwrap_or_else(|| InError::Refuse("unexpected frame".into())))
+            }
         }
     }
     for (_, inc) in files.drain() {
@@ -253,7 +287,9 @@ async fn receive(
         let size = hello.blobs.iter().find(|b| b.0 == digest).map(|b| b.1).unwrap_or(0);
         drop(inc.file);
         let file = std::fs::File::open(&inc.path).map_err(|e| InError::Refuse(e.to_string()))?;
-        layout.add_blob(&digest, file, size.max(inc.len)).map_err(|e| InError::Refuse(format!("blob {digest}: {e}")))?;
+        layout
+            .add_blob(&digest, file, size.max(inc.len))
+            .map_err(|e| InError::Refuse(format!("blob {digest}: {e}")))?;
         let _ = std::fs::remove_file(&inc.path);
     }
     let still = layout.missing_blobs(&digests);
@@ -263,7 +299,9 @@ async fn receive(
     // ---- prepare before the freeze: the image, unpacked.
     let current = layout.resolve().ok().map(|i| i.manifest_digest);
     if current.as_deref() != Some(hello.image.manifest_digest.as_str()) {
-        layout.set_index(&hello.image.manifest_digest, hello.manifest_size).map_err(|e| InError::Refuse(e.to_string()))?;
+        layout
+            .set_index(&hello.image.manifest_digest, hello.manifest_size)
+            .map_err(|e| InError::Refuse(e.to_string()))?;
     }
     let (layout_dir, cache) = (layout.root().to_path_buf(), cfg.layer_cache());
     tokio::task::spawn_blocking(move || -> Result<(), String> {
@@ -284,7 +322,13 @@ async fn receive(
                 accept_file_frame(&f, dir, &mut files, &mut total, cfg.max_checkpoint_bytes, FileKind::Image, &[])?
             }
             Kind::Manifest => break f.parse()?,
-            _ => return Err(f.expect::<serde_json::Value>(Kind::Manifest).err().map(InError::from).unwrap_or_else(|| InError::Refuse("unexpected frame".into()))),
+            _ => {
+                return Err(f
+                    .expect::<serde_json::Value>(Kind::Manifest)
+                    .err()
+                    .map(InError::from)
+                    .unwrap_or_else(|| InError::Refuse("unexpected frame".into())))
+            }
         }
     };
     // ---- verify: the same files, sizes and digests as the source saw.
@@ -298,7 +342,11 @@ async fn receive(
         got.insert((inc.kind, inc.name), (inc.len, hex::encode(inc.hash.finalize())));
     }
     if got.len() != manifest.files.len() {
-        return Err(InError::Refuse(format!("received {} files, the manifest lists {}", got.len(), manifest.files.len())));
+        return Err(InError::Refuse(format!(
+            "received {} files, the manifest lists {}",
+            got.len(),
+            manifest.files.len()
+        )));
     }
     for e in &manifest.files {
         match got.get(&(e.kind, e.name.clone())) {
@@ -318,7 +366,9 @@ async fn receive(
     let restored = tokio::task::spawn_blocking(move || {
         crate::nested::restore(&c2.cfg, &c2.reaper, &c2.runtime, &digest, &images, &work, move |upper| {
             let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
-            crate::upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max).map(|_| ()).map_err(|e| e.to_string())
+            crate::upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         })
     })
     .await
@@ -439,7 +489,8 @@ mod tests {
     fn frame() -> impl Strategy<Value = Frame> {
         let kind = prop_oneof![Just(FileKind::Blob), Just(FileKind::Image), Just(FileKind::UpperDiff)];
         prop_oneof![
-            (0u32..4, kind, name()).prop_map(|(id, kind, name)| Frame::json(Kind::FileOpen, &FileOpen { id, kind, name })),
+            (0u32..4, kind, name())
+                .prop_map(|(id, kind, name)| Frame::json(Kind::FileOpen, &FileOpen { id, kind, name })),
             (0u32..4, 0u64..64, proptest::collection::vec(any::<u8>(), 0..48)).prop_map(|(id, off, bytes)| {
                 let mut payload = wire::data_header(id, off).to_vec();
                 payload.extend(bytes);

@@ -111,12 +111,7 @@ pub struct QueryAnswer {
 
 /// A name from the peer must be one plain file name: no separators, no `..`.
 pub fn safe_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 255
-        && name != "."
-        && name != ".."
-        && !name.contains('/')
-        && !name.contains('\0')
+    !name.is_empty() && name.len() <= 255 && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
 }
 
 #[cfg(test)]

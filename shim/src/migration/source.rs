@@ -77,10 +77,7 @@ async fn writer(mut w: BufWriter<super::transport::PeerWrite>, mut rx: mpsc::Rec
 }
 
 fn resident_bytes(pids: &[i32]) -> u64 {
-    pids.iter()
-        .filter_map(|p| procfs::process::Process::new(*p).ok()?.status().ok()?.vmrss)
-        .sum::<u64>()
-        * 1024
+    pids.iter().filter_map(|p| procfs::process::Process::new(*p).ok()?.status().ok()?.vmrss).sum::<u64>() * 1024
 }
 
 /// Migrate the workload `n` to the peer at `to`. On success the frozen copy
@@ -98,7 +95,9 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
         .into_iter()
         .filter_map(|d| OciLayout::open(&d).ok())
         .find(|l| l.resolve().map(|i| i.manifest_digest == n.image.manifest_digest).unwrap_or(false))
-        .ok_or_else(|| MigrateError::Image(format!("the workload image {} is in no layout here", n.image.manifest_digest)))?;
+        .ok_or_else(|| {
+            MigrateError::Image(format!("the workload image {} is in no layout here", n.image.manifest_digest))
+        })?;
     let img = layout.resolve().map_err(|e| MigrateError::Image(e.to_string()))?;
     let blobs = layout.image_blobs(&img);
     let manifest_size = blobs.iter().find(|(d, _)| *d == img.manifest_digest).map(|b| b.1).unwrap_or(0);
@@ -126,28 +125,31 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
         tcp_established: cfg.tcp_established,
     };
     send(Frame::json(Kind::Hello, &hello)).await.map_err(MigrateError::Pre)?;
-    let ok: HelloOk = match wire::read_frame_within(&mut r, cfg.peer_read_timeout).await.and_then(|f| f.expect(Kind::HelloOk)) {
-        Ok(ok) => ok,
-        Err(WireError::Peer(m)) => return Err(MigrateError::Refused(m)),
-        Err(e) => return Err(MigrateError::Pre(e)),
-    };
+    let ok: HelloOk =
+        match wire::read_frame_within(&mut r, cfg.peer_read_timeout).await.and_then(|f| f.expect(Kind::HelloOk)) {
+            Ok(ok) => ok,
+            Err(WireError::Peer(m)) => return Err(MigrateError::Refused(m)),
+            Err(e) => return Err(MigrateError::Pre(e)),
+        };
     // Exactly the missing blobs, each one of ours.
     let blobs_sent: Result<u64, MigrateError> = async {
-    let mut blob_bytes = 0u64;
-    for (i, d) in ok.missing_blobs.iter().enumerate() {
-        if !blobs.iter().any(|(b, _)| b == d) {
-            return Err(MigrateError::Refused(format!("peer asked for a blob that is not part of the image: {d}")));
-        }
-        let path = layout.blob_path(d).map_err(|e| MigrateError::Image(e.to_string()))?;
-        let (tx2, d2) = (tx.clone(), d.clone());
-        let entry = tokio::task::spawn_blocking(move || streamer::send_file(&path, i as u32 + 1, FileKind::Blob, &d2, &tx2))
+        let mut blob_bytes = 0u64;
+        for (i, d) in ok.missing_blobs.iter().enumerate() {
+            if !blobs.iter().any(|(b, _)| b == d) {
+                return Err(MigrateError::Refused(format!("peer asked for a blob that is not part of the image: {d}")));
+            }
+            let path = layout.blob_path(d).map_err(|e| MigrateError::Image(e.to_string()))?;
+            let (tx2, d2) = (tx.clone(), d.clone());
+            let entry = tokio::task::spawn_blocking(move || {
+                streamer::send_file(&path, i as u32 + 1, FileKind::Blob, &d2, &tx2)
+            })
             .await
             .map_err(|e| MigrateError::Stream(e.to_string()))?
             .map_err(|e| MigrateError::Stream(e.to_string()))?;
-        blob_bytes += entry.size;
-    }
-    send(Frame::json(Kind::BlobsDone, &json!({}))).await.map_err(MigrateError::Pre)?;
-    Ok(blob_bytes)
+            blob_bytes += entry.size;
+        }
+        send(Frame::json(Kind::BlobsDone, &json!({}))).await.map_err(MigrateError::Pre)?;
+        Ok(blob_bytes)
     }
     .await;
     let blob_bytes = match blobs_sent {
@@ -208,7 +210,8 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
         let (upper, dp, tx2) = (n.bundle.upper(), diff_path.clone(), tx.clone());
         let diff_entry = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let f = std::fs::File::create(&dp).map_err(|e| e.to_string())?;
-            crate::upper_diff::pack(&upper, std::io::BufWriter::with_capacity(1 << 20, f)).map_err(|e| e.to_string())?;
+            crate::upper_diff::pack(&upper, std::io::BufWriter::with_capacity(1 << 20, f))
+                .map_err(|e| e.to_string())?;
             streamer::send_file(&dp, 999, FileKind::UpperDiff, "rootfs-diff.tar", &tx2).map_err(|e| e.to_string())
         })
         .await
@@ -249,7 +252,11 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
             // so the workload never runs in two places.
             if destination_runs(&cfg, to, &migration_id).await {
                 tracing::warn!(error = %e, "connection lost, but the destination runs the workload");
-                Ok((0, MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 }, t_freeze.elapsed()))
+                Ok((
+                    0,
+                    MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 },
+                    t_freeze.elapsed(),
+                ))
             } else {
                 Err(e)
             }

@@ -35,7 +35,11 @@ pub enum Out {
     /// Tell when everything before this point has been handed to the socket.
     Flushed(tokio::sync::oneshot::Sender<std::time::Instant>),
     Open(FileOpen),
-    Data { id: u32, offset: u64, bytes: Vec<u8> },
+    Data {
+        id: u32,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +150,11 @@ impl State {
                         .map_err(|_| StreamError::Closed)?;
                     for (i, chunk) in disk.chunks(super::wire::CHUNK).enumerate() {
                         self.tx
-                            .blocking_send(Out::Data { id: t.id, offset: (i * super::wire::CHUNK) as u64, bytes: chunk.to_vec() })
+                            .blocking_send(Out::Data {
+                                id: t.id,
+                                offset: (i * super::wire::CHUNK) as u64,
+                                bytes: chunk.to_vec(),
+                            })
                             .map_err(|_| StreamError::Closed)?;
                     }
                     self.bytes += disk.len() as u64;
@@ -191,7 +199,8 @@ pub fn start(dir: &Path, first_id: u32, tx: mpsc::Sender<Out>, live: bool) -> Re
         .map_err(|source| StreamError::Watch { path: dir.into(), source })?;
     let done = Arc::new(AtomicBool::new(false));
     let flag = done.clone();
-    let mut st = State { dir: dir.into(), kind: FileKind::Image, next_id: first_id, files: HashMap::new(), tx, bytes: 0 };
+    let mut st =
+        State { dir: dir.into(), kind: FileKind::Image, next_id: first_id, files: HashMap::new(), tx, bytes: 0 };
     let thread = std::thread::Builder::new()
         .name("ums-streamer".into())
         .spawn(move || {
@@ -241,8 +250,21 @@ impl Streamer {
 }
 
 /// Send one whole file (a blob, the writable layer) with id `id`.
-pub fn send_file(path: &Path, id: u32, kind: FileKind, name: &str, tx: &mpsc::Sender<Out>) -> Result<FileEntry, StreamError> {
-    let mut st = State { dir: path.parent().unwrap_or(Path::new("/")).into(), kind, next_id: id, files: HashMap::new(), tx: tx.clone(), bytes: 0 };
+pub fn send_file(
+    path: &Path,
+    id: u32,
+    kind: FileKind,
+    name: &str,
+    tx: &mpsc::Sender<Out>,
+) -> Result<FileEntry, StreamError> {
+    let mut st = State {
+        dir: path.parent().unwrap_or(Path::new("/")).into(),
+        kind,
+        next_id: id,
+        files: HashMap::new(),
+        tx: tx.clone(),
+        bytes: 0,
+    };
     let fname = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     st.pump_as(&fname, name)?;
     let t = st.files.remove(&fname).ok_or_else(|| StreamError::Read {

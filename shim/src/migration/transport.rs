@@ -106,10 +106,11 @@ pub async fn connect(cfg: &Config, to: &str, timeout: Duration) -> std::io::Resu
     let set = keys::load(&cfg.peer_keys).map_err(|e| keys_err(cfg, e))?;
     let client = client_config(&set).map_err(|e| keys_err(cfg, e))?;
     let name = rustls::pki_types::ServerName::try_from(keys::SERVER_NAME).expect("a valid DNS name");
-    let tls = tokio::time::timeout_at(deadline, tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, stream))
-        .await
-        .map_err(|_| timed_out())?
-        .map_err(|e| io_err(e.kind(), format!("TLS handshake with {addr}: {e}")))?;
+    let tls =
+        tokio::time::timeout_at(deadline, tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, stream))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| io_err(e.kind(), format!("TLS handshake with {addr}: {e}")))?;
     let peer = format!("{} ({addr})", identity(tls.get_ref().1.peer_certificates()));
     Ok(split(tls, peer))
 }
@@ -128,7 +129,9 @@ pub async fn accept(cfg: &Config, stream: TcpStream) -> std::io::Result<PeerConn
     let deadline = cfg.peer_read_timeout;
     let tls = tokio::time::timeout(deadline, tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(stream))
         .await
-        .map_err(|_| io_err(std::io::ErrorKind::TimedOut, format!("TLS handshake with {addr}: no answer within {deadline:?}")))?
+        .map_err(|_| {
+            io_err(std::io::ErrorKind::TimedOut, format!("TLS handshake with {addr}: no answer within {deadline:?}"))
+        })?
         .map_err(|e| io_err(e.kind(), format!("TLS handshake with {addr} refused: {e}")))?;
     let peer = format!("{} ({addr})", identity(tls.get_ref().1.peer_certificates()));
     Ok(split(tls, peer))

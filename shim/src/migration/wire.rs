@@ -91,7 +91,8 @@ impl Frame {
         if self.payload.len() > MAX_JSON {
             return Err(WireError::TooLarge(self.payload.len()));
         }
-        serde_json::from_slice(&self.payload).map_err(|e| WireError::Malformed { kind: self.kind, detail: e.to_string() })
+        serde_json::from_slice(&self.payload)
+            .map_err(|e| WireError::Malformed { kind: self.kind, detail: e.to_string() })
     }
     /// Expect `kind`; an `Error` frame from the peer becomes `WireError::Peer`.
     pub fn expect<T: DeserializeOwned>(self, kind: Kind) -> Result<T, WireError> {
@@ -258,7 +259,9 @@ mod proptests {
         rt.block_on(async {
             let mut buf = Vec::new();
             send_json(&mut buf, Kind::Hello, &serde_json::json!({"protocol": 1, "migration_id": "m-1"})).await.unwrap();
-            send_json(&mut buf, Kind::FileOpen, &serde_json::json!({"id": 1, "kind": "image", "name": "core-1.img"})).await.unwrap();
+            send_json(&mut buf, Kind::FileOpen, &serde_json::json!({"id": 1, "kind": "image", "name": "core-1.img"}))
+                .await
+                .unwrap();
             write_frame(&mut buf, Kind::Data, &[&data_header(1, 0), b"0123456789"]).await.unwrap();
             send_json(&mut buf, Kind::BlobsDone, &serde_json::json!({})).await.unwrap();
             buf

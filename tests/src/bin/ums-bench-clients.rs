@@ -219,7 +219,8 @@ fn bulk(netns: &Path, ip: Ipv4Addr, conns: usize, gets: usize) -> anyhow::Result
     let t0 = Instant::now();
     let mut bytes = 0;
     for h in handles {
-        bytes += h.join().map_err(|_| anyhow::anyhow!("client panicked"))?.map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
+        bytes +=
+            h.join().map_err(|_| anyhow::anyhow!("client panicked"))?.map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
     }
     Ok(bytes as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e9)
 }
@@ -227,9 +228,13 @@ fn bulk(netns: &Path, ip: Ipv4Addr, conns: usize, gets: usize) -> anyhow::Result
 fn throughput(places: &[Place], rounds: usize, ums_pid: i32) -> anyhow::Result<()> {
     println!();
     println!("1. Throughput: HTTP GET of a {BIG_MIB} MiB file from busybox httpd in the nested container,");
-    println!("   direct to {NESTED} beside the published port (ums proxy); Gbit/s, median (min–max) of {rounds} rounds");
+    println!(
+        "   direct to {NESTED} beside the published port (ums proxy); Gbit/s, median (min–max) of {rounds} rounds"
+    );
     println!();
-    println!("   (ums CPU: CPU time of outer A's ums process during the proxied runs / their wall time; 100% = one core)");
+    println!(
+        "   (ums CPU: CPU time of outer A's ums process during the proxied runs / their wall time; 100% = one core)"
+    );
     println!();
     println!(
         "   {:<22} {:>7} {:>9} {:>22} {:>22} {:>12} {:>8}",
@@ -307,10 +312,7 @@ fn latency(places: &[Place], requests: usize) -> anyhow::Result<()> {
     println!("2. Latency of one small HTTP request (new TCP connection, GET, response, close) to websrv,");
     println!("   {requests} sequential requests per path, direct and proxy interleaved in blocks of 500; µs");
     println!();
-    println!(
-        "   {:<22} {:<14} {:>8} {:>8} {:>8} {:>9}",
-        "client", "path", "p50", "p90", "p99", "max"
-    );
+    println!("   {:<22} {:<14} {:>8} {:>8} {:>8} {:>9}", "client", "path", "p50", "p90", "p99", "max");
     for p in places {
         let Some(direct_ip) = p.direct else {
             println!("   {:<22} (no direct path; skipped)", p.name);
@@ -449,7 +451,12 @@ impl Timeline {
         println!();
         println!("3. Request latency across a live migration A → B ({clients} clients on host B → A's published port {HTTP})");
         println!();
-        println!("   requests           {} ({} completed before `ums migrate` started), over {:.1} s", self.samples.len(), before, self.end);
+        println!(
+            "   requests           {} ({} completed before `ums migrate` started), over {:.1} s",
+            self.samples.len(),
+            before,
+            self.end
+        );
         println!("   errors             {}", self.errors.len());
         for e in self.errors.iter().take(5) {
             println!("                      {e}");
@@ -640,10 +647,16 @@ mod figure {
             // Data.
             let blue = RGBColor(31, 90, 200).mix(0.35);
             c1.draw_series(
-                t.samples.iter().filter(|s| s.ok).map(|s| Circle::new((s.start, s.latency_ms.max(ymin)), 2, blue.filled())),
+                t.samples
+                    .iter()
+                    .filter(|s| s.ok)
+                    .map(|s| Circle::new((s.start, s.latency_ms.max(ymin)), 2, blue.filled())),
             )?;
             c1.draw_series(
-                t.samples.iter().filter(|s| !s.ok).map(|s| Cross::new((s.start, s.latency_ms.max(ymin)), 5, RED.stroke_width(2))),
+                t.samples
+                    .iter()
+                    .filter(|s| !s.ok)
+                    .map(|s| Cross::new((s.start, s.latency_ms.max(ymin)), 5, RED.stroke_width(2))),
             )?;
             c2.draw_series(LineSeries::new(
                 done.iter().enumerate().map(|(i, n)| (i as f64 / 10.0 + 0.05, *n as f64 * 10.0)),
@@ -676,7 +689,15 @@ mod figure {
             let (_, by) = c2.backend_coord(&(0.0, 0.0));
             lab(&mut labels, lx, by + 40, "time since the clients started (s)".into(), 17.0, Align::Center, black);
             let (l1x, t1y) = c1.backend_coord(&(0.0, ymax));
-            lab(&mut labels, l1x, t1y - 12, "request latency (ms, log scale); one dot per request, red x = failed".into(), 16.0, Align::Left, black);
+            lab(
+                &mut labels,
+                l1x,
+                t1y - 12,
+                "request latency (ms, log scale); one dot per request, red x = failed".into(),
+                16.0,
+                Align::Left,
+                black,
+            );
             let (l2x, t2y) = c2.backend_coord(&(0.0, rate_max));
             lab(&mut labels, l2x, t2y - 10, "completed requests/s (100 ms bins)".into(), 16.0, Align::Left, black);
             let (_, t0y) = c1.backend_coord(&(0.0, ymax));
@@ -788,14 +809,25 @@ fn run(o: &Opts) -> anyhow::Result<()> {
             .is_ok();
     let places = [
         Place { name: "in outer A's netns", netns: ha.netns_path(), direct: Some(NESTED), proxy: Ipv4Addr::LOCALHOST },
-        Place { name: "on host B (veth link)", netns: hb.netns_path(), direct: routed.then_some(NESTED), proxy: ha.addr() },
+        Place {
+            name: "on host B (veth link)",
+            netns: hb.netns_path(),
+            direct: routed.then_some(NESTED),
+            proxy: ha.addr(),
+        },
     ];
     wait_answers(ha.netns_path(), SocketAddr::from((NESTED, HTTP)), Duration::from_secs(3))?;
 
     throughput(&places, o.rounds, a.pid1())?;
     latency(&places, o.requests)?;
     if routed {
-        let _ = ums_e2e::run(std::process::Command::new("ip").args(["-n", hb.name(), "route", "del", &format!("{NESTED}/32")]));
+        let _ = ums_e2e::run(std::process::Command::new("ip").args([
+            "-n",
+            hb.name(),
+            "route",
+            "del",
+            &format!("{NESTED}/32"),
+        ]));
     }
 
     let t = timeline(&a, &ha, &hb, o.clients)?;

@@ -83,10 +83,14 @@ fn main() -> anyhow::Result<()> {
     eprintln!("ums: {}", ums.display());
     let tmp = tempfile::tempdir()?;
     let memctr = build_workload(tmp.path());
-    println!("migration with mutual TLS vs --insecure-peer, link {}, {runs} runs each, interleaved", rate.as_deref().unwrap_or("unlimited"));
+    println!(
+        "migration with mutual TLS vs --insecure-peer, link {}, {runs} runs each, interleaved",
+        rate.as_deref().unwrap_or("unlimited")
+    );
     println!("{:>6}  {:<6} {:>28} {:>28} {:>10}", "MiB", "peer", "migration time", "frozen", "MiB sent");
     for mib in sizes {
-        let img = ImageBuilder::new(&memctr).cmd(&[&mib.to_string()]).build(&tmp.path().join(format!("layout-{mib}")))?;
+        let img =
+            ImageBuilder::new(&memctr).cmd(&[&mib.to_string()]).build(&tmp.path().join(format!("layout-{mib}")))?;
         let mut res: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
         for run in 0..runs {
             // Alternate which goes first, so neither always runs on a warmer machine.

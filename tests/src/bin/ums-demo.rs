@@ -154,8 +154,8 @@ fn migrate(src: &Outer, dst: &Outer, dst_addr: std::net::Ipv4Addr) -> anyhow::Re
 
     // The source's last tick before the freeze; the pipe may still be
     // delivering it, so read it once the destination is ticking.
-    let (_, first_line) = wait_line(dst, from_dst, "tick ", CONTINUE_TIMEOUT)
-        .context("the counter did not go on at the destination")?;
+    let (_, first_line) =
+        wait_line(dst, from_dst, "tick ", CONTINUE_TIMEOUT).context("the counter did not go on at the destination")?;
     let first = parse_tick(&first_line).context("unreadable tick line")?;
     wait_line(dst, from_dst, &format!("tick {} ", first.n + 2), CONTINUE_TIMEOUT)?;
     let last = ticks(src, 0).last().copied().context("the source printed no tick")?;
@@ -169,7 +169,13 @@ fn migrate(src: &Outer, dst: &Outer, dst_addr: std::net::Ipv4Addr) -> anyhow::Re
         gap.saturating_sub(TICK_MS)
     );
     if first.n != last.n + 1 {
-        bail!("the counter did not continue: {} ended at {}, {} went on at {}", src.name(), last.n, dst.name(), first.n);
+        bail!(
+            "the counter did not continue: {} ended at {}, {} went on at {}",
+            src.name(),
+            last.n,
+            dst.name(),
+            first.n
+        );
     }
     for w in after.windows(2) {
         if w[1].n != w[0].n + 1 {
@@ -200,7 +206,10 @@ fn run(o: &Opts) -> anyhow::Result<()> {
     let t = step(1, "build the memctr workload and its OCI image layout");
     let memctr = build_workload(tmp.path());
     let mib = o.mib.to_string();
-    let image = ImageBuilder::new(&memctr).cmd(&[&mib]).build(&tmp.path().join("layout")).context("build the OCI image layout")?;
+    let image = ImageBuilder::new(&memctr)
+        .cmd(&[&mib])
+        .build(&tmp.path().join("layout"))
+        .context("build the OCI image layout")?;
     println!("    image {} (busybox + /bin/memctr, Cmd [\"{mib}\"])", image.manifest_digest);
     done(t);
 

@@ -116,7 +116,9 @@ pub fn run(ums: &Path, images: &[(u32, OciImage)], runs: usize) -> anyhow::Resul
         ]);
     }
     table.note("ums: `ums checkpoint --json --stop /run/DIR` then `ums restore --json /run/DIR` in the same outer");
-    table.note("  container (its /run is a tmpfs); total_ms from ums's JSON; CLI wall adds nsenter + the socket round trip.");
+    table.note(
+        "  container (its /run is a tmpfs); total_ms from ums's JSON; CLI wall adds nsenter + the socket round trip.",
+    );
     table.note("plain runc: `runc checkpoint --image-path` / `runc restore -d --image-path` on a tmpfs, wall clock.");
     table.note("ums/runc: median ums total_ms against median runc wall time (target: within +10%).");
     table.print();

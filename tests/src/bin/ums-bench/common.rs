@@ -173,7 +173,12 @@ pub struct Table {
 
 impl Table {
     pub fn new(title: &str, headers: &[&str]) -> Self {
-        Table { title: title.into(), headers: headers.iter().map(|s| s.to_string()).collect(), rows: Vec::new(), notes: Vec::new() }
+        Table {
+            title: title.into(),
+            headers: headers.iter().map(|s| s.to_string()).collect(),
+            rows: Vec::new(),
+            notes: Vec::new(),
+        }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {

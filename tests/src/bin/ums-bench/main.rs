@@ -79,7 +79,10 @@ fn parse_args() -> anyhow::Result<Opts> {
             }
             "--sizes" => {
                 let v = value("a list of MiB")?;
-                o.sizes = list(&v).iter().map(|s| s.parse::<u32>().with_context(|| format!("--sizes: {s:?}"))).collect::<Result<_, _>>()?;
+                o.sizes = list(&v)
+                    .iter()
+                    .map(|s| s.parse::<u32>().with_context(|| format!("--sizes: {s:?}")))
+                    .collect::<Result<_, _>>()?;
             }
             "--only" => {
                 let v = value("a list of sections")?;

@@ -35,7 +35,13 @@ struct Samples {
 
 /// One migration `src` -> `dst`; records the report and the downtime seen
 /// in the workload's own counter.
-fn migrate_once(s: &mut Samples, src: &Outer, dst: &Outer, dst_addr: std::net::Ipv4Addr, limited: bool) -> anyhow::Result<()> {
+fn migrate_once(
+    s: &mut Samples,
+    src: &Outer,
+    dst: &Outer,
+    dst_addr: std::net::Ipv4Addr,
+    limited: bool,
+) -> anyhow::Result<()> {
     let from_src = src.log().len();
     let from_dst = dst.log().len();
     let to = format!("{dst_addr}:{PEER_PORT}");
@@ -169,7 +175,11 @@ pub fn run(ums: &Path, images: &[(u32, OciImage)], rates: &[Option<String>], run
                     progress(&format!("migration {label}: FAILED: {e:#}"));
                     failures.push(format!("{label}: failed after {} migrations: {e:#}", s.total.len()));
                 }
-                let (c, sv) = if limited && rate.as_deref() == Some("1gbit") { anchor(*mib) } else { ("n/a".into(), "n/a".into()) };
+                let (c, sv) = if limited && rate.as_deref() == Some("1gbit") {
+                    anchor(*mib)
+                } else {
+                    ("n/a".into(), "n/a".into())
+                };
                 main.row(vec![
                     link.clone(),
                     mib.to_string(),
@@ -203,8 +213,12 @@ pub fn run(ums: &Path, images: &[(u32, OciImage)], rates: &[Option<String>], run
     main.note("migration time: total_ms of `ums migrate --json` (request until the workload runs at the destination).");
     main.note("ums frozen: frozen_ms (freeze until the destination's ack). downtime (counter): first tick at the");
     main.note("  destination minus last tick at the source (their unix ms) minus the 100 ms print interval.");
-    main.note("wire time: bytes * 8 / 1e9 s. UMS columns: the UMS paper's 1 Gbit/s memhog figures (they give 0, 128 and");
-    main.note("  1024 MiB: container-level 8.42 / 14.72 / 76.85 s, service-level 4.20 / 5.94 / 16.80 s; '-' = no figure).");
+    main.note(
+        "wire time: bytes * 8 / 1e9 s. UMS columns: the UMS paper's 1 Gbit/s memhog figures (they give 0, 128 and",
+    );
+    main.note(
+        "  1024 MiB: container-level 8.42 / 14.72 / 76.85 s, service-level 4.20 / 5.94 / 16.80 s; '-' = no figure).",
+    );
     main.note("streaming off: both outer containers started with UMS_STREAMING=0 (dump first, then send).");
     for f in &failures {
         main.note(&format!("NOTE {f}"));
@@ -212,7 +226,9 @@ pub fn run(ums: &Path, images: &[(u32, OciImage)], rates: &[Option<String>], run
     main.print();
     phases.note("from the same reports: pre_migration_ms, checkpoint_ms, transfer_ms, restore_ms, throughput_mib_s;");
     phases.note("transfer_ms: until the last byte was handed to the socket, from the start of the dump when");
-    phases.note("  streaming (dump and transfer overlap) and from its end otherwise; throughput_mib_s = bytes / transfer_ms.");
+    phases.note(
+        "  streaming (dump and transfer overlap) and from its end otherwise; throughput_mib_s = bytes / transfer_ms.",
+    );
     phases.note("CLI wall: the `ums migrate` command as timed by the bench (nsenter included).");
     phases.print();
     Ok(())

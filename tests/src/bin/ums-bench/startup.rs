@@ -118,7 +118,9 @@ pub fn run(ums: &Path, img: &OciImage, runs: usize) -> anyhow::Result<()> {
     t.print();
 
     let mut t = Table::new(
-        &format!("1b. ums (PID 1 of the outer container) memory, 2 s after start (MiB; median (min–max) of {runs} runs)"),
+        &format!(
+            "1b. ums (PID 1 of the outer container) memory, 2 s after start (MiB; median (min–max) of {runs} runs)"
+        ),
         &["state", "VmRSS", "VmHWM"],
     );
     t.row(vec!["running a 0 MiB workload".into(), fmt_stat(&s.rss_running), fmt_stat(&s.hwm_running)]);
