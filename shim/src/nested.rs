@@ -121,41 +121,52 @@ fn hostname(cfg: &Config) -> String {
 /// addresses of `NetConfig`, a default route through the outer side, and
 /// outbound NAT there. Made anew for every start and restore.
 pub fn make_netns(cfg: &Config, reaper: &Reaper) -> Result<(), NestedError> {
+    use std::io::Write as _;
     let path = cfg.netns_path();
     crate::sys::remove_netns(&path);
     let net = cfg.net.clone();
-    let ip = |args: &[&str]| {
-        let mut c = Command::new("ip");
-        c.args(args);
-        exec::check_blocking(reaper, c).map(|_| ()).map_err(std::io::Error::other)
+    // Two `ip -batch` runs (one per side) instead of one process per step:
+    // every spawn costs milliseconds, and a restore waits for all of them.
+    let batch = |mut c: Command, script: String| -> std::io::Result<()> {
+        let mut child =
+            c.arg("-batch").arg("-").stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+        let exit = reaper.watch(child.id() as i32);
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(script.as_bytes())?;
+        }
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        match exit.blocking_recv() {
+            Ok(x) if x.success() => Ok(()),
+            Ok(x) => Err(std::io::Error::other(format!("ip -batch ({x}): {}", err.trim()))),
+            Err(_) => Err(std::io::Error::other("ip -batch was not reaped")),
+        }
     };
     // A veth left from an earlier workload (its namespace not yet gone).
-    let _ = ip(&["link", "del", &net.host_if]);
-    let r = reaper.clone();
-    crate::sys::create_netns(&path, move || {
-        let mut c = Command::new("ip");
-        c.args(["link", "set", "lo", "up"]);
-        exec::check_blocking(&r, c).map(|_| ()).map_err(std::io::Error::other)
-    })
-    .map_err(|source| NestedError::Netns { path: path.clone(), source })?;
-    let netns = path.to_string_lossy().into_owned();
+    let mut del = Command::new("ip");
+    del.args(["link", "del", &net.host_if]);
+    let _ = exec::output_blocking(reaper, del);
+    crate::sys::create_netns(&path, || Ok(())).map_err(|source| NestedError::Netns { path: path.clone(), source })?;
     let setup = || -> std::io::Result<()> {
-        let gw = format!("{}/{}", net.gateway, net.prefix_len);
-        let addr = format!("{}/{}", net.address, net.prefix_len);
-        ip(&["link", "add", &net.host_if, "type", "veth", "peer", "name", "ums-nested"])?;
-        ip(&["link", "set", "ums-nested", "netns", &netns])?;
-        ip(&["addr", "add", &gw, "dev", &net.host_if])?;
-        ip(&["link", "set", &net.host_if, "up"])?;
-        let inside = |args: &[&str]| {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net={netns}")).arg("ip").args(args);
-            exec::check_blocking(reaper, c).map(|_| ()).map_err(std::io::Error::other)
-        };
-        inside(&["link", "set", "ums-nested", "name", "eth0"])?;
-        inside(&["addr", "add", &addr, "dev", "eth0"])?;
-        inside(&["link", "set", "eth0", "up"])?;
-        inside(&["route", "add", "default", "via", &net.gateway.to_string()])?;
-        Ok(())
+        let outer = format!(
+            "link add {if} type veth peer name eth0 netns {ns}\naddr add {gw}/{len} dev {if}\nlink set {if} up\n",
+            if = net.host_if,
+            ns = path.display(),
+            gw = net.gateway,
+            len = net.prefix_len
+        );
+        batch(Command::new("ip"), outer)?;
+        let inside = format!(
+            "link set lo up\naddr add {addr}/{len} dev eth0\nlink set eth0 up\nroute add default via {gw}\n",
+            addr = net.address,
+            len = net.prefix_len,
+            gw = net.gateway
+        );
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", path.display())).arg("ip");
+        batch(c, inside)
     };
     setup().map_err(|source| NestedError::Netns { path: path.clone(), source })?;
     outbound_nat(cfg, reaper);
@@ -166,6 +177,12 @@ pub fn make_netns(cfg: &Config, reaper: &Reaper) -> Result<(), NestedError> {
 /// and masquerade its subnet. Best effort: a workload that only serves
 /// published ports does not need it, so a failure is logged, not fatal.
 fn outbound_nat(cfg: &Config, reaper: &Reaper) {
+    // The rule lives in the outer container's namespace and outlasts every
+    // workload: set it up once per ums.
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if DONE.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return;
+    }
     if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
         tracing::warn!(error = %e, "cannot enable IP forwarding; the workload has no outbound network");
         return;
