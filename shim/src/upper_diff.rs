@@ -8,7 +8,7 @@
 //! a valid image layer. Unpacking turns them back into overlay's own markers.
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -427,45 +427,21 @@ impl<R: Read> Read for LimitedReader<R> {
 }
 
 // ---------------------------------------------------------------------------
-// xattr system calls: the only `unsafe` code in this module, kept together so
-// it can move to the `sys` module. `oci_layout` uses `set_xattr` too.
+// Extended attributes through the `xattr` crate, which never follows a
+// symlink (l*xattr). `oci_layout` uses `set_xattr` too.
 
-/// `lsetxattr(2)`: set `name` on `path` itself (never through a symlink).
+/// Set `name` on `path` itself (never through a symlink).
 pub(crate) fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
-    let c_path = CString::new(path.as_os_str().as_bytes())?;
-    let c_name = CString::new(name)?;
-    // SAFETY: `c_path` and `c_name` are NUL-terminated strings that live until
-    // after the call; `value` points to `value.len()` readable bytes; the kernel
-    // keeps none of these pointers.
-    let rc = unsafe { libc::lsetxattr(c_path.as_ptr(), c_name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    xattr::set(path, name, value)
 }
 
-/// `lgetxattr(2)`: the value of `name` on `path` itself, `None` if it is not
-/// set or the filesystem has no xattrs.
+/// The value of `name` on `path` itself, `None` if it is not set or the
+/// filesystem has no xattrs.
 pub(crate) fn get_xattr(path: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
-    let c_path = CString::new(path.as_os_str().as_bytes())?;
-    let c_name = CString::new(name)?;
-    let mut buf = vec![0u8; 256];
-    loop {
-        // SAFETY: the strings are NUL-terminated and outlive the call; `buf` is
-        // valid for writes of `buf.len()` bytes and the kernel writes at most that.
-        let n = unsafe { libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            return Ok(Some(buf));
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::ENODATA) | Some(libc::ENOTSUP) => return Ok(None),
-            // XATTR_SIZE_MAX is 64 KiB: one retry at that size always fits.
-            Some(libc::ERANGE) if buf.len() < 65536 => buf.resize(65536, 0),
-            _ => return Err(err),
-        }
+    match xattr::get(path, name) {
+        Ok(v) => Ok(v),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) || e.raw_os_error() == Some(libc::ENODATA) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
