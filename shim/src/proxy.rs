@@ -337,8 +337,9 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64
     const CHUNK: usize = 1 << 20;
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     let (pr, pw) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
-    // A bigger pipe moves more per call; the default (64 KiB) works too.
-    let _ = nix::fcntl::fcntl(pw.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
+    // The default pipe (64 KiB) serves requests and answers; a stream that
+    // fills it is bulk, and gets a bigger pipe so each call moves more.
+    let mut grown = false;
     let mut total = 0u64;
     loop {
         from.readable().await?;
@@ -352,6 +353,10 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64
         if n == 0 {
             let _ = nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
             return Ok(total);
+        }
+        if !grown && n >= 64 << 10 {
+            grown = true;
+            let _ = nix::fcntl::fcntl(pw.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
         }
         let mut left = n;
         while left > 0 {
