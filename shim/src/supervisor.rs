@@ -321,6 +321,10 @@ impl Supervisor {
             self.adopt(n);
         }
         if outcome == Outcome::Gone {
+            if d.op == Op::Checkpoint {
+                // Checkpointed and stopped: nothing behind the published ports.
+                self.ctx.publisher.close();
+            }
             self.workload = None;
             self.exit_rx = None;
             self.exited_during_op = None;

@@ -30,6 +30,23 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             println!("ports:      {}", w["exposed_ports"]);
             println!("uptime:     {:.1} s", w["uptime_s"].as_f64().unwrap_or(0.0));
         }
+        let p = &v["published"];
+        if let Some(ports) = p["ports"].as_array() {
+            let list: Vec<String> = ports
+                .iter()
+                .map(|x| format!("{}->{}/{}", x["outer"], x["inner"], x["proto"].as_str().unwrap_or("?")))
+                .collect();
+            println!(
+                "published:  {} mode {} (open {}, held {} now, {} in all, {} forwarded, {} refused)",
+                if list.is_empty() { "none".to_string() } else { list.join(" ") },
+                p["mode"],
+                p["open_connections"],
+                p["held_now"],
+                p["held_total"],
+                p["forwarded_total"],
+                p["refused_total"]
+            );
+        }
         let op = &v["last_op"];
         if !op.is_null() {
             let status = if op["ok"].as_bool() == Some(true) {

@@ -178,14 +178,22 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
         tracing::info!(still_open, "connections still open at the freeze; they end when the workload has left");
     }
     let t_freeze = Instant::now();
-    let s = streamer::start(&images, 1000, tx.clone(), live).map_err(|e| MigrateError::Stream(e.to_string()))?;
+    let s = match streamer::start(&images, 1000, tx.clone(), live) {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.publisher.direct();
+            return Err(MigrateError::Stream(e.to_string()));
+        }
+    };
     let (c2, n2, images2, work) = (ctx.clone(), n.clone(), images.clone(), dir.join("work"));
     let dumped = tokio::task::spawn_blocking(move || {
         let mut t = Timings::default();
         checkpoint::freeze_and_dump(&c2.cfg, &c2.reaper, &c2.runtime, &n2, &images2, &work, &mut t).map(|_| t)
     })
     .await
-    .map_err(|e| MigrateError::Stream(e.to_string()))?;
+    .unwrap_or_else(|e| {
+        Err(CheckpointError::Freeze(crate::exec::ExecError::Lost { program: format!("dump task: {e}") }))
+    });
     let mut timings = match dumped {
         Ok(t) => t,
         Err(e) => {
