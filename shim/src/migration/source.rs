@@ -83,13 +83,27 @@ fn resident_bytes(pids: &[i32]) -> u64 {
 /// Migrate the workload `n` to the peer at `to`. On success the frozen copy
 /// here is gone; on failure the workload runs here as before.
 pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_json::Value, MigrateError> {
-    let cfg = ctx.cfg.clone();
-    let t_start = Instant::now();
+    use tracing::Instrument;
     let migration_id = format!("m-{:016x}", rand::random::<u64>());
     let span = tracing::info_span!("migrate", peer = %to, workload = %n.id, id = %migration_id);
-    let _enter = span.enter();
+    migrate(ctx, n, to, migration_id).instrument(span).await
+}
 
-    // ---- pre-migration: the workload is not touched yet.
+/// An open connection to the destination after pre-migration.
+struct Session {
+    r: super::transport::PeerRead,
+    tx: mpsc::Sender<Out>,
+    writer_task: tokio::task::JoinHandle<Result<u64, WireError>>,
+    peer: String,
+    blob_bytes: u64,
+    missing_blobs: usize,
+}
+
+/// Pre-migration (UMS III-B): connect, say hello, send the blobs the
+/// destination lacks, and wait until it has the image ready. The workload is
+/// not touched.
+async fn pre_migration(ctx: &Ctx, n: &Nested, to: &str, migration_id: &str) -> Result<Session, MigrateError> {
+    let cfg = &ctx.cfg;
     let layout = cfg
         .layout_candidates()
         .into_iter()
@@ -101,11 +115,11 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
     let img = layout.resolve().map_err(|e| MigrateError::Image(e.to_string()))?;
     let blobs = layout.image_blobs(&img);
     let manifest_size = blobs.iter().find(|(d, _)| *d == img.manifest_digest).map(|b| b.1).unwrap_or(0);
-    let conn = super::transport::connect(&cfg, to, Duration::from_secs(10))
+    let conn = super::transport::connect(cfg, to, Duration::from_secs(10))
         .await
         .map_err(|source| MigrateError::Connect { peer: to.into(), source })?;
-    let peer_addr = conn.peer.clone();
-    tracing::info!(identity = %peer_addr, "connected to the peer");
+    let peer = conn.peer.clone();
+    tracing::info!(identity = %peer, "connected to the peer");
     let (mut r, w) = (conn.read, conn.write);
     let (tx, rx) = mpsc::channel::<Out>(32);
     let writer_task = tokio::spawn(writer(BufWriter::with_capacity(wire::CHUNK + 64, w), rx));
@@ -115,7 +129,7 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
     };
     let hello = Hello {
         protocol: wire::PROTOCOL_VERSION,
-        migration_id: migration_id.clone(),
+        migration_id: migration_id.to_string(),
         ums_version: env!("CARGO_PKG_VERSION").into(),
         image: n.image.clone(),
         blobs: blobs.clone(),
@@ -163,8 +177,25 @@ pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_j
             WireError::Peer(m) => MigrateError::Refused(m),
             e => MigrateError::Pre(e),
         })?;
+    Ok(Session { r, tx, writer_task, peer, blob_bytes, missing_blobs: ok.missing_blobs.len() })
+}
+
+async fn migrate(
+    ctx: &Ctx,
+    n: &Arc<Nested>,
+    to: &str,
+    migration_id: String,
+) -> Result<serde_json::Value, MigrateError> {
+    let cfg = ctx.cfg.clone();
+    let t_start = Instant::now();
+    let Session { mut r, tx, writer_task, peer: peer_addr, blob_bytes, missing_blobs } =
+        pre_migration(ctx, n, to, &migration_id).await?;
+    let send = |f: Frame| {
+        let tx = tx.clone();
+        async move { tx.send(Out::Control(f)).await.map_err(|_| WireError::Closed) }
+    };
     let pre_ms = ms(t_start.elapsed());
-    tracing::info!(pre_ms, missing_blobs = ok.missing_blobs.len(), blob_bytes, "pre-migration done");
+    tracing::info!(pre_ms, missing_blobs, blob_bytes, "pre-migration done");
 
     // ---- migration: freeze, dump while streaming, manifest.
     let dir = cfg.images_root().join(&migration_id);
