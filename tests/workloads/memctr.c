@@ -1,7 +1,9 @@
 /*
  * memctr: the end-to-end test workload (a memhog with a counter, as in UMS IV).
  *
- *   memctr [MiB]              touch MiB of random memory, then tick forever
+ *   memctr [MiB [PROCS]]      touch MiB of random memory, then tick forever;
+ *                             with PROCS > 1, also fork PROCS-1 idle children
+ *                             (the workload is then PROCS processes in all)
  *   memctr spawn-orphans K    also fork K children that each leave an orphan
  *
  * Lines on stdout (each flushed at once, stdout is usually a pipe):
@@ -126,9 +128,31 @@ static void spawn_orphans(long k)
 	}
 }
 
+/* Children that only sleep: a workload of several processes (UMS Fig. 6).
+ * They end with the pid namespace when memctr, its init, ends. */
+static void spawn_idle(long k)
+{
+	for (long i = 0; i < k; i++) {
+		pid_t child = fork();
+		if (child < 0) {
+			perror("fork");
+			exit(1);
+		}
+		if (child == 0) {
+			signal(SIGTERM, SIG_DFL);
+			signal(SIGUSR1, SIG_DFL);
+			prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+			for (;;)
+				pause();
+		}
+	}
+	if (k > 0)
+		printf("procs %ld\n", k + 1);
+}
+
 int main(int argc, char **argv)
 {
-	long mib = 0, orphans = 0;
+	long mib = 0, orphans = 0, procs = 1;
 	const char *env_mib = getenv("MEMCTR_MIB");
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -139,8 +163,10 @@ int main(int argc, char **argv)
 	} else if (argc > 1) {
 		char *end;
 		mib = strtol(argv[1], &end, 10);
-		if (*end || mib < 0) {
-			fprintf(stderr, "usage: memctr [MiB] | memctr spawn-orphans K\n");
+		if (argc > 2 && !*end)
+			procs = strtol(argv[2], &end, 10);
+		if (*end || mib < 0 || procs < 1 || argc > 3) {
+			fprintf(stderr, "usage: memctr [MiB [PROCS]] | memctr spawn-orphans K\n");
 			return 2;
 		}
 	}
@@ -195,6 +221,7 @@ int main(int argc, char **argv)
 	int orphans_reported = 0;
 	if (orphans > 0)
 		spawn_orphans(orphans);
+	spawn_idle(procs - 1);
 
 	uint64_t n = 0;
 	int64_t deadline = now_ns(CLOCK_MONOTONIC) + TICK_NS;

@@ -21,6 +21,7 @@
 
 mod checkpoint;
 mod common;
+mod compare;
 mod migration;
 mod runc;
 mod startup;
