@@ -484,86 +484,13 @@ impl Timeline {
 // ---------------------------------------------------------------- the figure
 
 mod figure {
-    use ab_glyph::{Font, FontVec, PxScale, ScaleFont};
     use plotters::prelude::*;
+    use ums_e2e::plot::{nice_step, Align, Label};
 
     use super::Timeline;
 
     const W: u32 = 1280;
     const H: u32 = 820;
-
-    #[derive(Clone, Copy)]
-    pub enum Align {
-        Left,
-        Center,
-        Right,
-    }
-
-    struct Label {
-        x: i32,
-        y: i32,
-        text: String,
-        px: f32,
-        align: Align,
-        color: [u8; 3],
-    }
-
-    const FONTS: &[&str] = &[
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-        "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
-    ];
-
-    fn font() -> Option<FontVec> {
-        let mut paths: Vec<String> = std::env::var("UMS_BENCH_FONT").ok().into_iter().collect();
-        paths.extend(FONTS.iter().map(|s| s.to_string()));
-        paths.iter().find_map(|p| std::fs::read(p).ok().and_then(|b| FontVec::try_from_vec(b).ok()))
-    }
-
-    /// Draws `l` into an RGB buffer; (x, y) is the text's vertical middle.
-    fn draw_text(buf: &mut [u8], font: &FontVec, l: &Label) {
-        let sf = font.as_scaled(PxScale::from(l.px));
-        let mut width = 0.0;
-        let mut prev = None;
-        for c in l.text.chars() {
-            let id = sf.glyph_id(c);
-            if let Some(p) = prev {
-                width += sf.kern(p, id);
-            }
-            width += sf.h_advance(id);
-            prev = Some(id);
-        }
-        let x0 = match l.align {
-            Align::Left => l.x as f32,
-            Align::Center => l.x as f32 - width / 2.0,
-            Align::Right => l.x as f32 - width,
-        };
-        let baseline = l.y as f32 + (sf.ascent() + sf.descent()) / 2.0;
-        let mut caret = x0;
-        let mut prev = None;
-        for c in l.text.chars() {
-            let id = sf.glyph_id(c);
-            if let Some(p) = prev {
-                caret += sf.kern(p, id);
-            }
-            let g = id.with_scale_and_position(l.px, ab_glyph::point(caret, baseline));
-            caret += sf.h_advance(id);
-            prev = Some(id);
-            let Some(og) = font.outline_glyph(g) else { continue };
-            let b = og.px_bounds();
-            og.draw(|gx, gy, cov| {
-                let (px, py) = (b.min.x as i32 + gx as i32, b.min.y as i32 + gy as i32);
-                if px < 0 || py < 0 || px >= W as i32 || py >= H as i32 {
-                    return;
-                }
-                let i = (py as usize * W as usize + px as usize) * 3;
-                for k in 0..3 {
-                    let (bg, fg) = (buf[i + k] as f32, l.color[k] as f32);
-                    buf[i + k] = (bg + (fg - bg) * cov.min(1.0)).round() as u8;
-                }
-            });
-        }
-    }
 
     fn decade_label(v: f64) -> String {
         if v >= 1.0 {
@@ -579,7 +506,7 @@ mod figure {
         let mut labels: Vec<Label> = Vec::new();
         let black = [0, 0, 0];
         let lab = |labels: &mut Vec<Label>, x: i32, y: i32, text: String, px: f32, align: Align, color: [u8; 3]| {
-            labels.push(Label { x, y, text, px, align, color })
+            labels.push(Label::new(x, y, text, px, align, color))
         };
         let (f0, f1) = t.freeze();
         let xmax = t.end.ceil().max(1.0);
@@ -731,26 +658,7 @@ mod figure {
             );
             root.present()?;
         }
-        let font = font();
-        if let Some(font) = &font {
-            for l in &labels {
-                draw_text(&mut buf, font, l);
-            }
-        }
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let f = std::io::BufWriter::new(std::fs::File::create(path)?);
-        let mut enc = png::Encoder::new(f, W, H);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        enc.write_header()?.write_image_data(&buf)?;
-        Ok(font.is_some())
-    }
-
-    fn nice_step(raw: f64) -> f64 {
-        let mag = 10f64.powf(raw.max(1e-9).log10().floor());
-        [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(10.0 * mag)
+        ums_e2e::plot::finish(&mut buf, (W, H), &labels, path)
     }
 }
 
@@ -865,5 +773,48 @@ fn main() {
     if let Err(e) = result {
         progress(&format!("failed: {e:#}"));
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small synthetic timeline: the figure renders, decodes at its size and is not blank.
+    #[test]
+    fn figure_renders_a_synthetic_timeline() {
+        let mut samples = Vec::new();
+        let mut rng = 12345u64;
+        for i in 0..3000 {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let start = i as f64 * 0.003;
+            let jitter = (rng >> 40) as f64 / (1u64 << 24) as f64;
+            let in_freeze = (4.0..4.3).contains(&start);
+            let latency_ms = if in_freeze { 300.0 * jitter + 50.0 } else { 0.2 + jitter };
+            samples.push(Sample { start, latency_ms, ok: i % 997 != 0 });
+        }
+        let report = serde_json::json!({
+            "total_ms": 1500.0, "pre_migration_ms": 900.0, "frozen_ms": 300.0,
+            "checkpoint_ms": 100.0, "restore_ms": 150.0, "bytes": 1234567
+        });
+        let t = Timeline {
+            samples,
+            errors: vec!["x".into(); 3],
+            cmd_start: 3.0,
+            cmd_end: 4.5,
+            report,
+            end: 9.0,
+            clients: 50,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("clients.png");
+        figure::render(&t, &path).expect("render");
+        let img = ums_e2e::plot::read_png(&path).expect("decode");
+        assert_eq!((img.width, img.height), (1280, 820));
+        assert!(img.non_white() > 10_000, "{} non-white pixels", img.non_white());
+        // To look at it, or to compare renderings byte for byte across a change.
+        if let Some(keep) = std::env::var_os("UMS_TEST_CLIENTS_PNG") {
+            std::fs::copy(&path, keep).expect("copy");
+        }
     }
 }
