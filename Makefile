@@ -5,6 +5,10 @@
 #   make test    install the dependencies (with the test extras), build, and run
 #                every test: unit tests and end-to-end tests (root, namespaces)
 #   make bench   the benchmarks (extra arguments: make bench ARGS="...")
+#   make bench-compare  ums beside stop-then-copy, CRIU's page server and
+#                podman: 0..1024 MiB and 1/4/8 processes, 1 Gbit/s and
+#                unlimited, 5 runs each; writes docs/bench/compare.md and
+#                compare.png (about 40 min; needs make image-deps for podman)
 #   make test-image  the outer image with real engines (a slower suite, about
 #                5 min, that .ci/run runs after make test): builds the outer image
 #                from the Dockerfile with podman on a debootstrap'ed bookworm,
@@ -24,7 +28,7 @@ ARGS ?=
 # Where cargo puts its output (honours CARGO_TARGET_DIR like cargo does).
 TARGET_DIR ?= $(abspath $(or $(CARGO_TARGET_DIR),target))
 
-.PHONY: all deps test-deps build demo test bench clean test-image image-deps
+.PHONY: all deps test-deps build demo test bench bench-compare clean test-image image-deps
 
 all: build
 
@@ -64,6 +68,12 @@ test-image: test-deps image-deps
 bench: test-deps
 	$(CARGO) build --release -p ums
 	UMS_BIN=$(TARGET_DIR)/release/ums $(CARGO) run --release -p ums-e2e --bin ums-bench -- $(ARGS)
+
+COMPARE_ARGS ?= --runs 5 --sizes 0,64,128,256,512,1024 --procs 1,4,8 --rates 1gbit,none
+bench-compare: test-deps image-deps
+	$(CARGO) build --release -p ums
+	UMS_BIN=$(TARGET_DIR)/release/ums $(CARGO) run --release -p ums-e2e --bin ums-bench -- \
+		--only compare $(COMPARE_ARGS) --out docs/bench $(ARGS)
 
 clean:
 	$(CARGO) clean

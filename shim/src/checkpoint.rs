@@ -28,6 +28,8 @@ pub enum CheckpointError {
     },
     #[error("checkpoint dir {0} is not empty")]
     NotEmpty(PathBuf),
+    #[error("page server {0:?} is not IP:PORT")]
+    BadPageServer(String),
     #[error("cannot checkpoint a workload running as uid {0} without CAP_SYS_RESOURCE (CRIU reads its resource limits with prlimit); give the outer container that capability or run the workload as root")]
     NeedsSysResource(u32),
     #[error("freeze failed: {0}")]
@@ -90,6 +92,7 @@ pub fn freeze_and_dump(
         work_path: work.into(),
         leave_running: true,
         tcp_established: cfg.tcp_established,
+        page_server: None,
     };
     if let Err(e) = runtime.checkpoint(reaper, &n.id, &opts) {
         thaw(reaper, runtime, n);
@@ -120,8 +123,9 @@ pub fn meta(cfg: &Config, n: &Nested) -> Meta {
 }
 
 /// The `checkpoint` request: dump into `dir` (which must be empty or absent),
-/// then either thaw the workload (`leave_running`) or end it.
-/// Returns whether the workload still runs here.
+/// then either thaw the workload (`leave_running`) or end it. With a
+/// `page_server` (`IP:PORT` of a `criu page-server`), CRIU sends the memory
+/// pages there while it dumps, and `dir` gets everything else.
 pub fn checkpoint_to_dir(
     cfg: &Config,
     reaper: &Reaper,
@@ -129,9 +133,15 @@ pub fn checkpoint_to_dir(
     n: &Nested,
     dir: &Path,
     leave_running: bool,
+    page_server: Option<&str>,
 ) -> Result<Timings, CheckpointError> {
     let t0 = Instant::now();
     let mut t = Timings::default();
+    if let Some(ps) = page_server {
+        if ps.parse::<std::net::SocketAddr>().is_err() {
+            return Err(CheckpointError::BadPageServer(ps.into()));
+        }
+    }
     if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(CheckpointError::NotEmpty(dir.into()));
     }
@@ -166,6 +176,7 @@ pub fn checkpoint_to_dir(
         work_path: dir.join("work"),
         leave_running,
         tcp_established: cfg.tcp_established,
+        page_server: page_server.map(String::from),
     };
     if let Err(e) = runtime.checkpoint(reaper, &n.id, &opts) {
         thaw(reaper, runtime, n);

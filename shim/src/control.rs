@@ -22,6 +22,10 @@ pub enum Request {
         dir: PathBuf,
         #[serde(default = "yes")]
         leave_running: bool,
+        /// `IP:PORT` of a `criu page-server`: the memory pages go there
+        /// during the dump instead of into `dir`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        page_server: Option<String>,
     },
     Restore {
         dir: PathBuf,
@@ -247,11 +251,19 @@ mod tests {
         assert_eq!(parse(r#"{"op":"status"}"#), Ok(Request::Status));
         assert_eq!(
             parse(r#"{"op":"checkpoint","dir":"/tmp/c"}"#),
-            Ok(Request::Checkpoint { dir: "/tmp/c".into(), leave_running: true })
+            Ok(Request::Checkpoint { dir: "/tmp/c".into(), leave_running: true, page_server: None })
         );
         assert_eq!(
             parse(r#"{"op":"checkpoint","dir":"/tmp/c","leave_running":false}"#),
-            Ok(Request::Checkpoint { dir: "/tmp/c".into(), leave_running: false })
+            Ok(Request::Checkpoint { dir: "/tmp/c".into(), leave_running: false, page_server: None })
+        );
+        assert_eq!(
+            parse(r#"{"op":"checkpoint","dir":"/tmp/c","page_server":"10.0.0.2:27000"}"#),
+            Ok(Request::Checkpoint {
+                dir: "/tmp/c".into(),
+                leave_running: true,
+                page_server: Some("10.0.0.2:27000".into())
+            })
         );
         assert_eq!(
             parse(r#"{"op":"migrate","to":"10.0.0.2:7411"}"#),

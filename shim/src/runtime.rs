@@ -15,6 +15,8 @@ pub struct CheckpointOpts {
     pub work_path: PathBuf,
     pub leave_running: bool,
     pub tcp_established: bool,
+    /// `IP:PORT` of a CRIU page server that receives the memory pages.
+    pub page_server: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +98,10 @@ impl Runtime {
         }
         if o.tcp_established {
             a.push("--tcp-established".into());
+        }
+        if let Some(ps) = &o.page_server {
+            a.push("--page-server".into());
+            a.push(ps.clone());
         }
         a.push("--file-locks".into());
         a.push(id.into());
@@ -255,6 +261,11 @@ mod tests {
         assert_eq!(a.last().unwrap(), "w1");
         let i = a.iter().position(|x| x == "--image-path").unwrap();
         assert_eq!(a[i + 1], "/i");
+        assert!(!a.contains(&"--page-server".to_string()));
+        o.page_server = Some("10.0.0.2:27000".into());
+        let a = rt().checkpoint_args("w1", &o);
+        let i = a.iter().position(|x| x == "--page-server").unwrap();
+        assert_eq!(a[i + 1], "10.0.0.2:27000");
     }
 
     #[test]

@@ -368,12 +368,19 @@ impl Supervisor {
         let workload = self.workload.clone();
         match req {
             Request::Status => unreachable!(),
-            Request::Checkpoint { dir, leave_running } => {
+            Request::Checkpoint { dir, leave_running, page_server } => {
                 let n = workload.expect("running state has a workload");
                 tokio::spawn(async move {
                     let r = tokio::task::spawn_blocking(move || {
-                        let r =
-                            checkpoint::checkpoint_to_dir(&ctx.cfg, &ctx.reaper, &ctx.runtime, &n, &dir, leave_running);
+                        let r = checkpoint::checkpoint_to_dir(
+                            &ctx.cfg,
+                            &ctx.reaper,
+                            &ctx.runtime,
+                            &n,
+                            &dir,
+                            leave_running,
+                            page_server.as_deref(),
+                        );
                         if r.is_ok() && !leave_running {
                             nested::cleanup(&ctx.cfg, &ctx.reaper, &ctx.runtime, &n);
                         }

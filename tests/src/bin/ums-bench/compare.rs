@@ -71,9 +71,10 @@ impl Method {
     }
 
     pub fn parse(s: &str) -> anyhow::Result<Method> {
-        Method::ALL.into_iter().find(|m| m.key() == s).with_context(|| {
-            format!("unknown method {s:?} (ums, stop-copy, page-server, podman)")
-        })
+        Method::ALL
+            .into_iter()
+            .find(|m| m.key() == s)
+            .with_context(|| format!("unknown method {s:?} (ums, stop-copy, page-server, podman)"))
     }
 }
 
@@ -155,7 +156,15 @@ pub struct Cell {
 pub fn link_tx_bytes(ha: &Host, hb: &Host) -> anyhow::Result<u64> {
     let mut sum = 0;
     for h in [ha, hb] {
-        let out = ums_e2e::run(Command::new("ip").args(["-n", h.name(), "-s", "-j", "link", "show", ums_e2e::host::LINK_DEV]))?;
+        let out = ums_e2e::run(Command::new("ip").args([
+            "-n",
+            h.name(),
+            "-s",
+            "-j",
+            "link",
+            "show",
+            ums_e2e::host::LINK_DEV,
+        ]))?;
         let v: serde_json::Value = serde_json::from_str(&out).with_context(|| format!("ip -s -j link: {out}"))?;
         sum += v[0]["stats64"]["tx"]["bytes"].as_u64().with_context(|| format!("no tx bytes in {out}"))?;
     }
@@ -255,4 +264,239 @@ pub fn tar_dir_over_tcp(src: &Outer, hsrc: &Host, dst: &Outer, hdst: &Host, dir:
 /// A path inside an outer container, seen from the host.
 pub fn proc_root(o: &Outer, path: &str) -> PathBuf {
     PathBuf::from(format!("/proc/{}/root", o.pid1())).join(path.trim_start_matches('/'))
+}
+
+/// VmRSS and VmHWM of a process, in MiB.
+fn rss_hwm(pid: i32) -> anyhow::Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = |key: &str| -> anyhow::Result<f64> {
+        let line = status.lines().find(|l| l.starts_with(key)).with_context(|| format!("no {key} for pid {pid}"))?;
+        let v: f64 = line.split_whitespace().nth(1).context("no value")?.parse()?;
+        Ok(v / 1024.0)
+    };
+    Ok((kb("VmRSS:")?, kb("VmHWM:")?))
+}
+
+/// Resets a process's VmHWM to its current RSS (`clear_refs` 5), so that the
+/// next reading is the peak from now on; returns the current RSS.
+fn reset_peak(pid: i32) -> anyhow::Result<f64> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").with_context(|| format!("clear_refs of pid {pid}"))?;
+    Ok(rss_hwm(pid)?.0)
+}
+
+/// Waits until something in the network namespace of `pid` listens on TCP `port`.
+fn wait_listening(pid: i32, port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let needle = format!(":{port:04X} ");
+    loop {
+        for table in ["tcp", "tcp6"] {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+            let listening = text.lines().skip(1).any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && format!("{} ", f[1]).ends_with(&needle) && f[3] == "0A"
+            });
+            if listening {
+                return Ok(());
+            }
+        }
+        check_interrupted()?;
+        if Instant::now() >= deadline {
+            bail!("nothing listens on port {port} in the network namespace of pid {pid}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One side of a migration: an outer container and the host it runs on.
+#[derive(Clone, Copy)]
+struct Side<'a> {
+    outer: &'a Outer,
+    host: &'a Host,
+}
+
+/// `ums checkpoint|restore --json ...` in `o`; returns the reply's `total_ms` in seconds.
+fn ums_step(o: &Outer, args: &[&str]) -> anyhow::Result<f64> {
+    let out = o.ums_ok(args)?;
+    Ok(field(&json_result(&out)?, "total_ms")? / 1000.0)
+}
+
+fn ums_once(p: &Point<'_>, src: Side<'_>, dst: Side<'_>, run: &mut Run) -> anyhow::Result<()> {
+    let (ps, pd) = (src.outer.pid1(), dst.outer.pid1());
+    let (rs, rd) = (reset_peak(ps)?, reset_peak(pd)?);
+    let to = format!("{}:{PEER_PORT}", dst.host.addr());
+    let out = src.outer.ums_ok(&["migrate", "--json", "--to", &to])?;
+    let r = json_result(&out)?;
+    let grown = (rss_hwm(ps)?.1 - rs).max(rss_hwm(pd)?.1 - rd);
+    run.mem_mib = Some(grown);
+    for (name, key) in [("checkpoint", "checkpoint_ms"), ("transfer", "transfer_ms"), ("restore", "restore_ms")] {
+        run.phases.push((name, field(&r, key)? / 1000.0));
+    }
+    run.phases.push(("ums total_ms", field(&r, "total_ms")? / 1000.0));
+    let _ = p;
+    Ok(())
+}
+
+fn stop_copy_once(dir: &str, src: Side<'_>, dst: Side<'_>, run: &mut Run) -> anyhow::Result<()> {
+    let t = Instant::now();
+    ums_step(src.outer, &["checkpoint", "--json", "--stop", dir])?;
+    run.phases.push(("checkpoint", t.elapsed().as_secs_f64()));
+    let t = Instant::now();
+    tar_dir_over_tcp(src.outer, src.host, dst.outer, dst.host, dir)?;
+    run.phases.push(("copy", t.elapsed().as_secs_f64()));
+    let t = Instant::now();
+    ums_step(dst.outer, &["restore", "--json", dir])?;
+    run.phases.push(("restore", t.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+/// `criu page-server` in the destination outer container (its mount and
+/// network namespaces), writing into `dir`/images there; returns once it listens.
+fn start_page_server(dst: Side<'_>, dir: &str, port: u16) -> anyhow::Result<std::process::Child> {
+    let images = format!("{dir}/images");
+    std::fs::create_dir_all(proc_root(dst.outer, &images))?;
+    let pid = dst.outer.pid1();
+    let mut child = Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-m", "-n", "--", "criu", "page-server", "--images-dir", &images])
+        .args(["--port", &port.to_string(), "-v2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("spawn criu page-server in the destination outer container")?;
+    if let Err(e) = wait_listening(pid, port, Duration::from_secs(10)) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    Ok(child)
+}
+
+fn page_server_once(dir: &str, src: Side<'_>, dst: Side<'_>, run: &mut Run) -> anyhow::Result<()> {
+    let port = 20000 + rand::random::<u16>() % 20000;
+    let mut server = start_page_server(dst, dir, port)?;
+    let ps = format!("{}:{port}", dst.host.addr());
+    let t0 = Instant::now();
+    let dumped = ums_step(src.outer, &["checkpoint", "--json", "--stop", "--page-server", &ps, dir]);
+    if dumped.is_err() {
+        let _ = server.kill();
+    }
+    let status = server.wait()?;
+    dumped?;
+    if !status.success() {
+        bail!("criu page-server failed: {status} (its log is in {dir}/images of the destination)");
+    }
+    run.phases.push(("dump + pages", t0.elapsed().as_secs_f64()));
+    let t = Instant::now();
+    tar_dir_over_tcp(src.outer, src.host, dst.outer, dst.host, dir)?;
+    run.phases.push(("copy the rest", t.elapsed().as_secs_f64()));
+    let t = Instant::now();
+    ums_step(dst.outer, &["restore", "--json", dir])?;
+    run.phases.push(("restore", t.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+/// One migration by method `m` from `src` to `dst`, with the figures every
+/// method shares (time, downtime, bytes on the link).
+fn migrate_once(p: &Point<'_>, m: Method, i: usize, src: Side<'_>, dst: Side<'_>) -> anyhow::Result<Run> {
+    let mut run = Run::default();
+    let from_dst = dst.outer.log().len();
+    let dir = format!("/run/bench-cmp-{}-{i}", std::process::id());
+    let meter = LinkMeter::start(p.ha, p.hb)?;
+    let t = Instant::now();
+    let result = match m {
+        Method::Ums => ums_once(p, src, dst, &mut run),
+        Method::StopCopy => stop_copy_once(&dir, src, dst, &mut run),
+        Method::PageServer => page_server_once(&dir, src, dst, &mut run),
+        Method::Podman => bail!("podman runs in its own containers (podman.rs)"),
+    };
+    run.total_s = t.elapsed().as_secs_f64();
+    run.link_mib = meter.mib()?;
+    for side in [src, dst] {
+        let path = proc_root(side.outer, &dir);
+        if path.exists() {
+            std::fs::remove_dir_all(&path).with_context(|| format!("rm -r {}", path.display()))?;
+        }
+    }
+    result?;
+    // The source's last tick may still be in the pipe: read it once the
+    // destination has ticked a few times.
+    let (_, first) = wait_tick(dst.outer.log(), from_dst, CONTINUE).context("no tick at the destination")?;
+    wait_line(dst.outer.log(), from_dst, &format!("tick {} ", first.n + 2), CONTINUE)?;
+    let last = *ticks(src.outer.log(), 0).last().context("no tick at the source")?;
+    run.downtime_s = downtime(last, first, &mut run.notes);
+    Ok(run)
+}
+
+/// `p.runs` migrations by `m` (ums, stop-then-copy or page server) between
+/// two fresh outer containers, alternately A -> B and B -> A.
+fn outer_series(p: &Point<'_>, m: Method, out: &mut Vec<Run>) -> anyhow::Result<()> {
+    let mk = |side: &str, host: &Host, standby: bool| {
+        let mut b = Outer::builder(&format!("bench-cmp-{}-{}-{side}", m.key(), p.w.mib))
+            .host(host)
+            .layout(&p.w.img.layout)
+            .ums(p.ums);
+        if standby {
+            b = b.args(&["--standby"]);
+        }
+        b.start()
+    };
+    let a = mk("a", p.ha, false)?;
+    let b = mk("b", p.hb, true)?;
+    wait_line(b.log(), 0, "standby", START).context("B did not reach standby")?;
+    wait_line(a.log(), 0, "tick 5 ", START).context("the workload in A did not start ticking")?;
+    let (sa, sb) = (Side { outer: &a, host: p.ha }, Side { outer: &b, host: p.hb });
+    for i in 0..p.runs {
+        check_interrupted()?;
+        let forward = i % 2 == 0;
+        progress(&format!("{}: run {}/{} ({})", p.label(m), i + 1, p.runs, if forward { "A->B" } else { "B->A" }));
+        let r = if forward { migrate_once(p, m, i, sa, sb)? } else { migrate_once(p, m, i, sb, sa)? };
+        out.push(r);
+        // Let the new source settle (it ran the workload only a moment ago).
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(())
+}
+
+/// What section 4 runs.
+pub struct Opts<'a> {
+    pub ums: &'a Path,
+    pub workloads: &'a [Workload],
+    pub rates: &'a [Option<String>],
+    pub methods: &'a [Method],
+    pub runs: usize,
+}
+
+/// Every method at every point on every link; a method that fails at a point
+/// keeps the runs it made and the error, and the bench goes on.
+pub fn run(o: &Opts<'_>) -> anyhow::Result<Vec<Cell>> {
+    let podman = if o.methods.contains(&Method::Podman) { Some(crate::podman::check()) } else { None };
+    if let Some(Err(why)) = &podman {
+        progress(&format!("podman cannot run here, its rows say why: {why}"));
+    }
+    let mut cells = Vec::new();
+    for rate in o.rates {
+        check_interrupted()?;
+        let link = rate.clone().unwrap_or_else(|| "unlimited".into());
+        let (ha, hb) = Host::pair("bench-cmp", rate.as_deref())?;
+        for w in o.workloads {
+            for &m in o.methods {
+                check_interrupted()?;
+                let p = Point { ums: o.ums, ha: &ha, hb: &hb, link: &link, w, runs: o.runs };
+                let mut cell =
+                    Cell { method: m, link: link.clone(), mib: w.mib, procs: w.procs, runs: Vec::new(), error: None };
+                progress(&format!("{}: starting", p.label(m)));
+                let result = match (m, &podman) {
+                    (Method::Podman, Some(Err(why))) => Err(anyhow::anyhow!("podman cannot run here: {why}")),
+                    (Method::Podman, _) => crate::podman::series(&p, &mut cell.runs),
+                    _ => outer_series(&p, m, &mut cell.runs),
+                };
+                if let Err(e) = result {
+                    check_interrupted()?;
+                    progress(&format!("{}: FAILED after {} runs: {e:#}", p.label(m), cell.runs.len()));
+                    cell.error = Some(format!("{e:#}"));
+                }
+                cells.push(cell);
+            }
+        }
+    }
+    Ok(cells)
 }

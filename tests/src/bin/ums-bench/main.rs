@@ -1,8 +1,9 @@
 //! `ums-bench`: the figures of DESIGN.md's "How a migration is measured",
 //! ums beside the alternatives, in the same run.
 //!
-//!     ums-bench [--runs N] [--sizes 0,128,512] [--only startup|checkpoint|migration[,...]]
-//!               [--rates 1gbit,none] [--verbose]
+//!     ums-bench [--runs N] [--sizes 0,128,512] [--only startup|checkpoint|migration|compare[,...]]
+//!               [--rates 1gbit,none] [--methods ums,stop-copy,page-server,podman] [--procs 1,4,8]
+//!               [--out DIR] [--verbose]
 //!
 //! Sections:
 //! 1. start-up (outer container spawn, and ums's own share, to the workload's
@@ -10,7 +11,11 @@
 //! 2. checkpoint and restore to tmpfs at each size, ums beside plain runc;
 //! 3. live migration at each size between two hosts joined by a veth pair,
 //!    1 Gbit/s and unlimited, streaming on beside streaming off, with the
-//!    workload-observed downtime, the wire time and the UMS paper's figures.
+//!    workload-observed downtime, the wire time and the UMS paper's figures;
+//! 4. ums beside the methods a user has today (stop-then-copy as UMS did it,
+//!    CRIU's page server, podman's export/import) at each size and process
+//!    count, on each link, with the issue's targets as met or short; with
+//!    --out, also as `compare.md` and `compare.png` in DIR.
 //!
 //! Every figure is the median and min–max of N runs (default 3). Nothing is
 //! asserted: the tables go to stdout, progress to stderr, and the output of
@@ -23,6 +28,8 @@ mod checkpoint;
 mod common;
 mod compare;
 mod migration;
+mod podman;
+mod report;
 mod runc;
 mod startup;
 
@@ -41,17 +48,25 @@ struct Opts {
     sizes: Vec<u32>,
     only: Vec<String>,
     rates: Vec<Option<String>>,
+    methods: Vec<compare::Method>,
+    procs: Vec<u32>,
+    out: Option<PathBuf>,
     verbose: bool,
 }
 
-const SECTIONS: &[&str] = &["startup", "checkpoint", "migration"];
+const SECTIONS: &[&str] = &["startup", "checkpoint", "migration", "compare"];
 
-const USAGE: &str = "usage: ums-bench [--runs N] [--sizes 0,128,512] [--only startup|checkpoint|migration[,...]]
-                 [--rates 1gbit,none] [--verbose]
+const USAGE: &str =
+    "usage: ums-bench [--runs N] [--sizes 0,128,512] [--only startup|checkpoint|migration|compare[,...]]
+                 [--rates 1gbit,none] [--methods ums,stop-copy,page-server,podman] [--procs 1,4,8]
+                 [--out DIR] [--verbose]
   --runs N       runs per figure (median and min–max are shown; default 3)
   --sizes LIST   workload memory sizes in MiB for checkpoint and migration (default 0,128,512)
-  --only LIST    run only these sections (default: all three)
+  --only LIST    run only these sections (default: all four)
   --rates LIST   links for the migrations: tc rates, or none for unlimited (default 1gbit,none)
+  --methods LIST compare: the methods (default: all: ums, stop-copy, page-server, podman)
+  --procs LIST   compare: also a 0 MiB workload of each of these process counts above 1 (default 1,4,8)
+  --out DIR      compare: also write compare.md and compare.png into DIR (make bench-compare: docs/bench)
   --verbose      output of the outer containers and runc to stderr (default: target/ums-bench.log)
 environment: UMS_BIN  the ums binary (default target/debug/ums; make bench uses a release build)";
 
@@ -65,6 +80,9 @@ fn parse_args() -> anyhow::Result<Opts> {
         sizes: vec![0, 128, 512],
         only: SECTIONS.iter().map(|s| s.to_string()).collect(),
         rates: vec![Some("1gbit".into()), None],
+        methods: compare::Method::ALL.to_vec(),
+        procs: vec![1, 4, 8],
+        out: None,
         verbose: false,
     };
     let mut args = std::env::args().skip(1);
@@ -90,7 +108,7 @@ fn parse_args() -> anyhow::Result<Opts> {
                 o.only = list(&v);
                 for s in &o.only {
                     if !SECTIONS.contains(&s.as_str()) {
-                        bail!("--only: unknown section {s:?} (startup, checkpoint, migration)");
+                        bail!("--only: unknown section {s:?} (startup, checkpoint, migration, compare)");
                     }
                 }
             }
@@ -98,6 +116,18 @@ fn parse_args() -> anyhow::Result<Opts> {
                 let v = value("a list of rates")?;
                 o.rates = list(&v).into_iter().map(|r| if r == "none" { None } else { Some(r) }).collect();
             }
+            "--methods" => {
+                let v = value("a list of methods")?;
+                o.methods = list(&v).iter().map(|s| compare::Method::parse(s)).collect::<Result<_, _>>()?;
+            }
+            "--procs" => {
+                let v = value("a list of process counts")?;
+                o.procs = list(&v)
+                    .iter()
+                    .map(|s| s.parse::<u32>().ok().filter(|n| *n >= 1).with_context(|| format!("--procs: {s:?}")))
+                    .collect::<Result<_, _>>()?;
+            }
+            "--out" => o.out = Some(PathBuf::from(value("a directory")?)),
             "--verbose" | "-v" => o.verbose = true,
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -118,6 +148,11 @@ fn machine() -> String {
         .unwrap_or_else(|| "?".into());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpus} CPUs, {mem} RAM, Linux {}", kernel.trim())
+}
+
+/// The UTC date and time, as `date -u` prints it.
+fn chrono_now() -> String {
+    tool_version("date", "-u")
 }
 
 fn tool_version(cmd: &str, arg: &str) -> String {
@@ -171,6 +206,48 @@ fn run(o: &Opts) -> anyhow::Result<()> {
     }
     if o.only.iter().any(|s| s == "migration") {
         migration::run(&ums, &img_for(&o.sizes), &o.rates, o.runs)?;
+    }
+    if o.only.iter().any(|s| s == "compare") {
+        let mut workloads: Vec<compare::Workload> =
+            img_for(&o.sizes).into_iter().map(|(mib, img)| compare::Workload { mib, procs: 1, img }).collect();
+        for &procs in o.procs.iter().filter(|p| **p > 1) {
+            let img = ImageBuilder::new(&memctr)
+                .cmd(&["0", &procs.to_string()])
+                .build(&tmp.path().join(format!("layout-0-x{procs}")))?;
+            workloads.push(compare::Workload { mib: 0, procs, img });
+        }
+        let cells = compare::run(&compare::Opts {
+            ums: &ums,
+            workloads: &workloads,
+            rates: &o.rates,
+            methods: &o.methods,
+            runs: o.runs,
+        })?;
+        let header = format!(
+            "ums-bench --only compare, {}; {} run(s) per figure\n\n- machine: {}\n- ums: {}\n- runc: {}; criu: {}; podman: {}\n",
+            chrono_now(),
+            o.runs,
+            machine(),
+            ums.display(),
+            tool_version("runc", "--version"),
+            tool_version("criu", "--version"),
+            tool_version("podman", "--version"),
+        );
+        let text = format!("{header}{}{}", report::tables(&cells, o.runs), report::targets(&cells));
+        println!("\n4. Live migration, ums beside the alternatives\n{text}");
+        if let Some(dir) = &o.out {
+            std::fs::create_dir_all(dir)?;
+            let md = dir.join("compare.md");
+            std::fs::write(&md, format!("# Live migration: ums beside the alternatives\n\n{text}"))?;
+            let png = dir.join("compare.png");
+            let with_text = report::plot(&cells, &png)?;
+            progress(&format!(
+                "wrote {} and {}{}",
+                md.display(),
+                png.display(),
+                if with_text { "" } else { " (no TTF font found: the plot has no text; install fonts-dejavu-core)" }
+            ));
+        }
     }
     drop(tmp);
     Ok(())
