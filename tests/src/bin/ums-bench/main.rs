@@ -23,6 +23,7 @@ mod checkpoint;
 mod common;
 mod compare;
 mod migration;
+mod podman;
 mod runc;
 mod startup;
 
