@@ -455,7 +455,7 @@ async fn a_symlink_escaping_the_writable_layer_is_refused() {
             name: "rootfs-diff.tar".into(),
             kind: FileKind::UpperDiff,
             size: diff.len() as u64,
-            sha256: hex::encode(Sha256::digest(&diff)),
+            blake3: blake3::hash(&diff).to_hex().to_string(),
         }],
         meta: ums::checkpoint::Meta {
             ums_version: "test".into(),

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -161,7 +160,7 @@ struct Incoming {
     kind: FileKind,
     name: String,
     len: u64,
-    hash: Sha256,
+    hash: super::FileHasher,
 }
 
 type Received = (Result<crate::nested::Nested, String>, (f64, f64));
@@ -338,7 +337,7 @@ async fn receive(
     }
     let mut got: HashMap<(FileKind, String), (u64, String)> = HashMap::new();
     for (_, inc) in files.drain() {
-        got.insert((inc.kind, inc.name), (inc.len, hex::encode(inc.hash.finalize())));
+        got.insert((inc.kind, inc.name), (inc.len, super::hex_digest(&inc.hash)));
     }
     if got.len() != manifest.files.len() {
         return Err(InError::Refuse(format!(
@@ -350,7 +349,7 @@ async fn receive(
     for e in &manifest.files {
         match got.get(&(e.kind, e.name.clone())) {
             None => return Err(InError::Refuse(format!("{} is in the manifest but was not received", e.name))),
-            Some((len, digest)) if *len != e.size || *digest != e.sha256 => {
+            Some((len, digest)) if *len != e.size || *digest != e.blake3 => {
                 return Err(InError::Refuse(format!("{}: digest or size mismatch (got {len} bytes)", e.name)))
             }
             Some(_) => {}
@@ -429,7 +428,7 @@ fn accept_file_frame(
             .mode(0o600)
             .open(&path)
             .map_err(|e| bad(format!("{}: {e}", path.display())))?;
-        files.insert(o.id, Incoming { path, file, kind: o.kind, name: o.name, len: 0, hash: Sha256::new() });
+        files.insert(o.id, Incoming { path, file, kind: o.kind, name: o.name, len: 0, hash: super::FileHasher::new() });
         return Ok(());
     }
     let (id, offset, bytes) = wire::parse_data(&f.payload)?;

@@ -24,7 +24,7 @@ pub mod wire;
 use serde::{Deserialize, Serialize};
 
 pub use destination::serve_peers;
-pub use source::migrate_out;
+pub use source::{migrate_out, Finish};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,7 +75,18 @@ pub struct FileEntry {
     pub name: String,
     pub kind: FileKind,
     pub size: u64,
-    pub sha256: String,
+    /// BLAKE3 of the bytes as sent, hex.
+    pub blake3: String,
+}
+
+/// The digest of a streamed file: BLAKE3, not SHA-256, because it is computed
+/// on both sides of every byte of a checkpoint (SHA-256 here: 1.8 GB/s, about
+/// 0.3 s of CPU per side for 512 MiB; BLAKE3 is several times faster). Image
+/// blobs keep their OCI SHA-256 digests.
+pub type FileHasher = blake3::Hasher;
+
+pub fn hex_digest(h: &FileHasher) -> String {
+    h.finalize().to_hex().to_string()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

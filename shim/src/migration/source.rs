@@ -41,6 +41,9 @@ pub enum MigrateError {
     Restore(String),
 }
 
+/// Frames (data chunks of up to `wire::CHUNK`) queued for the writer.
+const OUT_QUEUE: usize = 8;
+
 /// Streaming on (the default) or "dump, then send" (for comparison).
 pub fn streaming_enabled() -> bool {
     std::env::var("UMS_STREAMING").map(|v| v != "0" && v != "off").unwrap_or(true)
@@ -80,9 +83,15 @@ fn resident_bytes(pids: &[i32]) -> u64 {
     pids.iter().filter_map(|p| procfs::process::Process::new(*p).ok()?.status().ok()?.vmrss).sum::<u64>() * 1024
 }
 
-/// Migrate the workload `n` to the peer at `to`. On success the frozen copy
-/// here is gone; on failure the workload runs here as before.
-pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<serde_json::Value, MigrateError> {
+/// Migrate the workload `n` to the peer at `to`. On success the workload runs
+/// at the destination and the report says how it went; the frozen copy here
+/// is ended by running the returned [`Finish`]. On failure the workload runs
+/// here as before.
+pub async fn migrate_out(
+    ctx: &Ctx,
+    n: &Arc<Nested>,
+    to: &str,
+) -> Result<(serde_json::Value, Finish), MigrateError> {
     use tracing::Instrument;
     let migration_id = format!("m-{:016x}", rand::random::<u64>());
     let span = tracing::info_span!("migrate", peer = %to, workload = %n.id, id = %migration_id);
@@ -121,7 +130,10 @@ async fn pre_migration(ctx: &Ctx, n: &Nested, to: &str, migration_id: &str) -> R
     let peer = conn.peer.clone();
     tracing::info!(identity = %peer, "connected to the peer");
     let (mut r, w) = (conn.read, conn.write);
-    let (tx, rx) = mpsc::channel::<Out>(32);
+    // At most this many 1 MiB chunks wait for the socket: enough to keep it
+    // busy while the streamer reads, and a bound on ums's memory (issue 7:
+    // at most 32 MiB beyond socket buffers while migrating).
+    let (tx, rx) = mpsc::channel::<Out>(OUT_QUEUE);
     let writer_task = tokio::spawn(writer(BufWriter::with_capacity(wire::CHUNK + 64, w), rx));
     let send = |f: Frame| {
         let tx = tx.clone();
@@ -185,7 +197,7 @@ async fn migrate(
     n: &Arc<Nested>,
     to: &str,
     migration_id: String,
-) -> Result<serde_json::Value, MigrateError> {
+) -> Result<(serde_json::Value, Finish), MigrateError> {
     let cfg = ctx.cfg.clone();
     let t_start = Instant::now();
     let Session { mut r, tx, writer_task, peer: peer_addr, blob_bytes, missing_blobs } =
@@ -315,18 +327,12 @@ async fn migrate(
         }
     };
     let frozen = t_freeze.elapsed();
-    // ---- post-migration: the destination runs it; end the frozen copy.
+    // ---- post-migration: the destination runs it. Clients go there; the
+    // frozen copy here is ended by `Finish`, after the caller had the report.
     match tokio::net::lookup_host(to).await.ok().and_then(|mut a| a.next()) {
         Some(sa) => ctx.publisher.forward_to(sa.ip()),
         None => ctx.publisher.close(),
     }
-    let (c2, n2) = (ctx.clone(), n.clone());
-    let _ = tokio::task::spawn_blocking(move || {
-        let _ = c2.runtime.kill(&c2.reaper, &n2.id, "KILL", true);
-        nested::cleanup(&c2.cfg, &c2.reaper, &c2.runtime, &n2);
-    })
-    .await;
-    drop(cleanup_dir);
     let wire_bytes = writer_task.await.ok().and_then(|r| r.ok()).unwrap_or(bytes);
     let total = t_start.elapsed();
     // Transfer: until the last byte was handed to the socket, counted from the
@@ -353,7 +359,31 @@ async fn migrate(
         "throughput_mib_s": (bytes as f64 / 1048576.0) / transfer_s,
     });
     tracing::info!(total_ms = ms(total), frozen_ms = ms(frozen), bytes, "migration done");
-    Ok(report)
+    Ok((report, Finish { ctx: ctx.clone(), n: n.clone(), _dir: cleanup_dir }))
+}
+
+/// What is left of a migration once the destination runs the workload: the
+/// frozen copy here and its images. Ending it takes runc and unmounts (tens
+/// of milliseconds or more), time the workload is already running elsewhere,
+/// so the caller answers first and then runs this.
+pub struct Finish {
+    ctx: Ctx,
+    n: Arc<Nested>,
+    _dir: DirGuard,
+}
+
+impl Finish {
+    pub async fn run(self) {
+        let Finish { ctx, n, _dir } = self;
+        let t = Instant::now();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = ctx.runtime.kill(&ctx.reaper, &n.id, "KILL", true);
+            nested::cleanup(&ctx.cfg, &ctx.reaper, &ctx.runtime, &n);
+        })
+        .await;
+        drop(_dir);
+        tracing::info!(ms = ms(t.elapsed()), "frozen copy ended");
+    }
 }
 
 /// The reason the destination gave for hanging up, if it sent one.

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use inotify::{Inotify, WatchMask};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::{FileEntry, FileKind, FileOpen};
@@ -65,7 +64,7 @@ pub enum StreamError {
 struct Tracked {
     id: u32,
     sent: u64,
-    hash: Sha256,
+    hash: super::FileHasher,
 }
 
 struct State {
@@ -99,7 +98,7 @@ impl State {
             self.tx
                 .blocking_send(Out::Open(FileOpen { id, kind: self.kind, name: wire_name.to_string() }))
                 .map_err(|_| StreamError::Closed)?;
-            self.files.insert(name.to_string(), Tracked { id, sent: 0, hash: Sha256::new() });
+            self.files.insert(name.to_string(), Tracked { id, sent: 0, hash: super::FileHasher::new() });
         }
         let t = self.files.get_mut(name).expect("tracked above");
         if meta.len() <= t.sent {
@@ -109,12 +108,11 @@ impl State {
         let mut f = std::fs::File::open(&path).map_err(read_err)?;
         f.seek(SeekFrom::Start(t.sent)).map_err(read_err)?;
         loop {
-            let mut buf = vec![0u8; super::wire::CHUNK];
-            let n = read_full(&mut f, &mut buf).map_err(read_err)?;
+            let buf = read_chunk(&mut f).map_err(read_err)?;
+            let n = buf.len();
             if n == 0 {
                 break;
             }
-            buf.truncate(n);
             t.hash.update(&buf);
             let offset = t.sent;
             t.sent += n as u64;
@@ -138,11 +136,11 @@ impl State {
         let mut out = Vec::new();
         for n in names {
             let Some(t) = self.files.remove(&n) else { continue };
-            let mut digest = hex::encode(t.hash.finalize());
+            let mut digest = super::hex_digest(&t.hash);
             let path = self.dir.join(&n);
             if t.sent < REVERIFY_BELOW {
                 let disk = std::fs::read(&path).map_err(|source| StreamError::Read { path: path.clone(), source })?;
-                let disk_digest = hex::encode(Sha256::digest(&disk));
+                let disk_digest = blake3::hash(&disk).to_hex().to_string();
                 if disk_digest != digest || disk.len() as u64 != t.sent {
                     tracing::debug!(file = %n, "rewritten after streaming; sending it again");
                     self.tx
@@ -160,26 +158,22 @@ impl State {
                     self.bytes += disk.len() as u64;
                     digest = disk_digest;
                 }
-                out.push(FileEntry { name: n, kind: self.kind, size: disk.len() as u64, sha256: digest });
+                out.push(FileEntry { name: n, kind: self.kind, size: disk.len() as u64, blake3: digest });
             } else {
-                out.push(FileEntry { name: n, kind: self.kind, size: t.sent, sha256: digest });
+                out.push(FileEntry { name: n, kind: self.kind, size: t.sent, blake3: digest });
             }
         }
         Ok((out, self.bytes))
     }
 }
 
-fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
+/// Up to `CHUNK` bytes from the file's position. The buffer is not zeroed
+/// first (`read_to_end` fills spare capacity): zeroing a fresh megabyte per
+/// chunk cost as much as reading it.
+fn read_chunk(f: &mut std::fs::File) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(super::wire::CHUNK);
+    f.take(super::wire::CHUNK as u64).read_to_end(&mut buf)?;
+    Ok(buf)
 }
 
 /// A running streamer.
@@ -271,7 +265,7 @@ pub fn send_file(
         path: path.into(),
         source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
     })?;
-    Ok(FileEntry { name: name.into(), kind, size: t.sent, sha256: hex::encode(t.hash.finalize()) })
+    Ok(FileEntry { name: name.into(), kind, size: t.sent, blake3: super::hex_digest(&t.hash) })
 }
 
 #[cfg(test)]
@@ -318,7 +312,7 @@ mod tests {
         assert_eq!(got["pages-1.img"], expect);
         assert_eq!(got["inventory.img"], b"FIRST");
         let inv = entries.iter().find(|e| e.name == "inventory.img").unwrap();
-        assert_eq!(inv.sha256, hex::encode(Sha256::digest(b"FIRST")));
+        assert_eq!(inv.blake3, blake3::hash(b"FIRST").to_hex().to_string());
         let pages = entries.iter().find(|e| e.name == "pages-1.img").unwrap();
         assert_eq!(pages.size, expect.len() as u64);
     }

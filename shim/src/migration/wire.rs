@@ -6,7 +6,8 @@
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: file digests are BLAKE3 (`blake3` in the manifest) instead of SHA-256.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame accepted (a data chunk is at most `CHUNK` plus its header).
 pub const MAX_FRAME: usize = 4 << 20;
 /// Largest JSON frame accepted.
@@ -174,14 +175,12 @@ pub async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> Result<Frame, Wi
     let mut kind = [0u8; 1];
     r.read_exact(&mut kind).await?;
     let kind = Kind::from_u8(kind[0]).ok_or(WireError::UnknownKind(kind[0]))?;
-    let mut payload = vec![0u8; len - 1];
-    r.read_exact(&mut payload).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            WireError::Closed
-        } else {
-            e.into()
-        }
-    })?;
+    // Filled without zeroing it first (`read_to_end` uses spare capacity).
+    let mut payload = Vec::with_capacity(len - 1);
+    r.take((len - 1) as u64).read_to_end(&mut payload).await?;
+    if payload.len() != len - 1 {
+        return Err(WireError::Closed);
+    }
     Ok(Frame { kind, payload })
 }
 

@@ -320,14 +320,27 @@ fn ums_step(o: &Outer, args: &[&str]) -> anyhow::Result<f64> {
     Ok(field(&json_result(&out)?, "total_ms")? / 1000.0)
 }
 
+/// CPU time (user + system, all threads) a process has used, in seconds.
+fn cpu_s(pid: i32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').context("unreadable /proc/PID/stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).context("no utime")?.parse::<f64>()? + f.get(12).context("no stime")?.parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
 fn ums_once(p: &Point<'_>, src: Side<'_>, dst: Side<'_>, run: &mut Run) -> anyhow::Result<()> {
     let (ps, pd) = (src.outer.pid1(), dst.outer.pid1());
     let (rs, rd) = (reset_peak(ps)?, reset_peak(pd)?);
+    let (cs, cd) = (cpu_s(ps)?, cpu_s(pd)?);
     let to = format!("{}:{PEER_PORT}", dst.host.addr());
     let out = src.outer.ums_ok(&["migrate", "--json", "--to", &to])?;
     let r = json_result(&out)?;
     let grown = (rss_hwm(ps)?.1 - rs).max(rss_hwm(pd)?.1 - rd);
     run.mem_mib = Some(grown);
+    run.phases.push(("ums CPU source", cpu_s(ps)? - cs));
+    run.phases.push(("ums CPU destination", cpu_s(pd)? - cd));
     for (name, key) in [("checkpoint", "checkpoint_ms"), ("transfer", "transfer_ms"), ("restore", "restore_ms")] {
         run.phases.push((name, field(&r, key)? / 1000.0));
     }
@@ -350,15 +363,16 @@ fn stop_copy_once(dir: &str, src: Side<'_>, dst: Side<'_>, run: &mut Run) -> any
 }
 
 /// `criu page-server` in the destination outer container (its mount and
-/// network namespaces), writing into `dir`/images there; returns once it listens.
+/// network namespaces), writing into `dir`/criu there (where `ums restore` looks for the CRIU images); returns once it listens.
 fn start_page_server(dst: Side<'_>, dir: &str, port: u16) -> anyhow::Result<std::process::Child> {
-    let images = format!("{dir}/images");
+    let images = format!("{dir}/criu");
     std::fs::create_dir_all(proc_root(dst.outer, &images))?;
     let pid = dst.outer.pid1();
-    let mut child = Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-m", "-n", "--", "criu", "page-server", "--images-dir", &images])
-        .args(["--port", &port.to_string(), "-v2"])
-        .stdin(Stdio::null())
+    // All the outer's namespaces: CRIU needs the /proc of its pid namespace.
+    let mut child = dst
+        .outer
+        .command("criu")
+        .args(["page-server", "--images-dir", &images, "--port", &port.to_string(), "-v2"])
         .stdout(Stdio::null())
         .spawn()
         .context("spawn criu page-server in the destination outer container")?;
@@ -382,14 +396,24 @@ fn page_server_once(dir: &str, src: Side<'_>, dst: Side<'_>, run: &mut Run) -> a
     let status = server.wait()?;
     dumped?;
     if !status.success() {
-        bail!("criu page-server failed: {status} (its log is in {dir}/images of the destination)");
+        bail!("criu page-server failed: {status} (its log is in {dir}/criu of the destination)");
     }
     run.phases.push(("dump + pages", t0.elapsed().as_secs_f64()));
+    let listing = |o: &Outer| {
+        let mut names: Vec<String> = std::fs::read_dir(proc_root(o, &format!("{dir}/criu")))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names.join(" ")
+    };
+    let received = listing(dst.outer);
     let t = Instant::now();
     tar_dir_over_tcp(src.outer, src.host, dst.outer, dst.host, dir)?;
     run.phases.push(("copy the rest", t.elapsed().as_secs_f64()));
     let t = Instant::now();
-    ums_step(dst.outer, &["restore", "--json", dir])?;
+    ums_step(dst.outer, &["restore", "--json", dir]).with_context(|| {
+        format!("page server received: {received}; source had: {}; destination has: {}", listing(src.outer), listing(dst.outer))
+    })?;
     run.phases.push(("restore", t.elapsed().as_secs_f64()));
     Ok(())
 }
