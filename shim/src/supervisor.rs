@@ -412,17 +412,17 @@ impl Supervisor {
             Request::Migrate { to } => {
                 let n = workload.expect("running state has a workload");
                 tokio::spawn(async move {
-                    let (result, reply) = match crate::migration::migrate_out(&ctx, &n, &to).await {
-                        Ok((report, finish)) => {
-                            // The workload runs at the destination: answer now,
-                            // then end the frozen copy (still busy until then).
-                            let _ = reply.send(Response::ok(report.clone()));
-                            finish.run().await;
-                            (Ok((report, Outcome::Gone)), None)
+                    let result = match crate::migration::migrate_out(&ctx, &n, &to).await {
+                        Ok((mut report, finish)) => {
+                            // Answered once this outer is a standby again, so
+                            // that a migration back is never refused as busy.
+                            report["finish_ms"] = json!(finish.run().await);
+                            Ok((report, Outcome::Gone))
                         }
-                        Err(e) => (Err(describe(&e)), Some(reply)),
+                        Err(e) => Err(describe(&e)),
                     };
-                    let _ = inbox.send(Msg::Done(OpResult { op, reply, result, new_workload: None })).await;
+                    let _ =
+                        inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result, new_workload: None })).await;
                 });
             }
         }

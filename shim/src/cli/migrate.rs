@@ -42,7 +42,13 @@ pub fn table(v: &serde_json::Value) -> String {
     ));
     out.push_str(&format!("restore          {}\n", s("restore_ms")));
     out.push_str(&format!("downtime         {}   (workload frozen until the destination ran it)\n", s("frozen_ms")));
-    out.push_str(&format!("total            {}\n", s("total_ms")));
+    out.push_str(&format!(
+        "total            {}   (request until the workload ran at the destination)\n",
+        s("total_ms")
+    ));
+    if v.get("finish_ms").is_some() {
+        out.push_str(&format!("then             {}   (ending the frozen copy here)\n", s("finish_ms")));
+    }
     out.push_str(&format!(
         "bytes            {:>10.1} MiB  (+{:.1} MiB image blobs)\n",
         mib,

@@ -87,11 +87,7 @@ fn resident_bytes(pids: &[i32]) -> u64 {
 /// at the destination and the report says how it went; the frozen copy here
 /// is ended by running the returned [`Finish`]. On failure the workload runs
 /// here as before.
-pub async fn migrate_out(
-    ctx: &Ctx,
-    n: &Arc<Nested>,
-    to: &str,
-) -> Result<(serde_json::Value, Finish), MigrateError> {
+pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<(serde_json::Value, Finish), MigrateError> {
     use tracing::Instrument;
     let migration_id = format!("m-{:016x}", rand::random::<u64>());
     let span = tracing::info_span!("migrate", peer = %to, workload = %n.id, id = %migration_id);
@@ -364,8 +360,8 @@ async fn migrate(
 
 /// What is left of a migration once the destination runs the workload: the
 /// frozen copy here and its images. Ending it takes runc and unmounts (tens
-/// of milliseconds or more), time the workload is already running elsewhere,
-/// so the caller answers first and then runs this.
+/// of milliseconds or more) while the workload already runs elsewhere, so the
+/// report's `total_ms` stops before it and [`Finish::run`] says how long it took.
 pub struct Finish {
     ctx: Ctx,
     n: Arc<Nested>,
@@ -373,7 +369,8 @@ pub struct Finish {
 }
 
 impl Finish {
-    pub async fn run(self) {
+    /// Ends the frozen copy; returns how long that took, in ms.
+    pub async fn run(self) -> f64 {
         let Finish { ctx, n, _dir } = self;
         let t = Instant::now();
         let _ = tokio::task::spawn_blocking(move || {
@@ -382,7 +379,9 @@ impl Finish {
         })
         .await;
         drop(_dir);
-        tracing::info!(ms = ms(t.elapsed()), "frozen copy ended");
+        let took = ms(t.elapsed());
+        tracing::info!(ms = took, "frozen copy ended");
+        took
     }
 }
 

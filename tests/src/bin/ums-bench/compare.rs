@@ -17,7 +17,9 @@
 //! Every method moves the same memctr workload between the same two network
 //! namespaces over the same (rate-limited) veth pair. Migration time is the
 //! bench's own clock from the first command of the method until the command
-//! that starts the workload at the destination returned; downtime is the gap
+//! that starts the workload at the destination returned (for ums, minus the
+//! `finish_ms` its report gives for ending the frozen copy at the source
+//! after the destination confirmed it runs the workload); downtime is the gap
 //! in the workload's counter minus its print interval (UMS section IV-B);
 //! "link MiB" counts the bytes both hosts sent on the link (`ip -s link`).
 
@@ -137,6 +139,9 @@ pub struct Run {
     pub mem_mib: Option<f64>,
     /// Anything odd (a counter that did not continue, ...).
     pub notes: Vec<String>,
+    /// Time the method's last command spent after the workload ran at the
+    /// destination (ums: ending the frozen copy); not part of `total_s`.
+    pub after_s: f64,
 }
 
 /// The runs of one method at one point.
@@ -345,6 +350,10 @@ fn ums_once(p: &Point<'_>, src: Side<'_>, dst: Side<'_>, run: &mut Run) -> anyho
         run.phases.push((name, field(&r, key)? / 1000.0));
     }
     run.phases.push(("ums total_ms", field(&r, "total_ms")? / 1000.0));
+    // ums answers once it has ended its frozen copy, after the destination
+    // ran the workload: that part is not migration time.
+    run.after_s = field(&r, "finish_ms")? / 1000.0;
+    run.phases.push(("then ending the frozen copy", run.after_s));
     let _ = p;
     Ok(())
 }
@@ -412,7 +421,11 @@ fn page_server_once(dir: &str, src: Side<'_>, dst: Side<'_>, run: &mut Run) -> a
     run.phases.push(("copy the rest", t.elapsed().as_secs_f64()));
     let t = Instant::now();
     ums_step(dst.outer, &["restore", "--json", dir]).with_context(|| {
-        format!("page server received: {received}; source had: {}; destination has: {}", listing(src.outer), listing(dst.outer))
+        format!(
+            "page server received: {received}; source had: {}; destination has: {}",
+            listing(src.outer),
+            listing(dst.outer)
+        )
     })?;
     run.phases.push(("restore", t.elapsed().as_secs_f64()));
     Ok(())
@@ -432,7 +445,7 @@ fn migrate_once(p: &Point<'_>, m: Method, i: usize, src: Side<'_>, dst: Side<'_>
         Method::PageServer => page_server_once(&dir, src, dst, &mut run),
         Method::Podman => bail!("podman runs in its own containers (podman.rs)"),
     };
-    run.total_s = t.elapsed().as_secs_f64();
+    run.total_s = t.elapsed().as_secs_f64() - run.after_s;
     run.link_mib = meter.mib()?;
     for side in [src, dst] {
         let path = proc_root(side.outer, &dir);
