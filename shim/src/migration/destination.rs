@@ -76,7 +76,10 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         .await
         .map_err(|e| InError::Refuse(format!("peer connection: {e}")))?;
     let (peer, r, w) = (conn.peer, conn.read, conn.write);
-    let mut r = BufReader::with_capacity(wire::CHUNK + 64, r);
+    // Small on purpose: frame headers come from this buffer, and a chunk's
+    // payload, larger than it, is read past it straight from the TLS stream
+    // (a buffer as large as a chunk meant copying every byte once more).
+    let mut r = BufReader::with_capacity(wire::SMALL_BUF, r);
     let mut w = BufWriter::new(w);
     let first = wire::read_frame_within(&mut r, ctx.cfg.peer_read_timeout).await?;
     if first.kind == Kind::Query {

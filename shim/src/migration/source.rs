@@ -130,7 +130,9 @@ async fn pre_migration(ctx: &Ctx, n: &Nested, to: &str, migration_id: &str) -> R
     // busy while the streamer reads, and a bound on ums's memory (issue 7:
     // at most 32 MiB beyond socket buffers while migrating).
     let (tx, rx) = mpsc::channel::<Out>(OUT_QUEUE);
-    let writer_task = tokio::spawn(writer(BufWriter::with_capacity(wire::CHUNK + 64, w), rx));
+    // Small on purpose, as on the receiving side: a chunk larger than the
+    // buffer goes straight to the TLS stream instead of being copied first.
+    let writer_task = tokio::spawn(writer(BufWriter::with_capacity(wire::SMALL_BUF, w), rx));
     let send = |f: Frame| {
         let tx = tx.clone();
         async move { tx.send(Out::Control(f)).await.map_err(|_| WireError::Closed) }

@@ -14,6 +14,9 @@ pub const MAX_FRAME: usize = 4 << 20;
 pub const MAX_JSON: usize = 1 << 20;
 /// File bytes per data frame.
 pub const CHUNK: usize = 1 << 20;
+/// Buffer size for the frame reader and writer of a peer connection: holds
+/// headers and control frames; data chunks bypass it.
+pub const SMALL_BUF: usize = 64 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
