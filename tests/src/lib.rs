@@ -6,6 +6,7 @@
 //!   parses its output lines;
 //! - [`oci_layout`]: writes a deterministic OCI image layout (busybox + memctr);
 //! - [`host`]: simulated hosts, network namespaces joined by a veth pair;
+//! - [`copy`]: tar over TCP between hosts, `criu page-server` in an outer;
 //! - [`outer`]: a simulated outer container (`tests/outer.sh`) with `ums init`
 //!   as its PID 1, its output captured line by line ([`output`]);
 //! - [`plot`]: the benchmarks' PNG figures (plotters, text drawn with ab_glyph).
@@ -14,6 +15,7 @@
 //! and removed on drop. When a tool the tests need is missing, the helpers panic
 //! or fail with a message that names it: a missing tool is never a silent pass.
 
+pub mod copy;
 pub mod fault;
 pub mod host;
 pub mod oci_layout;
