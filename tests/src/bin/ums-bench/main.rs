@@ -147,7 +147,23 @@ fn machine() -> String {
         .map(|kb| format!("{:.1} GiB", kb / 1048576.0))
         .unwrap_or_else(|| "?".into());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cpus} CPUs, {mem} RAM, Linux {}", kernel.trim())
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    let virt = tool_version("systemd-detect-virt", "");
+    format!("{cpus} CPUs ({model}), {mem} RAM, Linux {}, virtualization: {virt}", kernel.trim())
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn loadavg() -> String {
+    let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 
 /// The UTC date and time, as `date -u` prints it.
@@ -216,6 +232,7 @@ fn run(o: &Opts) -> anyhow::Result<()> {
                 .build(&tmp.path().join(format!("layout-0-x{procs}")))?;
             workloads.push(compare::Workload { mib: 0, procs, img });
         }
+        let started_load = format!("load average at the start: {}", loadavg());
         let cells = compare::run(&compare::Opts {
             ums: &ums,
             workloads: &workloads,
@@ -224,10 +241,12 @@ fn run(o: &Opts) -> anyhow::Result<()> {
             runs: o.runs,
         })?;
         let header = format!(
-            "ums-bench --only compare, {}; {} run(s) per figure\n\n- machine: {}\n- ums: {}\n- runc: {}; criu: {}; podman: {}\n",
+            "ums-bench --only compare, {}; {} run(s) per figure\n\n- machine: {}\n- {}; {} (the machine may be shared)\n- ums: {}\n- runc: {}; criu: {}; podman: {}\n",
             chrono_now(),
             o.runs,
             machine(),
+            started_load,
+            format!("at the end: {}", loadavg()),
             ums.display(),
             tool_version("runc", "--version"),
             tool_version("criu", "--version"),
