@@ -241,12 +241,12 @@ fn run(o: &Opts) -> anyhow::Result<()> {
             runs: o.runs,
         })?;
         let header = format!(
-            "ums-bench --only compare, {}; {} run(s) per figure\n\n- machine: {}\n- {}; {} (the machine may be shared)\n- ums: {}\n- runc: {}; criu: {}; podman: {}\n",
+            "ums-bench --only compare, {}; {} run(s) per figure\n\n- machine: {}\n- {}; at the end: {} (the machine may be shared)\n- ums: {}\n- runc: {}; criu: {}; podman: {}\n",
             chrono_now(),
             o.runs,
             machine(),
             started_load,
-            format!("at the end: {}", loadavg()),
+            loadavg(),
             ums.display(),
             tool_version("runc", "--version"),
             tool_version("criu", "--version"),
