@@ -156,7 +156,12 @@ fn machine() -> String {
                 .map(|m| m.trim().to_string())
         })
         .unwrap_or_else(|| "?".into());
-    let virt = tool_version("systemd-detect-virt", "");
+    let virt = std::process::Command::new("systemd-detect-virt")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "unknown".into());
     format!("{cpus} CPUs ({model}), {mem} RAM, Linux {}, virtualization: {virt}", kernel.trim())
 }
 
