@@ -440,6 +440,8 @@ const SPLICE: nix::fcntl::SpliceFFlags =
 struct Lease {
     pipe: Option<Pipe>,
     held: usize,
+    /// Growing was tried (it fails beyond the user's pipe quota).
+    grow_tried: bool,
 }
 
 impl Lease {
@@ -451,7 +453,7 @@ impl Lease {
                 Pipe { r, w, cap: 64 << 10 }
             }
         };
-        Ok(Lease { pipe: Some(pipe), held: 0 })
+        Ok(Lease { pipe: Some(pipe), held: 0, grow_tried: false })
     }
 
     fn pipe(&self) -> &Pipe {
@@ -463,6 +465,9 @@ impl Lease {
     }
 
     fn grow(&mut self) {
+        if std::mem::replace(&mut self.grow_tried, true) {
+            return;
+        }
         let p = self.pipe.as_mut().expect("a lease holds its pipe until dropped");
         if p.cap < BIG_PIPE && nix::fcntl::fcntl(p.w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(BIG_PIPE as i32)).is_ok() {
             p.cap = BIG_PIPE;
@@ -544,22 +549,23 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64
             tokio::task::coop::consume_budget().await;
             continue;
         }
-        // Nothing moved: wait for a socket that can move something. The
-        // attempt through try_io clears a stale readiness.
-        let r = tokio::select! {
-            r = from.readable(), if !eof && pipe.room() > 0 => match r {
-                Ok(()) => from.try_io(Interest::READABLE, || pipe.fill(from)).map(|n| eof |= n == 0),
-                Err(e) => Err(e),
-            },
-            r = to.writable(), if pipe.held > 0 => match r {
-                Ok(()) => to.try_io(Interest::WRITABLE, || pipe.drain(to)).map(|n| total += n as u64),
-                Err(e) => Err(e),
-            },
-        };
-        match r {
-            Ok(()) => {}
-            Err(e) if would_block(&e) => {}
-            Err(e) => return Err(e),
+        // Nothing moved: wait for a socket that can move something, until
+        // something does. The attempt through try_io clears a stale
+        // readiness, so a spurious wake-up costs one system call.
+        loop {
+            let r = tokio::select! {
+                r = from.readable(), if !eof && pipe.room() > 0 => r.and_then(|()| {
+                    from.try_io(Interest::READABLE, || pipe.fill(from)).map(|n| eof |= n == 0)
+                }),
+                r = to.writable(), if pipe.held > 0 => r.and_then(|()| {
+                    to.try_io(Interest::WRITABLE, || pipe.drain(to)).map(|n| total += n as u64)
+                }),
+            };
+            match r {
+                Ok(()) => break,
+                Err(e) if would_block(&e) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
 }
