@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::FcntlArg;
 use serde::Serialize;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
@@ -255,12 +255,14 @@ async fn serve_tcp(s: Arc<Shared>, l: TcpListener, m: PortMap) {
         let _ = client.set_nodelay(true);
         // The common case, the workload runs here: count the connection and
         // start the connect to it now, so the handshake with the workload
-        // runs while the connection's task is being scheduled.
+        // runs while the connection's task is being scheduled. It watches
+        // the generation from here on, as it is counted from here on.
         let early = match *s.mode.borrow() {
             Mode::Direct => {
                 let active = Active::new(&s);
+                let gen = s.generation.subscribe();
                 match start_connect(SocketAddr::from((s.target, m.inner))) {
-                    Ok(up) => Some((up, active)),
+                    Ok(up) => Some(Early { up, active, gen }),
                     Err(e) => {
                         tracing::debug!(error = %e, "cannot connect to the workload; closing the client");
                         continue;
@@ -271,6 +273,13 @@ async fn serve_tcp(s: Arc<Shared>, l: TcpListener, m: PortMap) {
         };
         tokio::spawn(handle_tcp(s.clone(), client, m, early));
     }
+}
+
+/// A connection to the workload here, started by the accepting task.
+struct Early {
+    up: TcpStream,
+    active: Active,
+    gen: watch::Receiver<u64>,
 }
 
 /// A proxied connection open to the workload here (`Shared::active`), for
@@ -338,7 +347,7 @@ fn start_connect(to: SocketAddr) -> std::io::Result<TcpStream> {
     let family = if to.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
     let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
     let _ = socket::setsockopt(&fd, socket::sockopt::TcpNoDelay, &true);
-    match socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(to)) {
+    match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(to)) {
         Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
         Err(e) => return Err(e.into()),
     }
@@ -374,16 +383,15 @@ async fn connected(up: &TcpStream) -> std::io::Result<()> {
     .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
-async fn handle_tcp(s: Arc<Shared>, client: TcpStream, m: PortMap, early: Option<(TcpStream, Active)>) {
-    let mut gen = s.generation.subscribe();
-    gen.borrow_and_update();
-    let (upstream, active, to) = match early {
-        Some((up, active)) => (up, Some(active), SocketAddr::from((s.target, m.inner))),
+async fn handle_tcp(s: Arc<Shared>, client: TcpStream, m: PortMap, early: Option<Early>) {
+    let (upstream, active, mut gen, to) = match early {
+        Some(e) => (e.up, Some(e.active), e.gen, SocketAddr::from((s.target, m.inner))),
         None => {
             let Some((to, local)) = route(&s, m).await else { return };
             let active = local.then(|| Active::new(&s));
+            let gen = s.generation.subscribe();
             match start_connect(to) {
-                Ok(up) => (up, active, to),
+                Ok(up) => (up, active, gen, to),
                 Err(e) => {
                     tracing::debug!(%to, error = %e, "cannot connect behind the published port; closing the client");
                     return;
@@ -549,23 +557,21 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64
             tokio::task::coop::consume_budget().await;
             continue;
         }
-        // Nothing moved: wait for a socket that can move something, until
-        // something does. The attempt through try_io clears a stale
-        // readiness, so a spurious wake-up costs one system call.
-        loop {
-            let r = tokio::select! {
-                r = from.readable(), if !eof && pipe.room() > 0 => r.and_then(|()| {
-                    from.try_io(Interest::READABLE, || pipe.fill(from)).map(|n| eof |= n == 0)
-                }),
-                r = to.writable(), if pipe.held > 0 => r.and_then(|()| {
-                    to.try_io(Interest::WRITABLE, || pipe.drain(to)).map(|n| total += n as u64)
-                }),
-            };
-            match r {
-                Ok(()) => break,
-                Err(e) if would_block(&e) => {}
-                Err(e) => return Err(e),
-            }
+        // Nothing moved: wait for a socket that can move something. The
+        // attempt through try_io clears a stale readiness; whatever came
+        // of it, both splices are tried again above.
+        let r = tokio::select! {
+            r = from.readable(), if !eof && pipe.room() > 0 => r.and_then(|()| {
+                from.try_io(Interest::READABLE, || pipe.fill(from)).map(|n| eof |= n == 0)
+            }),
+            r = to.writable(), if pipe.held > 0 => r.and_then(|()| {
+                to.try_io(Interest::WRITABLE, || pipe.drain(to)).map(|n| total += n as u64)
+            }),
+        };
+        match r {
+            Ok(()) => {}
+            Err(e) if would_block(&e) => {}
+            Err(e) => return Err(e),
         }
     }
 }
