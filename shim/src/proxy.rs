@@ -20,15 +20,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::FcntlArg;
 use serde::Serialize;
-use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
 
@@ -253,49 +250,7 @@ async fn serve_tcp(s: Arc<Shared>, l: TcpListener, m: PortMap) {
             }
         };
         let _ = client.set_nodelay(true);
-        // The common case, the workload runs here: count the connection and
-        // start the connect to it now, so the handshake with the workload
-        // runs while the connection's task is being scheduled. It watches
-        // the generation from here on, as it is counted from here on.
-        let early = match *s.mode.borrow() {
-            Mode::Direct => {
-                let active = Active::new(&s);
-                let gen = s.generation.subscribe();
-                match start_connect(SocketAddr::from((s.target, m.inner))) {
-                    Ok(up) => Some(Early { up, active, gen }),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "cannot connect to the workload; closing the client");
-                        continue;
-                    }
-                }
-            }
-            _ => None,
-        };
-        tokio::spawn(handle_tcp(s.clone(), client, m, early));
-    }
-}
-
-/// A connection to the workload here, started by the accepting task.
-struct Early {
-    up: TcpStream,
-    active: Active,
-    gen: watch::Receiver<u64>,
-}
-
-/// A proxied connection open to the workload here (`Shared::active`), for
-/// as long as this lives.
-struct Active(Arc<Shared>);
-
-impl Active {
-    fn new(s: &Arc<Shared>) -> Self {
-        s.active.fetch_add(1, Ordering::AcqRel);
-        Active(s.clone())
-    }
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        tokio::spawn(handle_tcp(s.clone(), client, m));
     }
 }
 
@@ -337,83 +292,34 @@ async fn route(s: &Shared, m: PortMap) -> Option<(SocketAddr, bool)> {
     out
 }
 
-/// Longest wait for the far end to accept a connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A non-blocking connect to `to`, started and not waited for (see
-/// `connected`); with TCP_NODELAY, as the client side has.
-fn start_connect(to: SocketAddr) -> std::io::Result<TcpStream> {
-    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage};
-    let family = if to.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
-    let _ = socket::setsockopt(&fd, socket::sockopt::TcpNoDelay, &true);
-    match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(to)) {
-        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
-        Err(e) => return Err(e.into()),
-    }
-    TcpStream::from_std(std::net::TcpStream::from(fd))
-}
-
-/// Waits until the connect started by `start_connect` is done, at most
-/// `CONNECT_TIMEOUT`. Over a local link it usually is already, and then
-/// this costs one system call and no trip through the reactor.
-async fn connected(up: &TcpStream) -> std::io::Result<()> {
-    let done = || match up.peer_addr() {
-        Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => match up.take_error()? {
-            Some(e) => Err(e),
-            None => Ok(false),
-        },
-        Err(e) => Err(e),
-    };
-    if done()? {
-        return Ok(());
-    }
-    tokio::time::timeout(CONNECT_TIMEOUT, async {
-        loop {
-            up.writable().await?;
-            if done()? {
-                return Ok(());
-            }
-            // Not yet: clear the readiness and wait for the next event.
-            let _ = up.try_io(Interest::WRITABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
-        }
-    })
-    .await
-    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-}
-
-async fn handle_tcp(s: Arc<Shared>, client: TcpStream, m: PortMap, early: Option<Early>) {
-    let (upstream, active, mut gen, to) = match early {
-        Some(e) => (e.up, Some(e.active), e.gen, SocketAddr::from((s.target, m.inner))),
-        None => {
-            let Some((to, local)) = route(&s, m).await else { return };
-            let active = local.then(|| Active::new(&s));
-            let gen = s.generation.subscribe();
-            match start_connect(to) {
-                Ok(up) => (up, active, gen, to),
-                Err(e) => {
-                    tracing::debug!(%to, error = %e, "cannot connect behind the published port; closing the client");
-                    return;
-                }
-            }
+async fn handle_tcp(s: Arc<Shared>, client: TcpStream, m: PortMap) {
+    let Some((to, local)) = route(&s, m).await else { return };
+    let mut gen = s.generation.subscribe();
+    gen.borrow_and_update();
+    let upstream = match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to)).await {
+        Ok(Ok(u)) => u,
+        _ => {
+            tracing::debug!(%to, "nothing answers behind the published port; closing the client");
+            return;
         }
     };
-    if let Err(e) = connected(&upstream).await {
-        tracing::debug!(%to, error = %e, "nothing answers behind the published port; closing the client");
-        return;
+    let _ = upstream.set_nodelay(true);
+    if local {
+        s.active.fetch_add(1, Ordering::AcqRel);
     }
     tokio::select! {
         _ = splice_bidirectional(&client, &upstream) => {}
         // The workload left: this connection's far end is gone.
-        _ = gen.changed(), if active.is_some() => {}
+        _ = gen.changed(), if local => {}
+    }
+    if local {
+        s.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// Move bytes both ways between two sockets with splice(2) through a pipe,
 /// so they never enter user space; each direction ends with a half-close.
-/// An error in either direction ends both. Both directions run in the
-/// connection's one task.
+/// An error in either direction ends both.
 async fn splice_bidirectional(a: &TcpStream, b: &TcpStream) -> std::io::Result<()> {
     let ab = splice_one_way(a, b);
     let ba = splice_one_way(b, a);
@@ -424,155 +330,46 @@ async fn splice_bidirectional(a: &TcpStream, b: &TcpStream) -> std::io::Result<(
     }
 }
 
-/// A pipe for splice(2).
-struct Pipe {
-    r: OwnedFd,
-    w: OwnedFd,
-    cap: usize,
-}
-
-/// Empty pipes of finished connections, for the next ones: a connection
-/// then costs no pipe(2), F_SETPIPE_SZ or close(2).
-static PIPES: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
-const PIPES_KEPT: usize = 64;
-/// A default pipe holds 64 KiB (16 pages); a stream that fills one or has
-/// carried `BULK_AFTER` is bulk and gets a pipe this big, so each call
-/// moves more.
-const BIG_PIPE: usize = 1 << 20;
-const BULK_AFTER: u64 = 256 << 10;
-const SPLICE: nix::fcntl::SpliceFFlags =
-    nix::fcntl::SpliceFFlags::SPLICE_F_NONBLOCK.union(nix::fcntl::SpliceFFlags::SPLICE_F_MOVE);
-
-/// One direction's pipe and the bytes in it; an empty pipe goes back to
-/// `PIPES` when the direction ends.
-struct Lease {
-    pipe: Option<Pipe>,
-    held: usize,
-    /// Growing was tried (it fails beyond the user's pipe quota).
-    grow_tried: bool,
-}
-
-impl Lease {
-    fn take() -> std::io::Result<Lease> {
-        let pipe = match PIPES.lock().expect("pipes").pop() {
-            Some(p) => p,
-            None => {
-                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
-                Pipe { r, w, cap: 64 << 10 }
-            }
-        };
-        Ok(Lease { pipe: Some(pipe), held: 0, grow_tried: false })
-    }
-
-    fn pipe(&self) -> &Pipe {
-        self.pipe.as_ref().expect("a lease holds its pipe until dropped")
-    }
-
-    fn room(&self) -> usize {
-        self.pipe().cap - self.held
-    }
-
-    fn grow(&mut self) {
-        if std::mem::replace(&mut self.grow_tried, true) {
-            return;
-        }
-        let p = self.pipe.as_mut().expect("a lease holds its pipe until dropped");
-        if p.cap < BIG_PIPE && nix::fcntl::fcntl(p.w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(BIG_PIPE as i32)).is_ok() {
-            p.cap = BIG_PIPE;
-        }
-    }
-
-    /// Socket → pipe; 0 is the end of the stream. WouldBlock when the
-    /// socket has nothing, or the pipe no free slot.
-    fn fill(&mut self, from: &TcpStream) -> std::io::Result<usize> {
-        let n = nix::fcntl::splice(from.as_fd(), None, self.pipe().w.as_fd(), None, self.room(), SPLICE)?;
-        self.held += n;
-        Ok(n)
-    }
-
-    /// Pipe → socket.
-    fn drain(&mut self, to: &TcpStream) -> std::io::Result<usize> {
-        let n = nix::fcntl::splice(self.pipe().r.as_fd(), None, to.as_fd(), None, self.held, SPLICE)?;
-        self.held -= n;
-        Ok(n)
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        // Only an empty pipe can serve another connection.
-        if self.held == 0 {
-            if let Some(p) = self.pipe.take() {
-                let mut pool = PIPES.lock().expect("pipes");
-                if pool.len() < PIPES_KEPT {
-                    pool.push(p);
-                }
-            }
-        }
-    }
-}
-
-fn would_block(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::WouldBlock
-}
-
-/// One direction, `from` → `to`, through a pipe; ends with a half-close of
-/// `to`. Each step first tries the system call and waits for readiness only
-/// when nothing moved (a fresh socket's readiness is only known after a turn
-/// of the reactor, and the bytes are often there already); reading and
-/// writing overlap, so a slow writer does not stop the reader while the pipe
-/// has room.
 async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64> {
-    let mut pipe = Lease::take()?;
-    let (mut total, mut eof) = (0u64, false);
+    use nix::fcntl::{splice, SpliceFFlags};
+    use std::os::fd::{AsFd, AsRawFd};
+    use tokio::io::Interest;
+    const CHUNK: usize = 1 << 20;
+    let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+    let (pr, pw) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+    // The default pipe (64 KiB) serves requests and answers; a stream that
+    // fills it is bulk, and gets a bigger pipe so each call moves more.
+    let mut grown = false;
+    let mut total = 0u64;
     loop {
-        let mut moved = false;
-        if !eof && pipe.room() > 0 {
-            match pipe.fill(from) {
-                Ok(0) => eof = true,
-                Ok(_) => moved = true,
-                Err(e) if would_block(&e) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if pipe.held > 0 {
-            match pipe.drain(to) {
-                Ok(n) => {
-                    total += n as u64;
-                    moved = true;
-                }
-                Err(e) if would_block(&e) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if eof && pipe.held == 0 {
+        from.readable().await?;
+        let n = match from.try_io(Interest::READABLE, || {
+            splice(from.as_fd(), None, pw.as_fd(), None, CHUNK, flags).map_err(std::io::Error::from)
+        }) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
             let _ = nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
             return Ok(total);
         }
-        if moved {
-            if pipe.room() == 0 || total >= BULK_AFTER {
-                pipe.grow();
+        if !grown && n >= 64 << 10 {
+            grown = true;
+            let _ = nix::fcntl::fcntl(pw.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
+        }
+        let mut left = n;
+        while left > 0 {
+            to.writable().await?;
+            match to.try_io(Interest::WRITABLE, || {
+                splice(pr.as_fd(), None, to.as_fd(), None, left, flags).map_err(std::io::Error::from)
+            }) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
             }
-            // Raw system calls use no cooperative budget; this does.
-            tokio::task::coop::consume_budget().await;
-            continue;
         }
-        // Nothing moved: wait for a socket that can move something. The
-        // attempt through try_io clears a stale readiness; whatever came
-        // of it, both splices are tried again above.
-        let r = tokio::select! {
-            r = from.readable(), if !eof && pipe.room() > 0 => r.and_then(|()| {
-                from.try_io(Interest::READABLE, || pipe.fill(from)).map(|n| eof |= n == 0)
-            }),
-            r = to.writable(), if pipe.held > 0 => r.and_then(|()| {
-                to.try_io(Interest::WRITABLE, || pipe.drain(to)).map(|n| total += n as u64)
-            }),
-        };
-        match r {
-            Ok(()) => {}
-            Err(e) if would_block(&e) => {}
-            Err(e) => return Err(e),
-        }
+        total += n as u64;
     }
 }
 
