@@ -1,12 +1,14 @@
 //! `ums-bench-clients`: what the published-port proxy of `ums` costs its
 //! clients, and what they see through a live migration (issue 4's benchmark).
 //!
-//!     ums-bench-clients [--rounds N] [--requests N] [--clients N] [--png PATH] [--verbose]
+//!     ums-bench-clients [--rounds N] [--requests N] [--clients N] [--rate RATE] [--no-timeline]
+//!                       [--png PATH] [--verbose]
 //!
 //! One image: busybox httpd serving a 64 MiB file on 8081 (bulk data) and
 //! `websrv` (tests/workloads/websrv.c) answering small HTTP responses on 8080
 //! (UDP echo on 5353). Two simulated hosts joined by a veth pair (no rate
-//! limit); outer container A runs the workload, B is a standby.
+//! limit, or `--rate`: tc tbf on both ends, e.g. 1gbit); outer container A
+//! runs the workload, B is a standby.
 //!
 //! 1. Throughput: HTTP GETs of the 64 MiB file, 1 and 4 parallel connections,
 //!    direct to the nested container's address (10.88.0.2, no proxy) beside the
@@ -47,14 +49,19 @@ struct Opts {
     rounds: usize,
     requests: usize,
     clients: usize,
+    rate: Option<String>,
+    timeline: bool,
     png: PathBuf,
     verbose: bool,
 }
 
-const USAGE: &str = "usage: ums-bench-clients [--rounds N] [--requests N] [--clients N] [--png PATH] [--verbose]
+const USAGE: &str = "usage: ums-bench-clients [--rounds N] [--requests N] [--clients N] [--rate RATE] [--no-timeline]
+                         [--png PATH] [--verbose]
   --rounds N     throughput rounds per figure (median and min–max; default 5)
   --requests N   sequential latency requests per path and client place (default 5000)
   --clients N    concurrent clients in the migration timeline (default 50)
+  --rate RATE    rate limit of the link between the two hosts (tc tbf, e.g. 1gbit; default none)
+  --no-timeline  skip the migration timeline (section 3) and its figure
   --png PATH     the timeline figure (default docs/bench/migration-latency.png)
   --verbose      output of the outer containers to stderr (default: target/ums-bench-clients.log)
 environment: UMS_BIN  the ums binary (default target/debug/ums; use a release build)";
@@ -64,6 +71,8 @@ fn parse_args() -> anyhow::Result<Opts> {
         rounds: 5,
         requests: 5000,
         clients: 50,
+        rate: None,
+        timeline: true,
         png: ums_e2e::workspace_root().join("docs/bench/migration-latency.png"),
         verbose: false,
     };
@@ -79,6 +88,8 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--rounds" => o.rounds = num("a number")?,
             "--requests" => o.requests = num("a number")?,
             "--clients" => o.clients = num("a number")?,
+            "--rate" => o.rate = Some(args.next().context("--rate needs a rate (tc syntax, e.g. 1gbit)")?),
+            "--no-timeline" => o.timeline = false,
             "--png" => o.png = args.next().context("--png needs a path")?.into(),
             "--verbose" | "-v" => o.verbose = true,
             "--help" | "-h" => {
@@ -670,12 +681,23 @@ fn machine() -> String {
     format!("{cpus} CPUs, Linux {}", kernel.trim())
 }
 
+/// The 1, 5 and 15 minute load averages, as /proc/loadavg gives them.
+fn loadavg() -> String {
+    let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
 fn run(o: &Opts) -> anyhow::Result<()> {
     ums_e2e::require_root();
     let ums = ums_e2e::ums_bin()?;
     println!("ums-bench-clients");
     println!("  ums:     {}", ums.display());
     println!("  machine: {}", machine());
+    println!("  load:    {} (1, 5, 15 min) at the start", loadavg());
+    println!(
+        "  link:    {}",
+        o.rate.as_deref().map_or("veth, no rate limit".into(), |r| format!("veth, tc tbf rate {r}"))
+    );
 
     let tmp = tempfile::Builder::new().prefix(&ums_e2e::unique_name("bench-clients")).tempdir()?;
     progress("building the workload image");
@@ -691,7 +713,7 @@ fn run(o: &Opts) -> anyhow::Result<()> {
         .build(&tmp.path().join("layout"))?;
 
     progress("starting two hosts and two outer containers");
-    let (ha, hb) = Host::pair("bcli", None)?;
+    let (ha, hb) = Host::pair("bcli", o.rate.as_deref())?;
     let a = Outer::builder("bcli-a").host(&ha).layout(&img.layout).start()?;
     let b = Outer::builder("bcli-b").host(&hb).layout(&img.layout).args(&["--standby"]).start()?;
     a.wait_for_line("listening", T)?;
@@ -738,13 +760,21 @@ fn run(o: &Opts) -> anyhow::Result<()> {
         ]));
     }
 
-    let t = timeline(&a, &ha, &hb, o.clients)?;
-    t.print(o.clients);
-    progress(&format!("drawing {}", o.png.display()));
-    let text = figure::render(&t, &o.png)?;
-    println!();
-    println!("   figure: {}{}", o.png.display(), if text { "" } else { " (no TTF font found: drawn without text)" });
+    if o.timeline {
+        let t = timeline(&a, &ha, &hb, o.clients)?;
+        t.print(o.clients);
+        progress(&format!("drawing {}", o.png.display()));
+        let text = figure::render(&t, &o.png)?;
+        println!();
+        println!(
+            "   figure: {}{}",
+            o.png.display(),
+            if text { "" } else { " (no TTF font found: drawn without text)" }
+        );
+    }
     drop((a, b));
+    println!();
+    println!("  load:    {} (1, 5, 15 min) at the end", loadavg());
     Ok(())
 }
 
