@@ -430,7 +430,7 @@ fn parent_pid(pid: i32) -> Option<i32> {
 }
 
 /// Mount points at or below `dir` in our mount namespace, deepest first.
-fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut found: Vec<PathBuf> = info
         .lines()

@@ -240,15 +240,7 @@ impl Drop for Containerd {
 
 /// Unmounts (lazily) everything mounted at or below `dir`, deepest first.
 fn unmount_below(dir: &Path) {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut found: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .map(PathBuf::from)
-        .filter(|m| m.starts_with(dir))
-        .collect();
-    found.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
-    for m in found {
+    for m in ums_e2e::outer::mounts_below(dir) {
         let _ = Command::new("umount").arg("-l").arg(&m).status();
     }
 }

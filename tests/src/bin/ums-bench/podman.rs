@@ -131,17 +131,7 @@ impl Drop for Podman<'_> {
         let _ = self.cmd().args(["rm", "--all", "--force", "--time", "0"]).output();
         let _ = self.cmd().args(["rmi", "--all", "--force"]).output();
         // Overlay mounts podman may have left, deepest first, then the tmpfs.
-        let below = |dir: &Path| {
-            let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-            let mut found: Vec<PathBuf> = info
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(4))
-                .map(PathBuf::from)
-                .filter(|m| m.starts_with(dir))
-                .collect();
-            found.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
-            found
-        };
+        let below = ums_e2e::outer::mounts_below;
         if self.mounted {
             for m in below(self.dir.path()) {
                 let ok = Command::new("umount").arg(&m).status().map(|s| s.success()).unwrap_or(false);
