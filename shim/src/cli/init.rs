@@ -142,6 +142,30 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         let reaper = Reaper::start(sig_tx).context("start the reaper")?;
         let runtime = Runtime::new(cfg.runtime, cfg.runtime_root());
         let publisher = crate::proxy::Publisher::new(cfg.net.address, cfg.hold.clone());
+        if kernel_forwarding_enabled() {
+            let r = reaper.clone();
+            // Called from async code, and the reaper that reports iptables's
+            // exit is a task of this runtime: the wait runs on a thread of its
+            // own, and block_in_place hands this worker's other tasks to
+            // another thread meanwhile (a few ms per rule change).
+            let run: crate::proxy::IptablesRunner = Box::new(move |args| {
+                let (r, args) = (r.clone(), args.to_vec());
+                tokio::task::block_in_place(move || {
+                    std::thread::spawn(move || {
+                        let mut cmd = std::process::Command::new("iptables");
+                        cmd.args(&args);
+                        crate::exec::check_blocking(&r, cmd)
+                            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                            .map_err(|e| e.to_string())
+                    })
+                    .join()
+                    .map_err(|_| "the iptables thread panicked".to_string())?
+                })
+            });
+            if let Err(e) = publisher.enable_kernel_path(run) {
+                tracing::warn!(error = %e, "no in-kernel forwarding of published ports; the proxy serves them all");
+            }
+        }
         let ctx = Ctx { cfg: cfg.clone(), reaper, runtime, publisher };
         let mut sup = Supervisor::new(ctx.clone(), sig_rx);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -176,4 +200,12 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     })?;
     let _ = std::fs::remove_file(Config { ..Config::default() }.socket_path());
     Ok(code)
+}
+
+/// Published TCP ports are forwarded in the kernel while the workload runs
+/// here (`proxy` module docs) unless `UMS_KERNEL_FORWARD=0`, which leaves
+/// every connection to the user-space proxy (for comparison, or where
+/// iptables is not wanted).
+fn kernel_forwarding_enabled() -> bool {
+    std::env::var("UMS_KERNEL_FORWARD").map(|v| v != "0" && v != "off").unwrap_or(true)
 }
