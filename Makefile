@@ -8,7 +8,7 @@
 #   make bench-compare  ums beside stop-then-copy, CRIU's page server and
 #                podman: 0..1024 MiB and 1/4/8 processes, 1 Gbit/s and
 #                unlimited, 5 runs each; writes docs/bench/compare.md and
-#                compare.png (about 40 min; needs make image-deps for podman)
+#                compare.png (about 20 min; needs make image-deps for podman)
 #   make test-image  the outer image with real engines (a slower suite, about
 #                5 min, that .ci/run runs after make test): builds the outer image
 #                from the Dockerfile with podman on a debootstrap'ed bookworm,
