@@ -21,8 +21,10 @@ use crate::spec::{self, SpecError, SpecInput};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NestedError {
+    /// Boxed, as in `NoImage`: layout errors are large, and every result
+    /// that can fail here would carry their size.
     #[error("workload image: {0}")]
-    Layout(#[from] oci_layout::LayoutError),
+    Layout(#[source] Box<oci_layout::LayoutError>),
     #[error(transparent)]
     Bundle(#[from] BundleError),
     #[error(transparent)]
@@ -51,8 +53,14 @@ pub enum NestedError {
     NoImage {
         path: PathBuf,
         #[source]
-        source: oci_layout::LayoutError,
+        source: Box<oci_layout::LayoutError>,
     },
+}
+
+impl From<oci_layout::LayoutError> for NestedError {
+    fn from(e: oci_layout::LayoutError) -> Self {
+        NestedError::Layout(Box::new(e))
+    }
 }
 
 /// Facts about the workload image that travel with checkpoints and status.
@@ -89,7 +97,7 @@ pub fn open_image(cfg: &Config, want: Option<&str>) -> Result<(OciLayout, Resolv
             Ok(_) => {}
             Err(source) => {
                 if first_err.is_none() {
-                    first_err = Some(NestedError::NoImage { path: dir.clone(), source });
+                    first_err = Some(NestedError::NoImage { path: dir.clone(), source: Box::new(source) });
                 }
             }
         }

@@ -157,7 +157,7 @@ impl Reaper {
 async fn futures_select(streams: &mut [(Signal, tokio::signal::unix::Signal)]) -> Signal {
     std::future::poll_fn(|cx| {
         for (sig, s) in streams.iter_mut() {
-            if let std::task::Poll::Ready(_) = s.poll_recv(cx) {
+            if s.poll_recv(cx).is_ready() {
                 return std::task::Poll::Ready(*sig);
             }
         }

@@ -186,7 +186,7 @@ async fn receive(
     }
     std::fs::create_dir_all(dir.join("criu")).map_err(|e| InError::Refuse(format!("{}: {e}", dir.display())))?;
     if let Ok(st) = nix::sys::statvfs::statvfs(dir) {
-        let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+        let free = st.blocks_available() * st.fragment_size();
         let need = hello.memory_bytes + (16 << 20);
         if free < need {
             return Err(InError::Refuse(format!(
