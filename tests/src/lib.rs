@@ -30,7 +30,7 @@ use std::process::Command;
 pub use fault::{Fault, FaultProxy};
 pub use host::Host;
 pub use oci_layout::{Compression, ImageBuilder, Layer, OciImage};
-pub use outer::{Outer, OuterBuilder};
+pub use outer::{last_tick, status, ticks, Outer, OuterBuilder};
 pub use output::LineLog;
 pub use workload::{build_websrv, build_workload, parse_sum, parse_tick, Tick};
 

@@ -468,3 +468,20 @@ impl Drop for Outer {
         }
     }
 }
+
+/// `ums status --json` in `o`: the reply's `result`. Panics with ums's
+/// output when the command fails (a test helper).
+pub fn status(o: &Outer) -> serde_json::Value {
+    let out = o.ums_ok(&["status", "--json"]).expect("ums status");
+    serde_json::from_str::<serde_json::Value>(&out).expect("status json")["result"].clone()
+}
+
+/// The counter values of memctr's `tick` lines from output line `from` on.
+pub fn ticks(o: &Outer, from: usize) -> Vec<u64> {
+    o.lines().get(from..).unwrap_or(&[]).iter().filter_map(|l| crate::parse_tick(l)).map(|t| t.n).collect()
+}
+
+/// The last tick printed so far by `o`.
+pub fn last_tick(o: &Outer) -> u64 {
+    *ticks(o, 0).last().expect("some ticks")
+}

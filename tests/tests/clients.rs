@@ -27,11 +27,6 @@ fn web_image(tmp: &std::path::Path) -> OciImage {
         .expect("build the web image")
 }
 
-fn status(o: &Outer) -> serde_json::Value {
-    let out = o.ums_ok(&["status", "--json"]).expect("ums status");
-    serde_json::from_str::<serde_json::Value>(&out).expect("status json")["result"].clone()
-}
-
 /// Run `f` on a thread that lives in the network namespace at `netns`.
 fn in_netns<R: Send + 'static>(
     netns: std::path::PathBuf,

@@ -18,20 +18,6 @@ fn counter_image(tmp: &std::path::Path, mib: &str) -> OciImage {
         .expect("build the workload image")
 }
 
-fn status(o: &Outer) -> serde_json::Value {
-    let out = o.ums_ok(&["status", "--json"]).expect("ums status");
-    serde_json::from_str::<serde_json::Value>(&out).expect("status json")["result"].clone()
-}
-
-fn ticks(o: &Outer, from: usize) -> Vec<u64> {
-    o.lines()[from..].iter().filter_map(|l| parse_tick(l)).map(|t| t.n).collect()
-}
-
-/// The last tick printed so far by `o`.
-fn last_tick(o: &Outer) -> u64 {
-    *ticks(o, 0).last().expect("some ticks")
-}
-
 /// Migrate from `src` to `dst` (whose host address is `addr`); returns the
 /// report and checks the counter continues at the destination with no gap,
 /// no repeat and no restart.

@@ -18,19 +18,6 @@ fn counter_image(tmp: &std::path::Path, mib: &str) -> OciImage {
     ImageBuilder::new(&memctr).cmd(&[mib]).build(&tmp.join("layout")).expect("build the workload image")
 }
 
-fn status(o: &Outer) -> serde_json::Value {
-    let out = o.ums_ok(&["status", "--json"]).expect("ums status");
-    serde_json::from_str::<serde_json::Value>(&out).expect("status json")["result"].clone()
-}
-
-fn ticks(o: &Outer, from: usize) -> Vec<u64> {
-    o.lines()[from..].iter().filter_map(|l| parse_tick(l)).map(|t| t.n).collect()
-}
-
-fn last_tick(o: &Outer) -> u64 {
-    *ticks(o, 0).last().expect("some ticks")
-}
-
 fn assert_consecutive(t: &[u64]) {
     for w in t.windows(2) {
         assert_eq!(w[1], w[0] + 1, "ticks not consecutive: {t:?}");

@@ -21,15 +21,6 @@ fn image(tmp: &std::path::Path, mib: &str) -> OciImage {
     ImageBuilder::new(&memctr).cmd(&[mib]).build(&tmp.join("layout")).expect("build the workload image")
 }
 
-fn status(o: &Outer) -> serde_json::Value {
-    let out = o.ums_ok(&["status", "--json"]).expect("ums status");
-    serde_json::from_str::<serde_json::Value>(&out).expect("status json")["result"].clone()
-}
-
-fn last_tick(o: &Outer) -> u64 {
-    o.lines().iter().rev().find_map(|l| parse_tick(l)).map(|t| t.n).expect("some ticks")
-}
-
 fn checksum(o: &Outer) -> String {
     let from = o.log().len();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(o.pid1()), nix::sys::signal::Signal::SIGUSR1).unwrap();

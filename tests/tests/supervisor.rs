@@ -24,20 +24,10 @@ fn image(tmp: &std::path::Path, mib: &str, user: bool) -> OciImage {
         .expect("build the workload image")
 }
 
-/// Ticks seen in the outer's output from line `from` on.
-fn ticks(o: &Outer, from: usize) -> Vec<u64> {
-    o.lines()[from..].iter().filter_map(|l| parse_tick(l)).map(|t| t.n).collect()
-}
-
 fn assert_consecutive(t: &[u64]) {
     for w in t.windows(2) {
         assert_eq!(w[1], w[0] + 1, "ticks not consecutive: {t:?}");
     }
-}
-
-fn status(o: &Outer) -> serde_json::Value {
-    let out = o.ums_ok(&["status", "--json"]).expect("ums status");
-    serde_json::from_str::<serde_json::Value>(&out).expect("status json")["result"].clone()
 }
 
 #[test]
