@@ -70,7 +70,7 @@ build_criu() {
     || { log "CRIU tarball sha256 mismatch"; exit 1; }
   tar -C "$work" -xf "$work/criu.tar.xz"
   local src
-  src=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'criu*' | head -1)
+  src=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'criu*' -print -quit)
   log "building CRIU ${CRIU_VERSION} in $src"
   make -C "$src" -j"$(nproc)" criu >"$work/build.log" 2>&1 \
     || { tail -40 "$work/build.log" >&2; log "CRIU build failed"; exit 1; }
