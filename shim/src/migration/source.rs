@@ -326,7 +326,7 @@ async fn migrate(
     };
     let frozen = t_freeze.elapsed();
     // ---- post-migration: the destination runs it. Clients go there; the
-    // frozen copy here is ended by `Finish`, after the caller had the report.
+    // frozen copy here is ended by `Finish`, outside the reported time.
     match tokio::net::lookup_host(to).await.ok().and_then(|mut a| a.next()) {
         Some(sa) => ctx.publisher.forward_to(sa.ip()),
         None => ctx.publisher.close(),
@@ -357,7 +357,7 @@ async fn migrate(
         "throughput_mib_s": (bytes as f64 / 1048576.0) / transfer_s,
     });
     tracing::info!(total_ms = ms(total), frozen_ms = ms(frozen), bytes, "migration done");
-    Ok((report, Finish { ctx: ctx.clone(), n: n.clone(), _dir: cleanup_dir }))
+    Ok((report, Finish { ctx: ctx.clone(), n: n.clone(), images: cleanup_dir }))
 }
 
 /// What is left of a migration once the destination runs the workload: the
@@ -367,20 +367,21 @@ async fn migrate(
 pub struct Finish {
     ctx: Ctx,
     n: Arc<Nested>,
-    _dir: DirGuard,
+    /// The migration's images dir, removed when this is dropped.
+    images: DirGuard,
 }
 
 impl Finish {
     /// Ends the frozen copy; returns how long that took, in ms.
     pub async fn run(self) -> f64 {
-        let Finish { ctx, n, _dir } = self;
+        let Finish { ctx, n, images } = self;
         let t = Instant::now();
         let _ = tokio::task::spawn_blocking(move || {
             let _ = ctx.runtime.kill(&ctx.reaper, &n.id, "KILL", true);
             nested::cleanup(&ctx.cfg, &ctx.reaper, &ctx.runtime, &n);
         })
         .await;
-        drop(_dir);
+        drop(images);
         let took = ms(t.elapsed());
         tracing::info!(ms = took, "frozen copy ended");
         took
