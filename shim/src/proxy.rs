@@ -18,16 +18,17 @@
 //! open are closed when the workload has left (their far end moved with it).
 //! Clients reconnect and are held or forwarded like new ones.
 //!
-//! In `Direct` mode, TCP connections from outside the outer container skip
-//! the user-space proxy: an iptables DNAT rule per published TCP port (tagged
-//! `ums-publish`) sends them to the workload in the kernel, as Docker's
-//! published ports do. A new connection then costs what a direct one costs;
-//! the user-space proxy measured 58–78% of direct throughput and +110 µs per
-//! connection on an unlimited veth (docs/bench/clients.md). The rules go away
-//! before any other mode takes effect, so held and forwarded connections
-//! always meet the proxy; connections the kernel forwarded count as in
-//! flight (from the conntrack table) when a migration drains them. Clients
-//! inside the outer container (loopback) and UDP always use the proxy.
+//! In `Direct` mode, TCP connections skip the user-space proxy: iptables DNAT
+//! rules per published TCP port (tagged `ums-publish`; PREROUTING for clients
+//! from outside, OUTPUT for clients in the outer container, with
+//! route_localnet and an SNAT rule for 127.0.0.1) send them to the workload
+//! in the kernel, as Docker's published ports do without its userland proxy.
+//! A new connection then costs what a direct one costs; the user-space proxy
+//! measured 58–78% of direct throughput and +110 µs per connection on an
+//! unlimited veth (docs/bench/clients.md). The rules go away before any other
+//! mode takes effect, so held and forwarded connections always meet the
+//! proxy; connections the kernel forwarded count as in flight (from the
+//! conntrack table) when a migration drains them. UDP always uses the proxy.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -148,23 +149,41 @@ struct Kernel {
 /// The comment that tags ums's DNAT rules.
 const RULE_TAG: &str = "ums-publish";
 
-/// `iptables` arguments that add (`-A`) or delete (`-D`) the DNAT rule of `m`.
-fn dnat_rule(op: &str, m: PortMap, target: Ipv4Addr) -> Vec<String> {
+/// `iptables` arguments that add (`-A`) or delete (`-D`) the DNAT rules of
+/// `m`: in PREROUTING for clients from outside, and in OUTPUT for clients in
+/// this namespace that address one of its own addresses (127.0.0.1 included).
+fn dnat_rules(op: &str, m: PortMap, target: Ipv4Addr) -> [Vec<String>; 2] {
     let to = format!("{target}:{}", m.inner);
     let port = m.outer.to_string();
-    ["-t", "nat", op, "PREROUTING", "-p", "tcp", "--dport", &port, "-m", "comment", "--comment", RULE_TAG]
+    let rule = |chain: &str, local_only: &[&str]| -> Vec<String> {
+        ["-t", "nat", op, chain, "-p", "tcp", "--dport", &port]
+            .iter()
+            .chain(local_only.iter())
+            .chain(["-m", "comment", "--comment", RULE_TAG, "-j", "DNAT", "--to-destination", &to].iter())
+            .map(|s| s.to_string())
+            .collect()
+    };
+    [rule("PREROUTING", &[]), rule("OUTPUT", &["-m", "addrtype", "--dst-type", "LOCAL"])]
+}
+
+/// The rule that gives connections from this namespace's loopback, once
+/// redirected to the workload, a source the workload can answer (`gateway`,
+/// the outer end of its veth `host_if`).
+fn loopback_snat_rule(op: &str, target: Ipv4Addr, gateway: Ipv4Addr, host_if: &str) -> Vec<String> {
+    let (dst, gw) = (format!("{target}/32"), gateway.to_string());
+    ["-t", "nat", op, "POSTROUTING", "-s", "127.0.0.0/8", "-d", &dst, "-o", host_if]
         .iter()
-        .chain(["-j", "DNAT", "--to-destination", &to].iter())
+        .chain(["-m", "comment", "--comment", RULE_TAG, "-j", "SNAT", "--to-source", &gw].iter())
         .map(|s| s.to_string())
         .collect()
 }
 
-/// The delete commands for the `ums-publish` rules in `iptables -t nat -S
-/// PREROUTING` output (left by an earlier ums in this network namespace).
+/// The delete commands for the `ums-publish` rules in `iptables -t nat -S`
+/// output (left by an earlier ums in this network namespace).
 fn stale_rules(listing: &str) -> Vec<Vec<String>> {
     listing
         .lines()
-        .filter(|l| l.starts_with("-A PREROUTING ") && l.split_whitespace().any(|w| w == RULE_TAG))
+        .filter(|l| l.starts_with("-A ") && l.split_whitespace().any(|w| w == RULE_TAG))
         .map(|l| {
             let mut v: Vec<String> = vec!["-t".into(), "nat".into(), "-D".into()];
             v.extend(l.split_whitespace().skip(1).map(String::from));
@@ -220,14 +239,20 @@ impl Publisher {
         }
     }
 
-    /// Forward TCP from outside in the kernel while in `Direct` mode, with
-    /// `run` to run iptables. First removes the rules an earlier ums in this
-    /// network namespace left behind.
-    pub fn enable_kernel_path(&self, run: IptablesRunner) -> Result<(), String> {
-        let rules = run(&["-t", "nat", "-S", "PREROUTING"].map(String::from))?;
+    /// Forward TCP in the kernel while in `Direct` mode, with `run` to run
+    /// iptables. First removes the rules an earlier ums in this network
+    /// namespace left behind. `gateway` and `host_if` are the outer end of the
+    /// workload's veth: loopback clients reach the workload from there.
+    pub fn enable_kernel_path(&self, run: IptablesRunner, gateway: Ipv4Addr, host_if: &str) -> Result<(), String> {
+        let rules = run(&["-t", "nat", "-S"].map(String::from))?;
         for stale in stale_rules(&rules) {
             run(&stale)?;
         }
+        // A packet from 127.0.0.1 may leave loopback only with route_localnet
+        // (as kube-proxy sets it for node ports on localhost).
+        std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1")
+            .map_err(|e| format!("route_localnet: {e}"))?;
+        run(&loopback_snat_rule("-A", self.s.target, gateway, host_if))?;
         let mut k = self.s.kernel.lock().expect("kernel");
         k.run = Some(run);
         k.on.clear();
@@ -255,7 +280,9 @@ impl Publisher {
         };
         let mut now = k.on.clone();
         for m in k.on.difference(&want) {
-            match run(&dnat_rule("-D", *m, self.s.target)) {
+            let removed: Result<Vec<String>, String> =
+                dnat_rules("-D", *m, self.s.target).iter().map(|r| run(r)).collect();
+            match removed {
                 Ok(_) => {
                     now.remove(m);
                 }
@@ -263,12 +290,19 @@ impl Publisher {
             }
         }
         for m in want.difference(&k.on) {
-            match run(&dnat_rule("-A", *m, self.s.target)) {
-                Ok(_) => {
-                    now.insert(*m);
-                }
-                Err(e) => tracing::warn!(error = %e, port = m.outer, "no in-kernel forwarding; the proxy serves it"),
+            let [outside, local] = dnat_rules("-A", *m, self.s.target);
+            if let Err(e) = run(&outside) {
+                tracing::warn!(error = %e, port = m.outer, "no in-kernel forwarding; the proxy serves it");
+                continue;
             }
+            if let Err(e) = run(&local) {
+                // Loopback clients alone would use the proxy: keep it simple
+                // and leave the whole port to the proxy.
+                tracing::warn!(error = %e, port = m.outer, "no in-kernel forwarding; the proxy serves it");
+                let _ = run(&dnat_rules("-D", *m, self.s.target)[0]);
+                continue;
+            }
+            now.insert(*m);
         }
         if now != k.on {
             tracing::debug!(ports = now.len(), "in-kernel forwarding");
@@ -583,17 +617,30 @@ mod tests {
     #[test]
     fn dnat_rules_and_their_cleanup() {
         let m = PortMap { outer: 80, inner: 8080, proto: Proto::Tcp };
-        let add = dnat_rule("-A", m, Ipv4Addr::new(10, 88, 0, 2));
+        let [outside, local] = dnat_rules("-A", m, Ipv4Addr::new(10, 88, 0, 2));
         assert_eq!(
-            add.join(" "),
+            outside.join(" "),
             "-t nat -A PREROUTING -p tcp --dport 80 -m comment --comment ums-publish -j DNAT --to-destination 10.88.0.2:8080"
+        );
+        assert_eq!(
+            local.join(" "),
+            "-t nat -A OUTPUT -p tcp --dport 80 -m addrtype --dst-type LOCAL -m comment --comment ums-publish \
+             -j DNAT --to-destination 10.88.0.2:8080"
+        );
+        let snat = loopback_snat_rule("-A", Ipv4Addr::new(10, 88, 0, 2), Ipv4Addr::new(10, 88, 0, 1), "ums0");
+        assert_eq!(
+            snat.join(" "),
+            "-t nat -A POSTROUTING -s 127.0.0.0/8 -d 10.88.0.2/32 -o ums0 -m comment --comment ums-publish \
+             -j SNAT --to-source 10.88.0.1"
         );
         let listing = "-P PREROUTING ACCEPT\n\
             -A PREROUTING -p tcp -m tcp --dport 80 -m comment --comment ums-publish -j DNAT --to-destination 10.88.0.2:8080\n\
-            -A PREROUTING -p tcp -m tcp --dport 22 -j DNAT --to-destination 10.0.0.9:22\n";
+            -A PREROUTING -p tcp -m tcp --dport 22 -j DNAT --to-destination 10.0.0.9:22\n\
+            -A POSTROUTING -s 127.0.0.0/8 -d 10.88.0.2/32 -o ums0 -m comment --comment ums-publish -j SNAT --to-source 10.88.0.1\n";
         let stale = stale_rules(listing);
-        assert_eq!(stale.len(), 1, "only ums's own rule");
+        assert_eq!(stale.len(), 2, "only ums's own rules");
         assert_eq!(&stale[0][..4], &["-t", "nat", "-D", "PREROUTING"]);
+        assert_eq!(&stale[1][..4], &["-t", "nat", "-D", "POSTROUTING"]);
         assert!(stale[0].contains(&"10.88.0.2:8080".to_string()));
     }
 

@@ -162,7 +162,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                     .map_err(|_| "the iptables thread panicked".to_string())?
                 })
             });
-            if let Err(e) = publisher.enable_kernel_path(run) {
+            if let Err(e) = publisher.enable_kernel_path(run, cfg.net.gateway, &cfg.net.host_if) {
                 tracing::warn!(error = %e, "no in-kernel forwarding of published ports; the proxy serves them all");
             }
         }
