@@ -242,7 +242,7 @@ fn cpu_s(pid: i32) -> anyhow::Result<f64> {
     Ok(ticks / 100.0)
 }
 
-fn ums_once(p: &Point<'_>, src: Side<'_>, dst: Side<'_>, run: &mut Run) -> anyhow::Result<()> {
+fn ums_once(src: Side<'_>, dst: Side<'_>, run: &mut Run) -> anyhow::Result<()> {
     let (ps, pd) = (src.outer.pid1(), dst.outer.pid1());
     let (rs, rd) = (reset_peak(ps)?, reset_peak(pd)?);
     let (cs, cd) = (cpu_s(ps)?, cpu_s(pd)?);
@@ -261,7 +261,6 @@ fn ums_once(p: &Point<'_>, src: Side<'_>, dst: Side<'_>, run: &mut Run) -> anyho
     // ran the workload: that part is not migration time.
     run.after_s = field(&r, "finish_ms")? / 1000.0;
     run.phases.push(("then ending the frozen copy", run.after_s));
-    let _ = p;
     Ok(())
 }
 
@@ -325,7 +324,7 @@ fn migrate_once(p: &Point<'_>, m: Method, i: usize, src: Side<'_>, dst: Side<'_>
     let meter = LinkMeter::start(p.ha, p.hb)?;
     let t = Instant::now();
     let result = match m {
-        Method::Ums => ums_once(p, src, dst, &mut run),
+        Method::Ums => ums_once(src, dst, &mut run),
         Method::StopCopy => stop_copy_once(&dir, src, dst, &mut run),
         Method::PageServer => page_server_once(&dir, src, dst, &mut run),
         Method::Podman => bail!("podman runs in its own containers (podman.rs)"),
