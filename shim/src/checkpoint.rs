@@ -54,6 +54,19 @@ pub struct Meta {
     pub image: ImageInfo,
     pub created_unix_ms: u128,
     pub tcp_established: bool,
+    /// What the workload was started with (absent in checkpoints of older
+    /// ums: the restoring side's own flags apply then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<nested::Settings>,
+}
+
+/// The config to restore the checkpoint described by `m` with: `cfg` with the
+/// workload's own settings (command, hostname, published ports, TCP mode).
+pub fn restore_config(cfg: &Config, m: &Meta) -> Config {
+    match &m.settings {
+        Some(s) => s.apply(cfg),
+        None => Config { tcp_established: m.tcp_established, ..cfg.clone() },
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -63,6 +76,73 @@ pub struct Timings {
     pub diff_ms: f64,
     pub restore_ms: f64,
     pub total_ms: f64,
+    /// How long the freeze waited for the listening sockets' accept queues
+    /// to empty (at most `Config::listen_drain`).
+    pub listen_drain_ms: f64,
+    /// Connections still waiting in an accept queue (or half open) when
+    /// CRIU dumped: left out of the checkpoint (`skip-in-flight`).
+    pub in_flight_skipped: u64,
+}
+
+/// Connections the kernel holds for the workload's listening sockets that the
+/// workload has not accepted: complete ones in accept queues, and half-open
+/// ones (SYN received) that may still complete.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub queued: u64,
+    pub half_open: u64,
+}
+
+impl Pending {
+    pub fn total(&self) -> u64 {
+        self.queued + self.half_open
+    }
+}
+
+/// `Pending` from the text of /proc/PID/net/tcp or tcp6: LISTEN sockets
+/// (state 0A) report their accept queue as rx_queue; SYN_RECV (03) entries
+/// are the half-open requests.
+pub fn parse_pending(text: &str) -> Pending {
+    let mut p = Pending::default();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 5 {
+            continue;
+        }
+        match f[3] {
+            "0A" => {
+                let rx = f[4].split(':').nth(1).and_then(|x| u64::from_str_radix(x, 16).ok()).unwrap_or(0);
+                p.queued += rx;
+            }
+            "03" => p.half_open += 1,
+            _ => {}
+        }
+    }
+    p
+}
+
+/// `Pending` of the network namespace process `pid` lives in.
+pub fn pending_connections(pid: i32) -> Pending {
+    let mut p = Pending::default();
+    for f in ["tcp", "tcp6"] {
+        if let Ok(t) = std::fs::read_to_string(format!("/proc/{pid}/net/{f}")) {
+            let q = parse_pending(&t);
+            p.queued += q.queued;
+            p.half_open += q.half_open;
+        }
+    }
+    p
+}
+
+/// Once new connections no longer reach the workload, let it accept what the
+/// kernel already handed its listening sockets: wait until nothing is
+/// pending, at most `bound`. Returns how long it waited.
+pub fn drain_accept_queues(pid: i32, bound: Duration) -> Duration {
+    let t0 = Instant::now();
+    while pending_connections(pid).total() > 0 && t0.elapsed() < bound {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    t0.elapsed()
 }
 
 pub fn ms(d: Duration) -> f64 {
@@ -83,6 +163,7 @@ pub fn freeze_and_dump(
     if n.uid != 0 && !crate::sys::has_cap_sys_resource() {
         return Err(CheckpointError::NeedsSysResource(n.uid));
     }
+    t.listen_drain_ms = ms(drain_accept_queues(n.pid, cfg.listen_drain));
     let t0 = Instant::now();
     runtime.pause(reaper, &n.id).map_err(CheckpointError::Freeze)?;
     t.freeze_ms = ms(t0.elapsed());
@@ -91,7 +172,7 @@ pub fn freeze_and_dump(
         image_path: images.into(),
         work_path: work.into(),
         leave_running: true,
-        tcp_established: cfg.tcp_established,
+        tcp_established: n.settings.tcp_established,
         page_server: None,
     };
     if let Err(e) = runtime.checkpoint(reaper, &n.id, &opts) {
@@ -99,6 +180,8 @@ pub fn freeze_and_dump(
         return Err(CheckpointError::Dump(e));
     }
     t.dump_ms = ms(t1.elapsed());
+    // Still frozen: what waits now was not in the dump.
+    t.in_flight_skipped = pending_connections(n.pid).total();
     Ok(())
 }
 
@@ -118,7 +201,8 @@ pub fn meta(cfg: &Config, n: &Nested) -> Meta {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0),
-        tcp_established: cfg.tcp_established,
+        tcp_established: n.settings.tcp_established,
+        settings: Some(n.settings.clone()),
     }
 }
 
@@ -150,10 +234,12 @@ pub fn checkpoint_to_dir(
     if n.uid != 0 && !crate::sys::has_cap_sys_resource() {
         return Err(CheckpointError::NeedsSysResource(n.uid));
     }
+    t.listen_drain_ms = ms(drain_accept_queues(n.pid, cfg.listen_drain));
     // Frozen first, so the writable layer packed now is the one the dump sees.
     let tf = Instant::now();
     runtime.pause(reaper, &n.id).map_err(CheckpointError::Freeze)?;
     t.freeze_ms = ms(tf.elapsed());
+    let at_freeze = pending_connections(n.pid).total();
     let t1 = Instant::now();
     let packed = (|| {
         let f = std::fs::File::create(cd.upper_diff())
@@ -175,7 +261,7 @@ pub fn checkpoint_to_dir(
         image_path: cd.images(),
         work_path: dir.join("work"),
         leave_running,
-        tcp_established: cfg.tcp_established,
+        tcp_established: n.settings.tcp_established,
         page_server: page_server.map(String::from),
     };
     if let Err(e) = runtime.checkpoint(reaper, &n.id, &opts) {
@@ -183,6 +269,10 @@ pub fn checkpoint_to_dir(
         return Err(CheckpointError::Dump(e));
     }
     t.dump_ms = ms(td.elapsed());
+    // Not in the dump: what waited at the freeze, or now (still frozen; with
+    // `leave_running` the workload accepts it once thawed, with --stop CRIU
+    // ended it and the clients were reset).
+    t.in_flight_skipped = at_freeze.max(pending_connections(n.pid).total());
     if leave_running {
         thaw(reaper, runtime, n);
     }
@@ -212,8 +302,9 @@ pub fn restore_from_dir(
     let cd = CheckpointDir(dir);
     let diff = cd.upper_diff();
     let max = cfg.max_checkpoint_bytes;
+    let rcfg = restore_config(cfg, &m);
     let (n, restore) = nested::restore(
-        cfg,
+        &rcfg,
         reaper,
         runtime,
         &m.image.manifest_digest,
@@ -228,4 +319,48 @@ pub fn restore_from_dir(
     )?;
     let t = Timings { restore_ms: ms(restore), total_ms: ms(t0.elapsed()), ..Default::default() };
     Ok((n, t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_connections_from_proc_net_tcp() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:1F90 00000000:0000 0A 00000000:00000003 00:00000000 00000000     0        0 1234 1 0000000000000000 100 0 0 10 0
+   1: 00000000:2382 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1235 1 0000000000000000 100 0 0 10 0
+   2: 0200580A:1F90 0100580A:C350 03 00000000:00000000 02:00000064 00000000     0        0 0 0 0000000000000000
+   3: 0200580A:1F90 0100580A:C351 01 00000000:00000010 00:00000000 00000000     0        0 1236 1 0000000000000000 20 4 30 10 -1
+";
+        assert_eq!(parse_pending(text), Pending { queued: 3, half_open: 1 });
+        assert_eq!(parse_pending("").total(), 0);
+        // A pid that does not exist has nothing pending.
+        assert_eq!(pending_connections(-1).total(), 0);
+    }
+
+    #[test]
+    fn settings_travel_in_the_meta_and_old_metas_still_parse() {
+        let old = r#"{"ums_version":"0.1.0","runtime":"runc","image":{"manifest_digest":"sha256:ab","command":["/bin/x"],"exposed_ports":[]},"created_unix_ms":1,"tcp_established":false}"#;
+        let m: Meta = serde_json::from_str(old).unwrap();
+        assert!(m.settings.is_none());
+        let cfg = Config { command: vec!["/own".into()], ..Config::default() };
+        let r = restore_config(&cfg, &m);
+        assert!(!r.tcp_established, "the checkpoint's TCP mode");
+        assert_eq!(r.command, ["/own"], "no settings: this side's own flags");
+        let s = nested::Settings {
+            command: vec!["/bin/websrv".into(), "9090".into()],
+            hostname: "web-a".into(),
+            publish: vec!["9090:9090".parse().unwrap(), "9191/udp".parse().unwrap()],
+            tcp_established: true,
+        };
+        let m = Meta { settings: Some(s.clone()), ..m };
+        let back: Meta = serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
+        assert_eq!(back.settings.as_ref(), Some(&s));
+        let r = restore_config(&cfg, &back);
+        assert_eq!(r.command, s.command);
+        assert_eq!(r.hostname.as_deref(), Some("web-a"));
+        assert_eq!(r.publish, s.publish);
+        assert!(r.tcp_established);
+    }
 }

@@ -68,6 +68,10 @@ pub struct Config {
     pub publish: Vec<crate::proxy::PortMap>,
     /// How published ports behave during and after a migration.
     pub hold: crate::proxy::HoldConfig,
+    /// Before a freeze (migration or checkpoint), once new connections no
+    /// longer reach the workload, how long to wait at most for its listening
+    /// sockets to accept what the kernel already queued for them.
+    pub listen_drain: Duration,
 }
 
 /// Addresses of the link between the outer container and the nested one.
@@ -153,6 +157,7 @@ impl Default for Config {
             net: NetConfig::default(),
             publish: Vec::new(),
             hold: crate::proxy::HoldConfig::default(),
+            listen_drain: Duration::from_millis(500),
         }
     }
 }

@@ -71,6 +71,63 @@ pub struct ImageInfo {
     pub exposed_ports: Vec<String>,
 }
 
+/// What the workload was started with besides its image: the command line,
+/// the hostname, the published ports (`-p` flags and the image's
+/// ExposedPorts, TCP and UDP), and whether CRIU keeps its established TCP
+/// connections. They travel in a checkpoint's meta, so a destination runs and
+/// publishes exactly what the source did (not its own flags).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Settings {
+    /// The command line that runs (the image's Entrypoint and Cmd, or the
+    /// command given to `ums init -- CMD`).
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub hostname: String,
+    /// Every published port, in order, without duplicates.
+    #[serde(default)]
+    pub publish: Vec<crate::proxy::PortMap>,
+    #[serde(default = "yes")]
+    pub tcp_established: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Settings {
+    /// The settings `cfg` gives a workload of image `img`.
+    pub fn from_config(cfg: &Config, img: &ResolvedImage) -> Settings {
+        let mut publish = cfg.publish.clone();
+        for m in crate::proxy::from_exposed(&spec::exposed_ports(&img.config)) {
+            if !publish.iter().any(|p| p.proto == m.proto && p.outer == m.outer) {
+                publish.push(m);
+            }
+        }
+        Settings {
+            command: spec::command_line(&img.config, &cfg.command).unwrap_or_default(),
+            hostname: hostname(cfg),
+            publish,
+            tcp_established: cfg.tcp_established,
+        }
+    }
+
+    /// `cfg` with these settings in place of its own per-workload ones, for
+    /// restoring a workload that was started elsewhere.
+    pub fn apply(&self, cfg: &Config) -> Config {
+        let mut c = cfg.clone();
+        if !self.command.is_empty() {
+            c.command = self.command.clone();
+        }
+        if !self.hostname.is_empty() {
+            c.hostname = Some(self.hostname.clone());
+        }
+        c.publish = self.publish.clone();
+        c.tcp_established = self.tcp_established;
+        c
+    }
+}
+
 /// A nested container that runs (or is frozen) here.
 #[derive(Debug)]
 pub struct Nested {
@@ -78,6 +135,9 @@ pub struct Nested {
     pub pid: i32,
     pub bundle: Bundle,
     pub image: ImageInfo,
+    /// What it runs with (`Settings::from_config` of the config it was
+    /// started or restored with).
+    pub settings: Settings,
     pub started: Instant,
     /// The uid the workload runs as (CRIU needs CAP_SYS_RESOURCE for non-root).
     pub uid: u32,
@@ -218,7 +278,7 @@ fn write_spec(cfg: &Config, img: &ResolvedImage, bundle: &Bundle, id: &str) -> R
     let netns = cfg.netns_path();
     let cgroups_path = format!("/ums/{id}");
     let lower = bundle.lower.clone();
-    let s = spec::build(
+    let mut s = spec::build(
         &img.config,
         &SpecInput {
             command: &cfg.command,
@@ -228,8 +288,41 @@ fn write_spec(cfg: &Config, img: &ResolvedImage, bundle: &Bundle, id: &str) -> R
             rootfs: &lower,
         },
     )?;
+    // runc hands CRIU the configuration file this annotation names, for
+    // the options runc has no flag for (see `criu_config`).
+    if let Some(conf) = criu_config(cfg) {
+        let mut a = s.annotations().clone().unwrap_or_default();
+        a.insert("org.criu.config".into(), conf.to_string_lossy().into_owned());
+        s.set_annotations(Some(a));
+    }
     spec::write(&s, &bundle.dir)?;
     Ok(s.process().as_ref().map(|p| p.user().uid()).unwrap_or(0))
+}
+
+/// The options ums gives CRIU beyond runc's flags, one per line:
+/// `skip-in-flight`: connections a listening socket of the workload has
+/// completed but not accepted yet (its accept queue, after the freeze drained
+/// it for `Config::listen_drain`) are left out of the dump instead of failing
+/// it (CRIU: "In-flight connection (l)"); then whatever runc's default file
+/// `/etc/criu/runc.conf` says, which the annotation replaces. Written under the run dir, where
+/// runc's CRIU (in this outer container's mount namespace) reads it; `None`
+/// if it cannot be written (CRIU then fails on in-flight connections).
+pub fn criu_config(cfg: &Config) -> Option<PathBuf> {
+    let path = cfg.run_dir.join("criu.conf");
+    // The annotation replaces runc's default file: keep what it says.
+    let runc_default = std::fs::read_to_string("/etc/criu/runc.conf").unwrap_or_default();
+    let text = format!("# written by ums: options runc has no flag for\nskip-in-flight\n{runc_default}");
+    if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+        return Some(path);
+    }
+    let _ = std::fs::create_dir_all(&cfg.run_dir);
+    match std::fs::write(&path, text) {
+        Ok(()) => Some(path),
+        Err(e) => {
+            tracing::warn!(error = %e, path = %path.display(), "cannot write the CRIU config file");
+            None
+        }
+    }
 }
 
 /// Pipes for the workload's stdout and stderr; the read ends are pumped to
@@ -286,7 +379,15 @@ pub fn start(cfg: &Config, reaper: &Reaper, runtime: &Runtime) -> Result<Nested,
         Ok((read_pid(&bundle.pid_file())?, uid))
     })();
     match result {
-        Ok((pid, uid)) => Ok(Nested { id, pid, image: image_info(cfg, &img), bundle, started: Instant::now(), uid }),
+        Ok((pid, uid)) => Ok(Nested {
+            id,
+            pid,
+            image: image_info(cfg, &img),
+            settings: Settings::from_config(cfg, &img),
+            bundle,
+            started: Instant::now(),
+            uid,
+        }),
         Err(e) => {
             let _ = runtime.delete(reaper, &id);
             bundle.teardown();
@@ -342,9 +443,18 @@ pub fn restore(
         Ok((read_pid(&bundle.pid_file())?, uid))
     })();
     match result {
-        Ok((pid, uid)) => {
-            Ok((Nested { id, pid, image: image_info(cfg, &img), bundle, started: Instant::now(), uid }, t0.elapsed()))
-        }
+        Ok((pid, uid)) => Ok((
+            Nested {
+                id,
+                pid,
+                image: image_info(cfg, &img),
+                settings: Settings::from_config(cfg, &img),
+                bundle,
+                started: Instant::now(),
+                uid,
+            },
+            t0.elapsed(),
+        )),
         Err(e) => {
             let _ = runtime.delete(reaper, &id);
             bundle.teardown();

@@ -41,7 +41,7 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     Tcp,
@@ -49,7 +49,7 @@ pub enum Proto {
 }
 
 /// One published port: outer port → the workload's port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
 pub struct PortMap {
     pub outer: u16,
     pub inner: u16,
@@ -117,6 +117,8 @@ struct Shared {
     target: Ipv4Addr,
     hold: HoldConfig,
     bound: Mutex<BTreeMap<(Proto, u16), u16>>,
+    /// The task serving each bound port (aborted to unbind it).
+    servers: Mutex<HashMap<(Proto, u16), tokio::task::AbortHandle>>,
     /// Proxied connections open to the workload here.
     active: AtomicUsize,
     held: AtomicUsize,
@@ -225,6 +227,7 @@ impl Publisher {
                 target,
                 hold,
                 bound: Mutex::default(),
+                servers: Mutex::default(),
                 active: AtomicUsize::new(0),
                 held: AtomicUsize::new(0),
                 held_total: AtomicU64::new(0),
@@ -321,24 +324,48 @@ impl Publisher {
             .unwrap_or(0)
     }
 
-    /// Listen on the outer ports of `maps` not yet listened on.
+    /// Listen on exactly the outer ports of `maps`: bind those not yet
+    /// bound, and unbind those bound for an earlier workload that `maps`
+    /// lacks (or maps to another inner port).
     pub async fn publish(&self, maps: &[PortMap]) -> std::io::Result<()> {
+        let stale: Vec<(Proto, u16)> = self
+            .s
+            .bound
+            .lock()
+            .expect("bound")
+            .iter()
+            .filter(|((proto, outer), inner)| {
+                !maps.iter().any(|m| m.proto == *proto && m.outer == *outer && m.inner == **inner)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            if let Some(task) = self.s.servers.lock().expect("servers").remove(&k) {
+                task.abort();
+            }
+            self.s.bound.lock().expect("bound").remove(&k);
+            tracing::info!(outer = k.1, proto = ?k.0, "unpublished port (not the workload's)");
+        }
+        if self.mode() == Mode::Direct {
+            self.kernel_rules(true);
+        }
         for m in maps {
             if self.s.bound.lock().expect("bound").contains_key(&(m.proto, m.outer)) {
                 continue;
             }
             let addr = SocketAddr::from(([0, 0, 0, 0], m.outer));
-            match m.proto {
+            let task = match m.proto {
                 Proto::Tcp => {
                     let l = TcpListener::bind(addr).await?;
-                    tokio::spawn(serve_tcp(self.s.clone(), l, *m));
+                    tokio::spawn(serve_tcp(self.s.clone(), l, *m))
                 }
                 Proto::Udp => {
                     let sock = UdpSocket::bind(addr).await?;
-                    tokio::spawn(serve_udp(self.s.clone(), Arc::new(sock), *m));
+                    tokio::spawn(serve_udp(self.s.clone(), Arc::new(sock), *m))
                 }
-            }
+            };
             tracing::info!(outer = m.outer, inner = m.inner, proto = ?m.proto, "published port");
+            self.s.servers.lock().expect("servers").insert((m.proto, m.outer), task.abort_handle());
             self.s.bound.lock().expect("bound").insert((m.proto, m.outer), m.inner);
         }
         if self.mode() == Mode::Direct {
@@ -720,10 +747,27 @@ ipv4     2 tcp      6 431999 ESTABLISHED src=10.88.0.2 dst=1.1.1.1 sport=41000 d
         // Nothing behind a published port: closed, not hung.
         let dead = free_port();
         let outer2 = free_port();
-        p.publish(&[PortMap { outer: outer2, inner: dead, proto: Proto::Tcp }]).await.unwrap();
+        let first = PortMap { outer, inner, proto: Proto::Tcp };
+        p.publish(&[first, PortMap { outer: outer2, inner: dead, proto: Proto::Tcp }]).await.unwrap();
         let r = tokio::time::timeout(Duration::from_secs(6), roundtrip(outer2, b"x")).await.unwrap();
         assert_eq!(r.unwrap_or_default(), b"");
         p.close();
         assert_eq!(roundtrip(outer, b"closed").await.unwrap_or_default(), b"");
+    }
+
+    /// A workload with other ports: exactly its ports are published.
+    #[tokio::test]
+    async fn publishes_exactly_the_workload_s_ports() {
+        let (inner, _srv) = echo_server().await;
+        let (old, new) = (free_port(), free_port());
+        let p = Publisher::new(Ipv4Addr::LOCALHOST, HoldConfig::default());
+        p.publish(&[PortMap { outer: old, inner, proto: Proto::Tcp }]).await.unwrap();
+        p.direct();
+        assert_eq!(roundtrip(old, b"a").await.unwrap(), b"a");
+        p.publish(&[PortMap { outer: new, inner, proto: Proto::Tcp }]).await.unwrap();
+        assert_eq!(roundtrip(new, b"b").await.unwrap(), b"b");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(TcpStream::connect(("127.0.0.1", old)).await.is_err(), "the old port is no longer published");
+        assert_eq!(p.status()["ports"].as_array().unwrap().len(), 1);
     }
 }

@@ -183,10 +183,9 @@ impl Runtime {
         if exit.success() {
             Ok(())
         } else {
-            let err = ExecError::Failed { program, exit, stderr: last_lines(&text, 10) };
             Err(match criu_log {
-                Some(l) => with_criu_log(err, l),
-                None => err,
+                Some(l) => with_criu_log(ExecError::Failed { program, exit, stderr: text }, l),
+                None => ExecError::Failed { program, exit, stderr: explain(&text, None) },
             })
         }
     }
@@ -217,13 +216,86 @@ pub fn last_lines(text: &str, n: usize) -> String {
     lines[start..].join("\n")
 }
 
-/// Attach the tail of CRIU's own log to a failed runtime call.
+/// Most CRIU `Error` lines quoted in a message (the first is usually the cause).
+const MAX_CRIU_ERRORS: usize = 6;
+
+/// CRIU's own `Error (file:line): ...` lines of a dump or restore log, without
+/// their timestamps, first ones first.
+pub fn criu_errors(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| {
+            let i = l.find("Error (")?;
+            // "(00.012345) Error (criu/sk-inet.c:199): ..." or a pie line
+            // "pie: 1: Error (...)": keep from "Error" on.
+            Some(l[i..].trim_end().to_string())
+        })
+        .take(MAX_CRIU_ERRORS)
+        .collect()
+}
+
+/// The messages of runc's `level=error` lines (its text log format:
+/// `time="..." level=error msg="..."`), unescaped; other lines as they are.
+pub fn runtime_errors(stderr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in stderr.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.contains("level=") && !line.contains("level=error") && !line.contains("level=fatal") {
+            continue; // warnings and debug lines of runc
+        }
+        let msg = match line.find("msg=\"") {
+            Some(i) => {
+                let rest = &line[i + 5..];
+                let end = rest.rfind('"').unwrap_or(rest.len());
+                rest[..end].replace("\\n", " ").replace("\\\"", "\"").replace("\\t", " ")
+            }
+            None => line.to_string(),
+        };
+        let msg = msg.split_whitespace().collect::<Vec<_>>().join(" ");
+        if !msg.is_empty() && !out.contains(&msg) {
+            out.push(msg);
+        }
+    }
+    out
+}
+
+/// The cause of a failed runtime call in one message: CRIU's `Error` lines
+/// from its log `criu_log` (the cause of most failures), then the runtime's
+/// own error lines, then where the log is. Without any `Error` line in
+/// the log, its last lines stand in for them.
+pub fn explain(runtime_stderr: &str, criu_log: Option<(&Path, &str)>) -> String {
+    let mut parts = Vec::new();
+    if let Some((path, text)) = criu_log {
+        let errors = criu_errors(text);
+        if !errors.is_empty() {
+            parts.push(format!("CRIU: {}", errors.join("; ")));
+        } else if !text.trim().is_empty() {
+            parts.push(format!("CRIU log ends: {}", last_lines(text, 4).lines().collect::<Vec<_>>().join(" | ")));
+        }
+        let rt = runtime_errors(runtime_stderr);
+        if !rt.is_empty() {
+            parts.push(format!("runtime: {}", rt.join("; ")));
+        }
+        if !text.is_empty() {
+            parts.push(format!("(CRIU log {})", path.display()));
+        }
+    } else {
+        let rt = runtime_errors(runtime_stderr);
+        if !rt.is_empty() {
+            parts.push(rt.join("; "));
+        }
+    }
+    if parts.is_empty() {
+        return runtime_stderr.trim().to_string();
+    }
+    parts.join(" ")
+}
+
+/// Put CRIU's own `Error` lines (from its log) and the runtime's error lines
+/// into a failed runtime call's message.
 pub fn with_criu_log(e: ExecError, log: &Path) -> ExecError {
     match e {
         ExecError::Failed { program, exit, stderr } => {
-            let criu = std::fs::read_to_string(log).map(|t| last_lines(&t, 8)).unwrap_or_default();
-            let stderr =
-                if criu.is_empty() { stderr } else { format!("{stderr}\ncriu log {}:\n{criu}", log.display()) };
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let stderr = explain(&stderr, Some((log, &text)));
             ExecError::Failed { program, exit, stderr }
         }
         other => other,
@@ -288,6 +360,30 @@ mod tests {
         let a = rt().kill_args("w1", "KILL", true);
         assert_eq!(&a[2..], ["kill", "--all", "w1", "KILL"]);
         assert_eq!(RuntimeKind::Crun.binary(), "crun");
+    }
+
+    #[test]
+    fn criu_and_runc_errors_name_the_cause() {
+        let log = "(00.001000) Dumping path for 1 fd via self 12 [/]\n\
+            (00.020000) Error (criu/sk-inet.c:188): inet: In-flight connection (l) for 2a1f\n\
+            (00.020010) Error (criu/sk-inet.c:189): inet: In-flight connections can be ignored with the --skip-in-flight option.\n\
+            (00.020100) Error (criu/cr-dump.c:1600): Dump files (pid: 7) failed with -1\n\
+            (00.030000) Dumping FAILED.\n";
+        let errs = criu_errors(log);
+        assert_eq!(errs.len(), 3);
+        assert_eq!(errs[0], "Error (criu/sk-inet.c:188): inet: In-flight connection (l) for 2a1f");
+        let runc = "time=\"2026-12-06T03:00:00Z\" level=warning msg=\"some warning\"\n\
+            time=\"2026-12-06T03:00:00Z\" level=error msg=\"criu failed: type NOTIFY errno 0\\nlog file: /w/dump.log\"\n";
+        assert_eq!(runtime_errors(runc), ["criu failed: type NOTIFY errno 0 log file: /w/dump.log"]);
+        let m = explain(runc, Some((Path::new("/w/dump.log"), log)));
+        assert!(m.starts_with("CRIU: Error (criu/sk-inet.c:188): inet: In-flight connection (l) for 2a1f; "), "{m}");
+        assert!(m.contains("runtime: criu failed: type NOTIFY errno 0"), "{m}");
+        assert!(!m.contains("some warning") && !m.contains("Dumping FAILED"), "{m}");
+        // No Error line: the log's tail stands in.
+        let m = explain("", Some((Path::new("/w/dump.log"), "a\nb\nDumping FAILED.\n")));
+        assert!(m.contains("CRIU log ends: a | b | Dumping FAILED."), "{m}");
+        // crun-style plain stderr passes through.
+        assert_eq!(explain("plain failure\n", None), "plain failure");
     }
 
     #[test]

@@ -114,8 +114,7 @@ impl Supervisor {
 
     fn adopt(&mut self, n: Nested) {
         self.exit_rx = Some(self.ctx.reaper.watch(n.pid));
-        let mut maps = self.ctx.cfg.publish.clone();
-        maps.extend(crate::proxy::from_exposed(&n.image.exposed_ports));
+        let maps = n.settings.publish.clone();
         let p = self.ctx.publisher.clone();
         tokio::spawn(async move {
             if let Err(e) = p.publish(&maps).await {
@@ -165,7 +164,10 @@ impl Supervisor {
                 "pid": n.pid,
                 "pids": nested::pids(n.pid),
                 "image_digest": n.image.manifest_digest,
-                "command": n.image.command,
+                "command": n.settings.command,
+                "hostname": n.settings.hostname,
+                "published_ports": n.settings.publish,
+                "tcp_established": n.settings.tcp_established,
                 "exposed_ports": n.image.exposed_ports,
                 "uptime_s": n.started.elapsed().as_secs_f64(),
                 "rootfs": n.bundle.mode,
@@ -181,6 +183,7 @@ impl Supervisor {
             "last_op": self.last_op,
             "orphans_reaped": self.ctx.reaper.orphans_reaped(),
             "published": self.ctx.publisher.status(),
+            "listen_drain_ms": checkpoint::ms(self.ctx.cfg.listen_drain),
             "ums": { "version": env!("CARGO_PKG_VERSION"), "pid": std::process::id(), "rss_kib": rss_kib },
         })
     }
@@ -371,6 +374,10 @@ impl Supervisor {
             Request::Checkpoint { dir, leave_running, page_server } => {
                 let n = workload.expect("running state has a workload");
                 tokio::spawn(async move {
+                    // As a migration does: new clients wait (held) while
+                    // CRIU dumps, so none lands in an accept queue meanwhile.
+                    let publisher = ctx.publisher.clone();
+                    publisher.hold_and_drain().await;
                     let r = tokio::task::spawn_blocking(move || {
                         let r = checkpoint::checkpoint_to_dir(
                             &ctx.cfg,
@@ -391,6 +398,11 @@ impl Supervisor {
                     })
                     .await
                     .unwrap_or_else(|e| Err(e.to_string()));
+                    // Running here still (or after a failure): clients go to it
+                    // again; stopped: `on_done` closes the ports.
+                    if !matches!(r, Ok((_, Outcome::Gone))) {
+                        publisher.direct();
+                    }
                     let _ =
                         inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result: r, new_workload: None })).await;
                 });

@@ -160,6 +160,7 @@ async fn dest(peer_timeout: Duration) -> Dest {
         runtime: cfg.runtime,
         memory_bytes: 1 << 20,
         tcp_established: true,
+        cpu_features: None,
     };
     let before = tree(root);
     Dest { addr, tmp, events, hello, before }
@@ -463,6 +464,7 @@ async fn a_symlink_escaping_the_writable_layer_is_refused() {
             image: d.hello.image.clone(),
             created_unix_ms: 0,
             tcp_established: true,
+            settings: None,
         },
     };
     wire::send_json(&mut c.write, Kind::Manifest, &manifest).await.unwrap();

@@ -74,6 +74,45 @@ impl Host {
         Ok((a, b))
     }
 
+    /// A host with only loopback, for [`Host::link`] (a client host that
+    /// reaches both hosts of a pair, say). Its `addr` is unspecified.
+    pub fn isolated(name_prefix: &str) -> anyhow::Result<Host> {
+        crate::require_root();
+        Host::create(crate::unique_name(name_prefix), Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED)
+    }
+
+    /// Another veth pair, between this host and `other`, on a /30 of its own
+    /// (devices `ul<8 hex>a|b`); returns (this end's address, the other
+    /// end's address). No rate limit.
+    pub fn link(&self, other: &Host) -> anyhow::Result<(Ipv4Addr, Ipv4Addr)> {
+        let x: u8 = 200 + rand::random::<u8>() % 51;
+        let y: u8 = rand::random();
+        let k: u8 = rand::random::<u8>() % 64;
+        let (mine, theirs) = (Ipv4Addr::new(10, x, y, 4 * k + 1), Ipv4Addr::new(10, x, y, 4 * k + 2));
+        let tmp_a = format!("ul{:08x}a", rand::random::<u32>());
+        let tmp_b = format!("{}b", &tmp_a[..tmp_a.len() - 1]);
+        run(Command::new("ip").args([
+            "link",
+            "add",
+            &tmp_a,
+            "netns",
+            &self.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &tmp_b,
+            "netns",
+            &other.name,
+        ]))
+        .context("creating the veth pair")?;
+        for (host, dev, addr) in [(self, &tmp_a, mine), (other, &tmp_b, theirs)] {
+            run(Command::new("ip").args(["-n", &host.name, "addr", "add", &format!("{addr}/30"), "dev", dev]))?;
+            run(Command::new("ip").args(["-n", &host.name, "link", "set", dev, "up"]))?;
+        }
+        Ok((mine, theirs))
+    }
+
     fn create(name: String, addr: Ipv4Addr, peer: Ipv4Addr) -> anyhow::Result<Host> {
         run(Command::new("ip").args(["netns", "add", &name])).context("creating a network namespace")?;
         let host = Host { name, addr, peer };

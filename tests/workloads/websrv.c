@@ -3,10 +3,13 @@
  *
  *   websrv [HTTP_PORT [UDP_PORT]]      (defaults 8080 and 5353)
  *
- * TCP: answers every connection with one HTTP/1.0 response whose body is
+ * TCP: answers every request with a response whose body is
  * "hits <n> pid-start <token>\n" (n counts requests since start, so it must
- * keep counting across a migration) and closes it. Requests are read up to
- * the blank line; a client that sends garbage gets a 400 and a close.
+ * keep counting across a migration). HTTP/1.0 requests get one HTTP/1.0
+ * response and a close; HTTP/1.1 requests without "Connection: close" keep
+ * the connection open for the next request (keep-alive), until it has been
+ * idle for 10 s. Requests are read up to the blank line; a client that sends
+ * garbage gets a 400 and a close.
  * UDP: echoes every datagram back to its sender.
  * One process, one poll loop; prints "listening" when ready.
  */
@@ -21,13 +24,23 @@
 #include <time.h>
 #include <unistd.h>
 
-#define MAXC 256
+#define MAXC 1024
+#define IDLE_S 10
 
 struct conn {
 	int fd;
 	char buf[4096];
 	size_t len;
+	time_t last;
 };
+
+static time_t now_s(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec;
+}
 
 static int listen_on(int type, int port)
 {
@@ -47,12 +60,12 @@ static int listen_on(int type, int port)
 	return fd;
 }
 
-static void reply(int fd, const char *status, const char *body)
+static void reply(int fd, int keep, const char *status, const char *body)
 {
 	char out[512];
 	int n = snprintf(out, sizeof(out),
-			 "HTTP/1.0 %s\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n%s",
-			 status, strlen(body), body);
+			 "HTTP/1.%d %s\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\nConnection: %s\r\n\r\n%s",
+			 keep, status, strlen(body), keep ? "keep-alive" : "close", body);
 	ssize_t off = 0;
 	while (off < n) {
 		ssize_t w = write(fd, out + off, n - off);
@@ -90,15 +103,21 @@ int main(int argc, char **argv)
 			if (c[i].fd >= 0) {
 				p[n].fd = c[i].fd; p[n].events = POLLIN; map[n++] = i;
 			}
-		if (poll(p, n, -1) < 0) {
+		if (poll(p, n, 1000) < 0) {
 			if (errno == EINTR)
 				continue;
 			perror("poll");
 			return 1;
 		}
+		time_t now = now_s();
 		for (int k = 0; k < n; k++) {
-			if (!p[k].revents)
+			if (!p[k].revents) {
+				if (map[k] >= 0 && now - c[map[k]].last >= IDLE_S) {
+					close(c[map[k]].fd);
+					c[map[k]].fd = -1;
+				}
 				continue;
+			}
 			if (map[k] == -1) {
 				int fd = accept(lfd, NULL, NULL);
 				if (fd < 0)
@@ -109,6 +128,7 @@ int main(int argc, char **argv)
 				if (slot < 0) { close(fd); continue; }
 				c[slot].fd = fd;
 				c[slot].len = 0;
+				c[slot].last = now;
 			} else if (map[k] == -2) {
 				char d[65536];
 				struct sockaddr_in from;
@@ -126,13 +146,21 @@ int main(int argc, char **argv)
 				}
 				x->len += r;
 				x->buf[x->len] = 0;
+				x->last = now;
 				int done = strstr(x->buf, "\r\n\r\n") || strstr(x->buf, "\n\n");
 				if (done && strncmp(x->buf, "GET ", 4) == 0) {
 					char body[128];
+					char *eol = strstr(x->buf, "\r\n");
+					int keep = eol && eol - x->buf >= 8 && strncmp(eol - 8, "HTTP/1.1", 8) == 0 &&
+						   !strcasestr(x->buf, "connection: close");
 					snprintf(body, sizeof(body), "hits %llu pid-start %s\n", ++hits, token);
-					reply(x->fd, "200 OK", body);
+					reply(x->fd, keep, "200 OK", body);
+					if (keep) {
+						x->len = 0;
+						continue;
+					}
 				} else if (done || x->len >= sizeof(x->buf) - 1 || (x->len >= 4 && strncmp(x->buf, "GET ", 4) != 0)) {
-					reply(x->fd, "400 Bad Request", "bad request\n");
+					reply(x->fd, 0, "400 Bad Request", "bad request\n");
 				} else {
 					continue;
 				}

@@ -37,5 +37,10 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         println!("  dump     {}", secs(&v["dump_ms"]));
         println!("  rootfs   {}", secs(&v["diff_ms"]));
         println!("  total    {}", secs(&v["total_ms"]));
+        println!(
+            "  in flight {} (connections not yet accepted at the freeze, after a {} drain: not in the checkpoint)",
+            v["in_flight_skipped"].as_u64().unwrap_or(0),
+            secs(&v["listen_drain_ms"])
+        );
     })
 }

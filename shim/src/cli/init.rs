@@ -57,6 +57,11 @@ pub struct Args {
     /// After a migration, forward clients to the destination until none came for this long.
     #[arg(long, env = "UMS_DRAIN", default_value = "10s", value_parser = crate::supervisor::parse_duration)]
     pub drain: std::time::Duration,
+    /// Before a freeze, how long at most the workload may accept connections
+    /// already queued on its listening sockets (500ms); any left are not
+    /// dumped (CRIU's skip-in-flight) and counted as `in_flight_skipped`.
+    #[arg(long, env = "UMS_LISTEN_DRAIN", default_value = "500ms", value_parser = crate::supervisor::parse_duration)]
+    pub listen_drain: std::time::Duration,
     /// The peer key set: ca.pem, peer.pem, peer-key.pem (`ums keys create`).
     #[arg(long, env = "UMS_PEER_KEYS", default_value = Config::DEFAULT_PEER_KEYS)]
     pub peer_keys: PathBuf,
@@ -94,6 +99,7 @@ impl Args {
                 drain: self.drain,
                 ..Default::default()
             },
+            listen_drain: self.listen_drain,
             ..Config::default()
         }
     }

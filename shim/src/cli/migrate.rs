@@ -41,6 +41,12 @@ pub fn table(v: &serde_json::Value) -> String {
         }
     ));
     out.push_str(&format!("restore          {}\n", s("restore_ms")));
+    if let Some(skipped) = v["in_flight_skipped"].as_u64() {
+        out.push_str(&format!(
+            "in flight        {skipped:>10}     (connections not yet accepted at the freeze, after a {:.3} s drain; reset)\n",
+            v["listen_drain_ms"].as_f64().unwrap_or(0.0) / 1000.0
+        ));
+    }
     out.push_str(&format!("downtime         {}   (workload frozen until the destination ran it)\n", s("frozen_ms")));
     out.push_str(&format!(
         "total            {}   (request until the workload ran at the destination)\n",

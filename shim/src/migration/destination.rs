@@ -135,9 +135,8 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     };
     // Its published ports answer before the source starts sending clients.
     if let Ok(n) = &result {
-        let mut maps = ctx.cfg.publish.clone();
-        maps.extend(crate::proxy::from_exposed(&n.image.exposed_ports));
-        if let Err(e) = ctx.publisher.publish(&maps).await {
+        // Exactly what the source published (the workload's settings).
+        if let Err(e) = ctx.publisher.publish(&n.settings.publish).await {
             tracing::error!(error = %e, "cannot publish the workload's ports");
         }
         ctx.publisher.direct();
@@ -183,6 +182,9 @@ async fn receive(
             "the workload ran under {:?}, this outer container uses {:?}",
             hello.runtime, cfg.runtime
         )));
+    }
+    if let Some(missing) = super::cpu::missing(hello.cpu_features.as_deref().unwrap_or(&[]), &super::cpu::local()) {
+        return Err(InError::Refuse(super::cpu::refusal(&missing)));
     }
     std::fs::create_dir_all(dir.join("criu")).map_err(|e| InError::Refuse(format!("{}: {e}", dir.display())))?;
     if let Ok(st) = nix::sys::statvfs::statvfs(dir) {
@@ -364,8 +366,10 @@ async fn receive(
     let (c2, images, work, diff) = (ctx.clone(), dir.join("criu"), dir.join("work"), dir.join("rootfs-diff.tar"));
     let digest = hello.image.manifest_digest.clone();
     let max = cfg.max_checkpoint_bytes;
+    // The workload's own command, hostname, ports and TCP mode, not ours.
+    let rcfg = crate::checkpoint::restore_config(&ctx.cfg, &manifest.meta);
     let restored = tokio::task::spawn_blocking(move || {
-        crate::nested::restore(&c2.cfg, &c2.reaper, &c2.runtime, &digest, &images, &work, move |upper| {
+        crate::nested::restore(&rcfg, &c2.reaper, &c2.runtime, &digest, &images, &work, move |upper| {
             let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
             crate::upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max)
                 .map(|_| ())

@@ -15,6 +15,7 @@
 //!
 //! The frame format is in `wire`, the sides in `source` and `destination`.
 
+pub mod cpu;
 pub mod destination;
 pub mod source;
 pub mod streamer;
@@ -40,6 +41,10 @@ pub struct Hello {
     /// Resident memory of the workload: the images dir needs about this much.
     pub memory_bytes: u64,
     pub tcp_established: bool,
+    /// The user-space CPU features of the source (`cpu`); the destination
+    /// refuses when it lacks one. Absent from older sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_features: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

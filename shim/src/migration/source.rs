@@ -146,7 +146,8 @@ async fn pre_migration(ctx: &Ctx, n: &Nested, to: &str, migration_id: &str) -> R
         manifest_size,
         runtime: cfg.runtime,
         memory_bytes: resident_bytes(&nested::pids(n.pid)),
-        tcp_established: cfg.tcp_established,
+        tcp_established: n.settings.tcp_established,
+        cpu_features: Some(super::cpu::local().into_iter().collect()),
     };
     send(Frame::json(Kind::Hello, &hello)).await.map_err(MigrateError::Pre)?;
     let ok: HelloOk =
@@ -345,6 +346,8 @@ async fn migrate(
         "freeze_ms": timings.freeze_ms,
         "checkpoint_ms": timings.dump_ms,
         "checkpoint_end_ms": ms(dump_end),
+        "listen_drain_ms": timings.listen_drain_ms,
+        "in_flight_skipped": timings.in_flight_skipped,
         "rootfs_diff_ms": timings.diff_ms,
         "transfer_ms": ms(Duration::from_secs_f64(transfer_s)),
         "verify_ms": res.verify_ms,
