@@ -16,9 +16,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::wire::{self, Frame, Kind, WireError};
 use super::{safe_name, FileKind, FileOpen, Hello, HelloOk, Manifest, MigrationResult, Query, QueryAnswer};
-use crate::checkpoint::ms;
-use crate::oci_layout::{self, OciLayout};
+use crate::image::oci_layout::{self, OciLayout};
 use crate::supervisor::{Ctx, Msg};
+use crate::workload::checkpoint::ms;
 
 /// Outcomes of recent incoming migrations, for a source that lost the
 /// connection and asks (`Query`).
@@ -136,7 +136,7 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     // Its published ports answer before the source starts sending clients.
     if let Ok(n) = &result {
         let mut maps = ctx.cfg.publish.clone();
-        maps.extend(crate::proxy::from_exposed(&n.image.exposed_ports));
+        maps.extend(crate::net::proxy::from_exposed(&n.image.exposed_ports));
         if let Err(e) = ctx.publisher.publish(&maps).await {
             tracing::error!(error = %e, "cannot publish the workload's ports");
         }
@@ -166,7 +166,7 @@ struct Incoming {
     hash: super::FileHasher,
 }
 
-type Received = (Result<crate::nested::Nested, String>, (f64, f64));
+type Received = (Result<crate::workload::nested::Nested, String>, (f64, f64));
 
 async fn receive(
     ctx: &Ctx,
@@ -365,9 +365,9 @@ async fn receive(
     let digest = hello.image.manifest_digest.clone();
     let max = cfg.max_checkpoint_bytes;
     let restored = tokio::task::spawn_blocking(move || {
-        crate::nested::restore(&c2.cfg, &c2.reaper, &c2.runtime, &digest, &images, &work, move |upper| {
+        crate::workload::nested::restore(&c2.cfg, &c2.reaper, &c2.runtime, &digest, &images, &work, move |upper| {
             let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
-            crate::upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max)
+            crate::image::upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max)
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         })

@@ -12,10 +12,10 @@ use tokio::sync::mpsc;
 use super::streamer::{self, Out};
 use super::wire::{self, Frame, Kind, WireError};
 use super::{FileKind, Hello, HelloOk, Manifest, MigrationResult, Query, QueryAnswer};
-use crate::checkpoint::{self, ms, CheckpointError, Timings};
-use crate::nested::{self, Nested};
-use crate::oci_layout::OciLayout;
+use crate::image::oci_layout::OciLayout;
 use crate::supervisor::Ctx;
+use crate::workload::checkpoint::{self, ms, CheckpointError, Timings};
+use crate::workload::nested::{self, Nested};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -233,7 +233,7 @@ async fn migrate(
     })
     .await
     .unwrap_or_else(|e| {
-        Err(CheckpointError::Freeze(crate::exec::ExecError::Lost { program: format!("dump task: {e}") }))
+        Err(CheckpointError::Freeze(crate::process::exec::ExecError::Lost { program: format!("dump task: {e}") }))
     });
     let mut timings = match dumped {
         Ok(t) => t,
@@ -259,7 +259,7 @@ async fn migrate(
         let (upper, dp, tx2) = (n.bundle.upper(), diff_path.clone(), tx.clone());
         let diff_entry = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let f = std::fs::File::create(&dp).map_err(|e| e.to_string())?;
-            crate::upper_diff::pack(&upper, std::io::BufWriter::with_capacity(1 << 20, f))
+            crate::image::upper_diff::pack(&upper, std::io::BufWriter::with_capacity(1 << 20, f))
                 .map_err(|e| e.to_string())?;
             streamer::send_file(&dp, 999, FileKind::UpperDiff, "rootfs-diff.tar", &tx2).map_err(|e| e.to_string())
         })
