@@ -65,9 +65,9 @@ pub struct Config {
     /// The nested container's network: the same in every outer container.
     pub net: NetConfig,
     /// Ports published with `--publish`, besides the image's ExposedPorts.
-    pub publish: Vec<crate::proxy::PortMap>,
+    pub publish: Vec<crate::net::proxy::PortMap>,
     /// How published ports behave during and after a migration.
-    pub hold: crate::proxy::HoldConfig,
+    pub hold: crate::net::proxy::HoldConfig,
     /// Before a freeze (migration or checkpoint), once new connections no
     /// longer reach the workload, how long to wait at most for its listening
     /// sockets to accept what the kernel already queued for them.
@@ -156,7 +156,7 @@ impl Default for Config {
             insecure_peer: false,
             net: NetConfig::default(),
             publish: Vec::new(),
-            hold: crate::proxy::HoldConfig::default(),
+            hold: crate::net::proxy::HoldConfig::default(),
             listen_drain: Duration::from_millis(500),
         }
     }

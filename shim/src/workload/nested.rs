@@ -11,13 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::bundle::{Bundle, BundleError};
 use crate::config::Config;
-use crate::exec::{self, ExecError};
-use crate::oci_layout::{self, OciLayout, ResolvedImage};
-use crate::reaper::Reaper;
-use crate::runtime::{RestoreOpts, Runtime};
-use crate::spec::{self, SpecError, SpecInput};
+use crate::image::oci_layout::{self, OciLayout, ResolvedImage};
+use crate::process::exec::{self, ExecError};
+use crate::process::reaper::Reaper;
+use crate::process::runtime::{RestoreOpts, Runtime};
+use crate::workload::bundle::{Bundle, BundleError};
+use crate::workload::spec::{self, SpecError, SpecInput};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NestedError {
@@ -86,7 +86,7 @@ pub struct Settings {
     pub hostname: String,
     /// Every published port, in order, without duplicates.
     #[serde(default)]
-    pub publish: Vec<crate::proxy::PortMap>,
+    pub publish: Vec<crate::net::proxy::PortMap>,
     #[serde(default = "yes")]
     pub tcp_established: bool,
 }
@@ -99,7 +99,7 @@ impl Settings {
     /// The settings `cfg` gives a workload of image `img`.
     pub fn from_config(cfg: &Config, img: &ResolvedImage) -> Settings {
         let mut publish = cfg.publish.clone();
-        for m in crate::proxy::from_exposed(&spec::exposed_ports(&img.config)) {
+        for m in crate::net::proxy::from_exposed(&spec::exposed_ports(&img.config)) {
             if !publish.iter().any(|p| p.proto == m.proto && p.outer == m.outer) {
                 publish.push(m);
             }
