@@ -219,10 +219,15 @@ pub fn last_lines(text: &str, n: usize) -> String {
 /// Most CRIU `Error` lines quoted in a message (the first is usually the cause).
 const MAX_CRIU_ERRORS: usize = 6;
 
+/// `Error` lines CRIU logs and goes on after (this one on every restore by a
+/// root without CAP_SYS_RESOURCE): never the cause.
+const CRIU_NOT_FATAL: [&str; 1] = ["Can't setup RLIMIT_NOFILE for self"];
+
 /// CRIU's own `Error (file:line): ...` lines of a dump or restore log, without
 /// their timestamps, first ones first.
 pub fn criu_errors(log: &str) -> Vec<String> {
     log.lines()
+        .filter(|l| !CRIU_NOT_FATAL.iter().any(|n| l.contains(n)))
         .filter_map(|l| {
             let i = l.find("Error (")?;
             // "(00.012345) Error (criu/sk-inet.c:199): ..." or a pie line
@@ -365,6 +370,7 @@ mod tests {
     #[test]
     fn criu_and_runc_errors_name_the_cause() {
         let log = "(00.001000) Dumping path for 1 fd via self 12 [/]\n\
+            (00.010000) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n\
             (00.020000) Error (criu/sk-inet.c:188): inet: In-flight connection (l) for 2a1f\n\
             (00.020010) Error (criu/sk-inet.c:189): inet: In-flight connections can be ignored with the --skip-in-flight option.\n\
             (00.020100) Error (criu/cr-dump.c:1600): Dump files (pid: 7) failed with -1\n\
