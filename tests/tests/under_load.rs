@@ -362,6 +362,60 @@ fn ports_and_command_outside_the_image_travel_there_and_back() {
     reach_both("after B->A");
 }
 
+/// Connections the server has not accepted when the freeze comes (it stopped
+/// accepting: websrv's /pause-accept) are left out of the dump instead of
+/// failing the migration, counted, and reset when the source's copy ends.
+#[test]
+fn connections_not_yet_accepted_are_skipped_counted_and_reset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = web_image(tmp.path());
+    let n = net("uskip");
+    let a = Outer::builder("uskip-a").host(&n.ha).layout(&img.layout).start().unwrap();
+    let b = Outer::builder("uskip-b").host(&n.hb).layout(&img.layout).args(&["--standby"]).start().unwrap();
+    a.wait_for_line("listening", T).unwrap();
+    b.wait_for_line("standby", T).unwrap();
+    let target = SocketAddr::from((n.a, 8080));
+    let queued = in_netns(n.hc.netns_path(), move || {
+        get_soon(target).expect("the published port answers");
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+        s.write_all(b"GET /pause-accept HTTP/1.0\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.0 200"), "{resp:?}");
+        // The kernel completes these handshakes; the server does not accept them.
+        (0..5)
+            .map(|_| {
+                let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+                s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+                s
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    let out = a.ums_ok(&["migrate", "--json", "--to", &format!("{}:{PEER_PORT}", n.hb.addr())]).expect("migration");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = &v["result"];
+    println!("migration: in flight skipped {}, listen drain {} ms", r["in_flight_skipped"], r["listen_drain_ms"]);
+    assert!(r["in_flight_skipped"].as_u64().unwrap() >= 5, "{r}");
+    assert!(r["listen_drain_ms"].as_f64().unwrap() >= 490.0, "the drain waited its bound: {r}");
+    // What those clients see: their connection reset (or closed), no answer.
+    for mut s in queued {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut resp = String::new();
+        let seen = match s.read_to_string(&mut resp) {
+            Ok(_) => format!("closed after {resp:?}"),
+            Err(e) => format!("{:?}", e.kind()),
+        };
+        println!("a queued client saw: {seen}");
+        assert!(seen == "ConnectionReset" || seen == "closed after \"\"", "{seen}");
+    }
+    // The workload runs at B, and serves once its pause is over.
+    assert_eq!(status(&b)["state"], "running");
+    let at_b = SocketAddr::from((n.b, 8080));
+    in_netns(n.hc.netns_path(), move || get(at_b)).join().unwrap().expect("served at B");
+}
+
 #[test]
 fn a_restore_failing_inside_criu_prints_criu_s_error() {
     let tmp = tempfile::tempdir().unwrap();

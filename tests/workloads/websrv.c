@@ -9,7 +9,9 @@
  * response and a close; HTTP/1.1 requests without "Connection: close" keep
  * the connection open for the next request (keep-alive), until it has been
  * idle for 10 s. Requests are read up to the blank line; a client that sends
- * garbage gets a 400 and a close.
+ * garbage gets a 400 and a close. "GET /pause-accept" (answered like any
+ * other) makes it stop accepting connections for 8 s: new ones wait in the
+ * kernel's accept queue, as with a server too busy to accept.
  * UDP: echoes every datagram back to its sender.
  * One process, one poll loop; prints "listening" when ready.
  */
@@ -85,6 +87,7 @@ int main(int argc, char **argv)
 	int ufd = listen_on(SOCK_DGRAM, uport);
 	static struct conn c[MAXC];
 	unsigned long long hits = 0;
+	time_t paused_until = 0;
 	char token[32];
 
 	snprintf(token, sizeof(token), "%lx", (unsigned long)time(NULL) ^ (unsigned long)getpid() << 16);
@@ -97,7 +100,9 @@ int main(int argc, char **argv)
 		struct pollfd p[MAXC + 2];
 		int map[MAXC + 2], n = 0;
 
-		p[n].fd = lfd; p[n].events = POLLIN; map[n++] = -1;
+		if (now_s() >= paused_until) {
+			p[n].fd = lfd; p[n].events = POLLIN; map[n++] = -1;
+		}
 		p[n].fd = ufd; p[n].events = POLLIN; map[n++] = -2;
 		for (int i = 0; i < MAXC; i++)
 			if (c[i].fd >= 0) {
@@ -153,6 +158,8 @@ int main(int argc, char **argv)
 					char *eol = strstr(x->buf, "\r\n");
 					int keep = eol && eol - x->buf >= 8 && strncmp(eol - 8, "HTTP/1.1", 8) == 0 &&
 						   !strcasestr(x->buf, "connection: close");
+					if (strncmp(x->buf, "GET /pause-accept ", 18) == 0)
+						paused_until = now + 8;
 					snprintf(body, sizeof(body), "hits %llu pid-start %s\n", ++hits, token);
 					reply(x->fd, keep, "200 OK", body);
 					if (keep) {
