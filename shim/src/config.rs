@@ -72,6 +72,30 @@ pub struct Config {
     /// longer reach the workload, how long to wait at most for its listening
     /// sockets to accept what the kernel already queued for them.
     pub listen_drain: Duration,
+    /// Stream the images dir while CRIU writes it (the default), or dump
+    /// first and send afterwards (for comparison). `UMS_STREAMING`.
+    pub streaming: bool,
+    /// Forward published TCP ports in the kernel while the workload runs
+    /// here (the default), or leave every connection to the user-space
+    /// proxy. `UMS_KERNEL_FORWARD`.
+    pub kernel_forward: bool,
+    /// A fault to inject, for the fault tests only. `UMS_FAILPOINT`.
+    pub failpoint: Option<Failpoint>,
+    /// CPU features this machine pretends to lack in pre-migration, for
+    /// the tests only. `UMS_CPU_HIDE`.
+    pub cpu_hide: Vec<String>,
+}
+
+/// Faults the end-to-end tests inject into a real `ums init` (hidden flag
+/// `--failpoint`, or `UMS_FAILPOINT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Failpoint {
+    /// Every restore fails just before the runtime is called (after the
+    /// bundle is laid out, so the cleanup path runs).
+    Restore,
+    /// Every restore waits 3 s there: a window in which a test can kill
+    /// the destination mid-restore.
+    SlowRestore,
 }
 
 /// Addresses of the link between the outer container and the nested one.
@@ -158,6 +182,10 @@ impl Default for Config {
             publish: Vec::new(),
             hold: crate::net::proxy::HoldConfig::default(),
             listen_drain: Duration::from_millis(500),
+            streaming: true,
+            kernel_forward: true,
+            failpoint: None,
+            cpu_hide: Vec::new(),
         }
     }
 }

@@ -10,6 +10,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per process: the size of `init`'s arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Be the outer container's PID 1: run and supervise the workload.

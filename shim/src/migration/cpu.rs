@@ -72,14 +72,12 @@ pub fn parse(cpuinfo: &str) -> BTreeSet<String> {
     BTreeSet::new()
 }
 
-/// This machine's features, less those `UMS_CPU_HIDE` (comma-separated)
-/// names: a test knob that makes a destination look older than it is.
-pub fn local() -> BTreeSet<String> {
+/// This machine's features, less those in `hide` (`Config::cpu_hide`, a
+/// test knob that makes a destination look older than it is).
+pub fn local(hide: &[String]) -> BTreeSet<String> {
     let mut f = parse(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default());
-    if let Ok(hide) = std::env::var("UMS_CPU_HIDE") {
-        for h in hide.split(',') {
-            f.remove(h.trim());
-        }
+    for h in hide {
+        f.remove(h.trim());
     }
     f
 }

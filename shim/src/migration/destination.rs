@@ -213,7 +213,9 @@ fn check_can_host(cfg: &crate::config::Config, hello: &Hello, dir: &Path) -> Res
             hello.runtime, cfg.runtime
         )));
     }
-    if let Some(missing) = super::cpu::missing(hello.cpu_features.as_deref().unwrap_or(&[]), &super::cpu::local()) {
+    if let Some(missing) =
+        super::cpu::missing(hello.cpu_features.as_deref().unwrap_or(&[]), &super::cpu::local(&cfg.cpu_hide))
+    {
         return Err(InError::Refuse(super::cpu::refusal(&missing)));
     }
     std::fs::create_dir_all(dir.join("criu")).map_err(|e| InError::Refuse(format!("{}: {e}", dir.display())))?;
