@@ -217,6 +217,9 @@ fn fifty_keepalive_clients_through_ten_migrations() {
     let mut failed = Vec::new();
     let mut skipped = 0u64;
     let mut frozen = Vec::new();
+    let (t0, n0) = (Instant::now(), load.lock().unwrap().ok);
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut rates = vec![("direct at A", (load.lock().unwrap().ok - n0) as f64 / t0.elapsed().as_secs_f64())];
     for i in 0..10 {
         let (src, dst_addr) = if i % 2 == 0 { (&a, n.hb.addr()) } else { (&b, n.ha.addr()) };
         let out = src.ums(&["migrate", "--json", "--to", &format!("{dst_addr}:{PEER_PORT}")]).unwrap();
@@ -239,6 +242,12 @@ fn fifty_keepalive_clients_through_ten_migrations() {
         while load.lock().unwrap().ok < served + 100 && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Requests per second over the next second: the workload at B means
+        // every client goes through A's forwarding (user-space proxy).
+        let (t0, n0) = (Instant::now(), load.lock().unwrap().ok);
+        std::thread::sleep(Duration::from_millis(1000));
+        let rate = (load.lock().unwrap().ok - n0) as f64 / t0.elapsed().as_secs_f64();
+        rates.push((if i % 2 == 0 { "forwarded by A to B" } else { "direct at A" }, rate));
     }
     let served_at_end = load.lock().unwrap().ok;
     std::thread::sleep(Duration::from_millis(1000));
@@ -254,6 +263,10 @@ fn fifty_keepalive_clients_through_ten_migrations() {
         failed.len(),
         l.ok
     );
+    for kind in ["direct at A", "forwarded by A to B"] {
+        let r: Vec<String> = rates.iter().filter(|(k, _)| *k == kind).map(|(_, r)| format!("{r:.0}")).collect();
+        println!("  requests/s, {kind}: {}", r.join(" "));
+    }
     for (e, count) in &l.errors {
         println!("  client error x{count}: {e}");
     }
