@@ -124,6 +124,7 @@ async fn dest(peer_timeout: Duration) -> Dest {
         reaper: ums::reaper::Reaper::start(sig_tx).unwrap(),
         runtime: ums::runtime::Runtime::new(cfg.runtime, cfg.runtime_root()),
         publisher: ums::proxy::Publisher::new(cfg.net.address, cfg.hold.clone()),
+        in_doubt: Default::default(),
     };
     // The real state machine, as the supervisor runs it.
     let (inbox, mut rx) = mpsc::channel::<Msg>(16);
@@ -203,7 +204,8 @@ impl Dest {
 }
 
 async fn read(c: &mut PeerConn) -> Result<wire::Frame, WireError> {
-    wire::read_frame_within(&mut c.read, Duration::from_secs(20)).await
+    // Heartbeats (the destination unpacking or restoring) are skipped.
+    wire::read_frame_live(&mut c.read, Duration::from_secs(20)).await
 }
 
 /// The error message the destination ends with, if any.

@@ -9,9 +9,10 @@ use serde_json::json;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 
+use super::in_doubt::{self, Resolution, Settled};
 use super::streamer::{self, Out};
 use super::wire::{self, Frame, Kind, WireError};
-use super::{FileKind, Hello, HelloOk, Manifest, MigrationResult, Query, QueryAnswer};
+use super::{FileKind, Hello, HelloOk, Manifest, MigrationResult};
 use crate::checkpoint::{self, ms, CheckpointError, Timings};
 use crate::nested::{self, Nested};
 use crate::oci_layout::OciLayout;
@@ -39,6 +40,8 @@ pub enum MigrateError {
     Transfer(#[source] WireError),
     #[error("the destination could not restore: {0}")]
     Restore(String),
+    #[error("{0}")]
+    Resolved(String),
 }
 
 /// Frames (data chunks of up to `wire::CHUNK`) queued for the writer.
@@ -120,7 +123,7 @@ async fn pre_migration(ctx: &Ctx, n: &Nested, to: &str, migration_id: &str) -> R
     let img = layout.resolve().map_err(|e| MigrateError::Image(e.to_string()))?;
     let blobs = layout.image_blobs(&img);
     let manifest_size = blobs.iter().find(|(d, _)| *d == img.manifest_digest).map(|b| b.1).unwrap_or(0);
-    let conn = super::transport::connect(cfg, to, Duration::from_secs(10))
+    let conn = super::transport::connect(cfg, to, cfg.peer_read_timeout)
         .await
         .map_err(|source| MigrateError::Connect { peer: to.into(), source })?;
     let peer = conn.peer.clone();
@@ -180,7 +183,8 @@ async fn pre_migration(ctx: &Ctx, n: &Nested, to: &str, migration_id: &str) -> R
         Ok(b) => b,
         Err(e) => return Err(peer_reason(&mut r).await.map(MigrateError::Refused).unwrap_or(e)),
     };
-    wire::read_frame_within(&mut r, Duration::from_secs(600))
+    // The destination unpacks the image now, sending heartbeats meanwhile.
+    wire::read_frame_live(&mut r, cfg.peer_read_timeout)
         .await
         .and_then(|f| f.expect::<serde_json::Value>(Kind::Ready))
         .map_err(|e| match e {
@@ -219,6 +223,7 @@ async fn migrate(
         tracing::info!(still_open, "connections still open at the freeze; they end when the workload has left");
     }
     let t_freeze = Instant::now();
+    let freeze_unix_ms = super::outcomes::now_ms();
     let s = match streamer::start(&images, 1000, tx.clone(), live) {
         Ok(s) => s,
         Err(e) => {
@@ -249,6 +254,11 @@ async fn migrate(
     let thaw = |ctx: Ctx, n: Arc<Nested>| async move {
         let _ = tokio::task::spawn_blocking(move || checkpoint::thaw(&ctx.reaper, &ctx.runtime, &n)).await;
     };
+    // Set once the manifest is handed to the writer: from then on the
+    // destination may restore the workload, and only its word settles how
+    // the migration ended (`in_doubt`).
+    let mut manifest_sent = false;
+    let mut manifest_bytes = 0u64;
     let result: Result<(u64, MigrationResult, Duration), MigrateError> = async {
         let (mut files, _) = tokio::task::spawn_blocking(move || s.finish())
             .await
@@ -269,11 +279,14 @@ async fn migrate(
         timings.diff_ms = ms(t_diff.elapsed());
         files.push(diff_entry);
         let manifest = Manifest { files, meta: checkpoint::meta(&cfg, n) };
+        manifest_bytes = manifest.files.iter().map(|f| f.size).sum();
+        manifest_sent = true;
         send(Frame::json(Kind::Manifest, &manifest)).await.map_err(MigrateError::Transfer)?;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         tx.send(Out::Flushed(done_tx)).await.map_err(|_| MigrateError::Transfer(WireError::Closed))?;
         let sent_at = done_rx.await.map(|t| t.duration_since(t_freeze)).unwrap_or_else(|_| t_freeze.elapsed());
-        let res: MigrationResult = wire::read_frame_within(&mut r, Duration::from_secs(900))
+        // The destination verifies and restores, sending heartbeats meanwhile.
+        let res: MigrationResult = wire::read_frame_live(&mut r, cfg.peer_read_timeout)
             .await
             .and_then(|f| f.expect(Kind::Result))
             .map_err(|e| match e {
@@ -293,21 +306,58 @@ async fn migrate(
         }),
         other => other,
     };
+    let mut in_doubt_ms = 0.0;
+    let mut ran_after: Option<Duration> = None;
     let outcome = match result {
         Ok((bytes, res, sent_at)) if res.running => Ok((bytes, res, sent_at)),
         Ok((_, res, _)) => Err(MigrateError::Restore(res.error.unwrap_or_else(|| "unknown error".into()))),
-        Err(e @ MigrateError::Transfer(_)) => {
-            // The manifest may have reached the destination: ask before thawing,
-            // so the workload never runs in two places.
-            if destination_runs(&cfg, to, &migration_id).await {
-                tracing::warn!(error = %e, "connection lost, but the destination runs the workload");
-                Ok((
-                    0,
-                    MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 },
-                    t_freeze.elapsed(),
-                ))
-            } else {
-                Err(e)
+        // No word from the destination after the manifest: it may run the
+        // workload. Never thaw on a guess: stay frozen and ask until it says.
+        Err(e @ MigrateError::Transfer(_)) if manifest_sent => {
+            let t_doubt = Instant::now();
+            let known = vec![
+                "the workload is frozen here".to_string(),
+                format!("the manifest ({manifest_bytes} bytes of checkpoint) was sent to {to}"),
+                "no Result came back: the destination may or may not have restored it".to_string(),
+            ];
+            let settled = in_doubt::settle(&cfg, &ctx.in_doubt, to, &migration_id, e.to_string(), known).await;
+            in_doubt_ms = ms(t_doubt.elapsed());
+            match settled {
+                Settled::Running { since_unix_ms } => {
+                    tracing::warn!(error = %e, in_doubt_ms, "connection lost, but the destination runs the workload");
+                    // Downtime: until it ran there, not until we heard of it.
+                    let ran = Duration::from_millis(since_unix_ms.saturating_sub(freeze_unix_ms));
+                    ran_after = Some(ran.min(t_freeze.elapsed()));
+                    let none = MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 };
+                    Ok((manifest_bytes, none, t_freeze.elapsed()))
+                }
+                Settled::NotRunning => Err(MigrateError::Restore(format!(
+                    "{e}; the destination then said the workload does not run there, and fenced the migration"
+                ))),
+                Settled::Operator(Resolution::Abandon, reply) => {
+                    tracing::warn!(error = %e, "in doubt; the operator ended the frozen copy here (ums resolve --abandon)");
+                    let _ = reply.send(crate::control::Response::ok(json!({
+                        "migration_id": migration_id,
+                        "outcome": "the frozen copy here is ended; the workload runs at the destination, or nowhere",
+                    })));
+                    let none = MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 };
+                    Ok((manifest_bytes, none, t_freeze.elapsed()))
+                }
+                Settled::Operator(Resolution::Thaw, reply) => {
+                    tracing::warn!(error = %e, "in doubt; the operator thaws the workload here (ums resolve --thaw)");
+                    thaw(ctx.clone(), n.clone()).await;
+                    ctx.publisher.direct();
+                    in_doubt::stop_remote(cfg.clone(), ctx.in_doubt.clone(), to.to_string(), migration_id.clone());
+                    let _ = reply.send(crate::control::Response::ok(json!({
+                        "migration_id": migration_id,
+                        "outcome": "the workload runs here again; the destination is told to end any copy until it confirms",
+                    })));
+                    writer_task.abort();
+                    drop(cleanup_dir);
+                    return Err(MigrateError::Resolved(format!(
+                        "{e}; in doubt, then the operator thawed the workload here (ums resolve --thaw)"
+                    )));
+                }
             }
         }
         Err(e) => Err(e),
@@ -324,14 +374,18 @@ async fn migrate(
             return Err(e);
         }
     };
-    let frozen = t_freeze.elapsed();
+    let frozen = ran_after.unwrap_or_else(|| t_freeze.elapsed());
     // ---- post-migration: the destination runs it. Clients go there; the
     // frozen copy here is ended by `Finish`, outside the reported time.
     match tokio::net::lookup_host(to).await.ok().and_then(|mut a| a.next()) {
         Some(sa) => ctx.publisher.forward_to(sa.ip()),
         None => ctx.publisher.close(),
     }
-    let wire_bytes = writer_task.await.ok().and_then(|r| r.ok()).unwrap_or(bytes);
+    // A writer stuck on a dead connection is not waited for.
+    let wire_bytes = match tokio::time::timeout(Duration::from_secs(1), writer_task).await {
+        Ok(Ok(Ok(b))) => b,
+        _ => bytes,
+    };
     let total = t_start.elapsed();
     // Transfer: until the last byte was handed to the socket, counted from the
     // start of the dump when streaming (they overlap), from its end otherwise.
@@ -350,6 +404,7 @@ async fn migrate(
         "verify_ms": res.verify_ms,
         "restore_ms": res.restore_ms,
         "frozen_ms": ms(frozen),
+        "in_doubt_ms": in_doubt_ms,
         "total_ms": ms(total),
         "bytes": bytes,
         "wire_bytes": wire_bytes,
@@ -397,32 +452,6 @@ async fn peer_reason(r: &mut super::transport::PeerRead) -> Option<String> {
             Err(_) => return None,
         }
     }
-}
-
-/// Ask the destination whether migration `id` left a running workload there.
-/// An unreachable destination cannot be running it (its PID 1 is gone, and
-/// the restored workload with it).
-async fn destination_runs(cfg: &crate::config::Config, to: &str, id: &str) -> bool {
-    for _ in 0..3 {
-        let attempt = async {
-            let c = super::transport::connect(cfg, to, Duration::from_secs(5)).await.ok()?;
-            let (mut r, mut w) = (c.read, c.write);
-            wire::send_json(&mut w, Kind::Query, &Query { migration_id: id.into() }).await.ok()?;
-            let a: QueryAnswer = wire::read_frame(&mut r).await.ok()?.expect(Kind::QueryAnswer).ok()?;
-            Some(a.running)
-        };
-        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-            Ok(Some(running)) => return running,
-            Ok(None) => {
-                if tokio::net::TcpStream::connect(to).await.is_err() {
-                    return false;
-                }
-            }
-            Err(_) => {}
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    false
 }
 
 /// Removes a migration's images dir when dropped.
