@@ -259,6 +259,7 @@ async fn migrate(
     // the migration ended (`in_doubt`).
     let mut manifest_sent = false;
     let mut manifest_bytes = 0u64;
+    let mut manifest_flushed: Option<Duration> = None;
     let result: Result<(u64, MigrationResult, Duration), MigrateError> = async {
         let (mut files, _) = tokio::task::spawn_blocking(move || s.finish())
             .await
@@ -285,6 +286,7 @@ async fn migrate(
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         tx.send(Out::Flushed(done_tx)).await.map_err(|_| MigrateError::Transfer(WireError::Closed))?;
         let sent_at = done_rx.await.map(|t| t.duration_since(t_freeze)).unwrap_or_else(|_| t_freeze.elapsed());
+        manifest_flushed = Some(sent_at);
         // The destination verifies and restores, sending heartbeats meanwhile.
         let res: MigrationResult = wire::read_frame_live(&mut r, cfg.peer_read_timeout)
             .await
@@ -329,7 +331,7 @@ async fn migrate(
                     let ran = Duration::from_millis(since_unix_ms.saturating_sub(freeze_unix_ms));
                     ran_after = Some(ran.min(t_freeze.elapsed()));
                     let none = MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 };
-                    Ok((manifest_bytes, none, t_freeze.elapsed()))
+                    Ok((manifest_bytes, none, manifest_flushed.unwrap_or(ran)))
                 }
                 Settled::NotRunning => Err(MigrateError::Restore(format!(
                     "{e}; the destination then said the workload does not run there, and fenced the migration"
@@ -341,7 +343,7 @@ async fn migrate(
                         "outcome": "the frozen copy here is ended; the workload runs at the destination, or nowhere",
                     })));
                     let none = MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 };
-                    Ok((manifest_bytes, none, t_freeze.elapsed()))
+                    Ok((manifest_bytes, none, manifest_flushed.unwrap_or_else(|| t_freeze.elapsed())))
                 }
                 Settled::Operator(Resolution::Thaw, reply) => {
                     tracing::warn!(error = %e, "in doubt; the operator thaws the workload here (ums resolve --thaw)");
