@@ -2,7 +2,7 @@
 //! per-phase table (in the manner of CloudHopper's Table III).
 
 use super::{finish, request, ClientOpts};
-use crate::control::Request;
+use crate::supervisor::control::Request;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -3,8 +3,8 @@
 //! operator's call, and each prints what it risks.
 
 use super::{finish, request, ClientOpts};
-use crate::control::Request;
 use crate::migration::in_doubt::{warning, Resolution};
+use crate::supervisor::control::Request;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

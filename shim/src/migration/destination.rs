@@ -17,9 +17,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::outcomes::{self, Answer, Outcomes};
 use super::wire::{self, Frame, Kind, WireError};
 use super::{safe_name, FileKind, FileOpen, Hello, HelloOk, Manifest, MigrationResult, PeerState, Query, QueryAnswer};
-use crate::checkpoint::ms;
-use crate::oci_layout::{self, OciLayout};
+use crate::image::oci_layout::{self, OciLayout};
 use crate::supervisor::{Ctx, Msg};
+use crate::workload::checkpoint::ms;
 
 /// Peer connections handled at once; more are closed at once (each one costs
 /// a TLS handshake, and only one migration can come in at a time anyway).
@@ -141,7 +141,7 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     // Its published ports answer before the source starts sending clients.
     if let Ok(n) = &result {
         let mut maps = ctx.cfg.publish.clone();
-        maps.extend(crate::proxy::from_exposed(&n.image.exposed_ports));
+        maps.extend(crate::net::proxy::from_exposed(&n.image.exposed_ports));
         if let Err(e) = ctx.publisher.publish(&maps).await {
             tracing::error!(error = %e, "cannot publish the workload's ports");
         }
@@ -176,8 +176,11 @@ struct Incoming {
     hash: super::FileHasher,
 }
 
-type Received = (Result<crate::nested::Nested, String>, (f64, f64));
+type Received = (Result<crate::workload::nested::Nested, String>, (f64, f64));
 
+/// The incoming migration in its phases: can this outer host it, the blobs
+/// it lacks, the image unpacked (all before the source freezes), then the
+/// checkpoint stream until the manifest, verification, and restore.
 async fn receive(
     ctx: &Ctx,
     hello: &Hello,
@@ -187,8 +190,42 @@ async fn receive(
     outcomes: &Outcomes,
 ) -> Result<Received, InError> {
     let cfg = &ctx.cfg;
-    let deadline = cfg.peer_read_timeout;
-    // ---- can we host it?
+    let (layout, digests) = check_can_host(cfg, hello, dir)?;
+    let missing = layout.missing_blobs(&digests);
+    let criu_version = crate::process::criu_version().to_string();
+    wire::send_json(
+        w,
+        Kind::HelloOk,
+        &HelloOk { protocol: wire::PROTOCOL_VERSION, missing_blobs: missing.clone(), criu_version },
+    )
+    .await?;
+
+    let mut total = 0u64;
+    receive_blobs(cfg, hello, dir, r, &layout, &missing, &mut total).await?;
+    let still = layout.missing_blobs(&digests);
+    if !still.is_empty() {
+        return Err(InError::Refuse(format!("blobs still missing after transfer: {}", still.join(", "))));
+    }
+    prepare_image(cfg, hello, &layout, w).await?;
+    wire::send_json(w, Kind::Ready, &serde_json::json!({})).await?;
+    let (manifest, files) = receive_checkpoint(cfg, dir, r, &mut total).await?;
+    let verify_ms = verify(hello, &manifest, files)?;
+    tracing::info!(files = manifest.files.len(), bytes = total, verify_ms, "checkpoint verified; restoring");
+    // A source that asked meanwhile was told "not running": keep the promise.
+    if let Err(phase) = outcomes.start_restore(&hello.migration_id) {
+        return Err(InError::Refuse(format!(
+            "migration {} is {phase:?} here: the source asked and was told it does not run here; not restoring",
+            hello.migration_id
+        )));
+    }
+    restore(ctx, hello, dir, verify_ms, w).await
+}
+
+/// Can this outer container host the workload: runtime, space for the
+/// images, memory, this destination's limit, and the image's blobs (from the
+/// outer image's own layout or one received earlier). Answers the layout the
+/// blobs go into and every digest the image needs.
+fn check_can_host(cfg: &crate::config::Config, hello: &Hello, dir: &Path) -> Result<(OciLayout, Vec<String>), InError> {
     if hello.runtime != cfg.runtime {
         return Err(InError::Refuse(format!(
             "the workload ran under {:?}, this outer container uses {:?}",
@@ -262,29 +299,27 @@ async fn receive(
             }
         }
     }
-    let missing = layout.missing_blobs(&digests);
-    let criu_version = std::process::Command::new("criu")
-        .arg("--version")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
-        .unwrap_or_default();
-    wire::send_json(
-        w,
-        Kind::HelloOk,
-        &HelloOk { protocol: wire::PROTOCOL_VERSION, missing_blobs: missing.clone(), criu_version },
-    )
-    .await?;
+    Ok((layout, digests))
+}
 
-    // ---- missing blobs, verified by digest on arrival.
+/// The blobs the destination lacks, verified by digest on arrival, into the layout.
+async fn receive_blobs(
+    cfg: &crate::config::Config,
+    hello: &Hello,
+    dir: &Path,
+    r: &mut (impl tokio::io::AsyncReadExt + Unpin),
+    layout: &OciLayout,
+    missing: &[String],
+    total: &mut u64,
+) -> Result<(), InError> {
+    let deadline = cfg.peer_read_timeout;
     let mut files: HashMap<u32, Incoming> = HashMap::new();
-    let mut total = 0u64;
     loop {
         let f = wire::read_frame_within(r, deadline).await?;
         match f.kind {
             Kind::BlobsDone => break,
             Kind::FileOpen | Kind::Data => {
-                accept_file_frame(&f, dir, &mut files, &mut total, cfg.max_checkpoint_bytes, FileKind::Blob, &missing)?
+                accept_file_frame(&f, dir, &mut files, total, cfg.max_checkpoint_bytes, FileKind::Blob, missing)?
             }
             _ => {
                 return Err(f
@@ -305,11 +340,16 @@ async fn receive(
             .map_err(|e| InError::Refuse(format!("blob {digest}: {e}")))?;
         let _ = std::fs::remove_file(&inc.path);
     }
-    let still = layout.missing_blobs(&digests);
-    if !still.is_empty() {
-        return Err(InError::Refuse(format!("blobs still missing after transfer: {}", still.join(", "))));
-    }
-    // ---- prepare before the freeze: the image, unpacked.
+    Ok(())
+}
+
+/// The image unpacked before the freeze, so that restore does not wait for it.
+async fn prepare_image(
+    cfg: &crate::config::Config,
+    hello: &Hello,
+    layout: &OciLayout,
+    w: &mut (impl AsyncWriteExt + Unpin),
+) -> Result<(), InError> {
     let current = layout.resolve().ok().map(|i| i.manifest_digest);
     if current.as_deref() != Some(hello.image.manifest_digest.as_str()) {
         layout
@@ -322,18 +362,28 @@ async fn receive(
         let img = l.resolve().map_err(|e| e.to_string())?;
         oci_layout::unpack_image(&l, &img, &cache).map(|_| ()).map_err(|e| e.to_string())
     });
-    with_heartbeats(w, deadline, unpack)
+    // Heartbeats tell the source, waiting for `Ready`, that this side works.
+    with_heartbeats(w, cfg.peer_read_timeout, unpack)
         .await
         .map_err(|e| InError::Refuse(e.to_string()))?
         .map_err(|e| InError::Refuse(format!("cannot prepare the workload image: {e}")))?;
-    wire::send_json(w, Kind::Ready, &serde_json::json!({})).await?;
+    Ok(())
+}
 
-    // ---- the checkpoint stream, until the manifest.
+/// The checkpoint stream until the manifest: the files received, by id.
+async fn receive_checkpoint(
+    cfg: &crate::config::Config,
+    dir: &Path,
+    r: &mut (impl tokio::io::AsyncReadExt + Unpin),
+    total: &mut u64,
+) -> Result<(Manifest, HashMap<u32, Incoming>), InError> {
+    let deadline = cfg.peer_read_timeout;
+    let mut files: HashMap<u32, Incoming> = HashMap::new();
     let manifest: Manifest = loop {
         let f = wire::read_frame_within(r, deadline).await?;
         match f.kind {
             Kind::FileOpen | Kind::Data => {
-                accept_file_frame(&f, dir, &mut files, &mut total, cfg.max_checkpoint_bytes, FileKind::Image, &[])?
+                accept_file_frame(&f, dir, &mut files, total, cfg.max_checkpoint_bytes, FileKind::Image, &[])?
             }
             Kind::Manifest => break f.parse()?,
             _ => {
@@ -345,7 +395,11 @@ async fn receive(
             }
         }
     };
-    // ---- verify: the same files, sizes and digests as the source saw.
+    Ok((manifest, files))
+}
+
+/// Verify: the same files, sizes and digests as the source saw. Answers the time it took, in ms.
+fn verify(hello: &Hello, manifest: &Manifest, mut files: HashMap<u32, Incoming>) -> Result<f64, InError> {
     let t_verify = Instant::now();
     if manifest.meta.image.manifest_digest != hello.image.manifest_digest {
         return Err(InError::Refuse("the manifest names another workload image".into()));
@@ -370,27 +424,32 @@ async fn receive(
             Some(_) => {}
         }
     }
-    let verify_ms = ms(t_verify.elapsed());
-    tracing::info!(files = manifest.files.len(), bytes = total, verify_ms, "checkpoint verified; restoring");
-    // ---- restore, unless a source fenced this migration meanwhile.
-    if let Err(phase) = outcomes.start_restore(&hello.migration_id) {
-        return Err(InError::Refuse(format!(
-            "migration {} is {phase:?} here: the source asked and was told it does not run here; not restoring",
-            hello.migration_id
-        )));
-    }
+    Ok(ms(t_verify.elapsed()))
+}
+
+/// Restore the verified checkpoint: the writable layer, then CRIU through the runtime.
+async fn restore(
+    ctx: &Ctx,
+    hello: &Hello,
+    dir: &Path,
+    verify_ms: f64,
+    w: &mut (impl AsyncWriteExt + Unpin),
+) -> Result<Received, InError> {
+    let cfg = &ctx.cfg;
     let (c2, images, work, diff) = (ctx.clone(), dir.join("criu"), dir.join("work"), dir.join("rootfs-diff.tar"));
     let digest = hello.image.manifest_digest.clone();
     let max = cfg.max_checkpoint_bytes;
     let restore = tokio::task::spawn_blocking(move || {
-        crate::nested::restore(&c2.cfg, &c2.reaper, &c2.runtime, &digest, &images, &work, move |upper| {
+        crate::workload::nested::restore(&c2.cfg, &c2.reaper, &c2.runtime, &digest, &images, &work, move |upper| {
             let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
-            crate::upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max)
+            crate::image::upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max)
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         })
     });
-    let restored = with_heartbeats(w, deadline, restore).await.map_err(|e| InError::Refuse(e.to_string()))?;
+    // Heartbeats tell the source, waiting for `Result`, that this side works.
+    let restored =
+        with_heartbeats(w, cfg.peer_read_timeout, restore).await.map_err(|e| InError::Refuse(e.to_string()))?;
     Ok(match restored {
         Ok((n, d)) => (Ok(n), (verify_ms, ms(d))),
         Err(e) => (Err(crate::supervisor::describe(&e)), (verify_ms, 0.0)),

@@ -1,7 +1,7 @@
 //! The source side of a migration: pre-migration handshake, freeze and dump
 //! with streaming, manifest, and the decision to kill or thaw.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,10 +13,11 @@ use super::in_doubt::{self, Resolution, Settled};
 use super::streamer::{self, Out};
 use super::wire::{self, Frame, Kind, WireError};
 use super::{FileKind, Hello, HelloOk, Manifest, MigrationResult};
-use crate::checkpoint::{self, ms, CheckpointError, Timings};
-use crate::nested::{self, Nested};
-use crate::oci_layout::OciLayout;
+use crate::image::oci_layout::OciLayout;
+use crate::supervisor::control::Response;
 use crate::supervisor::Ctx;
+use crate::workload::checkpoint::{self, ms, CheckpointError, Timings};
+use crate::workload::nested::{self, Nested};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -40,6 +41,8 @@ pub enum MigrateError {
     Transfer(#[source] WireError),
     #[error("the destination could not restore: {0}")]
     Restore(String),
+    /// Settled by an operator (`ums resolve --thaw`): the workload already
+    /// runs here again.
     #[error("{0}")]
     Resolved(String),
 }
@@ -194,28 +197,129 @@ async fn pre_migration(ctx: &Ctx, n: &Nested, to: &str, migration_id: &str) -> R
     Ok(Session { r, tx, writer_task, peer, blob_bytes, missing_blobs: ok.missing_blobs.len() })
 }
 
+/// The migration in its phases: pre-migration (the workload untouched),
+/// freeze and stream, commit (manifest, then the destination's `Result`),
+/// settle (what a failure after the freeze means: thaw here, or the
+/// destination runs it), post-migration (clients to the destination).
 async fn migrate(
     ctx: &Ctx,
     n: &Arc<Nested>,
     to: &str,
     migration_id: String,
 ) -> Result<(serde_json::Value, Finish), MigrateError> {
-    let cfg = ctx.cfg.clone();
     let t_start = Instant::now();
-    let Session { mut r, tx, writer_task, peer: peer_addr, blob_bytes, missing_blobs } =
-        pre_migration(ctx, n, to, &migration_id).await?;
-    let send = |f: Frame| {
-        let tx = tx.clone();
-        async move { tx.send(Out::Control(f)).await.map_err(|_| WireError::Closed) }
-    };
+    let mut session = pre_migration(ctx, n, to, &migration_id).await?;
     let pre_ms = ms(t_start.elapsed());
-    tracing::info!(pre_ms, missing_blobs, blob_bytes, "pre-migration done");
+    tracing::info!(
+        pre_ms,
+        missing_blobs = session.missing_blobs,
+        blob_bytes = session.blob_bytes,
+        "pre-migration done"
+    );
 
-    // ---- migration: freeze, dump while streaming, manifest.
-    let dir = cfg.images_root().join(&migration_id);
+    let dir = ctx.cfg.images_root().join(&migration_id);
+    let cleanup_dir = scopeguard_dir(dir.clone());
+    let frozen = freeze_and_stream(ctx, n, &dir, &session.tx).await?;
+    // From here the workload is frozen: every failure path must thaw it,
+    // unless the destination may run it (settle decides).
+    let mut sent = None;
+    let committed = commit(ctx, n, &dir, &mut session, frozen.streamer, frozen.t_freeze, &mut sent).await;
+    let committed = match settle(
+        ctx,
+        n,
+        to,
+        &migration_id,
+        &mut session.r,
+        committed,
+        sent,
+        (frozen.t_freeze, frozen.freeze_unix_ms),
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e @ MigrateError::Resolved(_)) => {
+            // `settle` thawed it already, on the operator's word.
+            session.writer_task.abort();
+            return Err(e);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "migration failed; thawing the workload here");
+            thaw(ctx, n).await;
+            session.writer_task.abort();
+            return Err(e);
+        }
+    };
+    // Downtime: until the workload ran at the destination (after a doubt, by
+    // its word), not until we heard of it.
+    let frozen_for = committed.ran_after.unwrap_or_else(|| frozen.t_freeze.elapsed());
+    // ---- post-migration: the destination runs it. Clients go there; the
+    // frozen copy here is ended by `Finish`, outside the reported time.
+    match tokio::net::lookup_host(to).await.ok().and_then(|mut a| a.next()) {
+        Some(sa) => ctx.publisher.forward_to(sa.ip()),
+        None => ctx.publisher.close(),
+    }
+    let Session { tx, writer_task, peer, blob_bytes, .. } = session;
+    drop(tx);
+    // A writer stuck on a dead connection (after a doubt) is not waited for.
+    let wire_bytes = match tokio::time::timeout(Duration::from_secs(1), writer_task).await {
+        Ok(Ok(Ok(b))) => b,
+        _ => committed.bytes,
+    };
+    let total = t_start.elapsed();
+    // Transfer: until the last byte was handed to the socket, counted from the
+    // start of the dump when streaming (they overlap), from its end otherwise.
+    let transfer_from = if frozen.live { Duration::ZERO } else { frozen.dump_end };
+    let transfer_s = (committed.sent_at.saturating_sub(transfer_from)).as_secs_f64().max(1e-6);
+    let (t, res) = (&frozen.timings, &committed.result);
+    let report = json!({
+        "migration_id": migration_id,
+        "peer": peer,
+        "streaming": frozen.live,
+        "pre_migration_ms": pre_ms,
+        "freeze_ms": t.freeze_ms,
+        "checkpoint_ms": t.dump_ms,
+        "checkpoint_end_ms": ms(frozen.dump_end),
+        "rootfs_diff_ms": committed.diff_ms,
+        "transfer_ms": ms(Duration::from_secs_f64(transfer_s)),
+        "verify_ms": res.verify_ms,
+        "restore_ms": res.restore_ms,
+        "frozen_ms": ms(frozen_for),
+        "in_doubt_ms": committed.in_doubt_ms,
+        "total_ms": ms(total),
+        "bytes": committed.bytes,
+        "wire_bytes": wire_bytes,
+        "blob_bytes": blob_bytes,
+        "throughput_mib_s": (committed.bytes as f64 / 1048576.0) / transfer_s,
+    });
+    tracing::info!(total_ms = ms(total), frozen_ms = ms(frozen_for), bytes = committed.bytes, "migration done");
+    Ok((report, Finish { ctx: ctx.clone(), n: n.clone(), images: cleanup_dir }))
+}
+
+/// The workload frozen and dumped, its images streaming to the destination.
+struct Frozen {
+    streamer: streamer::Streamer,
+    timings: Timings,
+    t_freeze: Instant,
+    /// The freeze on the wall clock (Unix ms), to compare with the
+    /// destination's word on when the workload ran there.
+    freeze_unix_ms: u64,
+    /// From the freeze until CRIU finished the dump.
+    dump_end: Duration,
+    /// Streaming while CRIU writes (the default), or dump first, then send.
+    live: bool,
+}
+
+/// Freeze and dump: new clients wait from here; CRIU dumps into `dir/criu`
+/// while the streamer sends what it writes. On failure the workload runs
+/// here again and nothing was committed.
+async fn freeze_and_stream(
+    ctx: &Ctx,
+    n: &Arc<Nested>,
+    dir: &Path,
+    tx: &mpsc::Sender<Out>,
+) -> Result<Frozen, MigrateError> {
     let images = dir.join("criu");
     std::fs::create_dir_all(&images).map_err(|e| MigrateError::Stream(format!("{}: {e}", images.display())))?;
-    let cleanup_dir = scopeguard_dir(dir.clone());
     let live = streaming_enabled();
     // Clients: new connections wait from here on; those in flight may finish.
     let still_open = ctx.publisher.hold_and_drain().await;
@@ -238,183 +342,181 @@ async fn migrate(
     })
     .await
     .unwrap_or_else(|e| {
-        Err(CheckpointError::Freeze(crate::exec::ExecError::Lost { program: format!("dump task: {e}") }))
+        Err(CheckpointError::Freeze(crate::process::exec::ExecError::Lost { program: format!("dump task: {e}") }))
     });
-    let mut timings = match dumped {
-        Ok(t) => t,
+    match dumped {
+        Ok(timings) => {
+            Ok(Frozen { streamer: s, timings, t_freeze, freeze_unix_ms, dump_end: t_freeze.elapsed(), live })
+        }
         Err(e) => {
             tokio::task::spawn_blocking(move || s.abort()).await.ok();
             ctx.publisher.direct();
-            let _ = send(Frame::json(Kind::Error, &wire::ErrorMsg { message: format!("source: {e}") })).await;
-            return Err(e.into());
+            let msg = Frame::json(Kind::Error, &wire::ErrorMsg { message: format!("source: {e}") });
+            let _ = tx.send(Out::Control(msg)).await;
+            Err(e.into())
         }
-    };
-    let dump_end = t_freeze.elapsed();
-    // From here the workload is frozen: every failure path must thaw it.
-    let thaw = |ctx: Ctx, n: Arc<Nested>| async move {
-        let _ = tokio::task::spawn_blocking(move || checkpoint::thaw(&ctx.reaper, &ctx.runtime, &n)).await;
-    };
-    // Set once the manifest is handed to the writer: from then on the
-    // destination may restore the workload, and only its word settles how
-    // the migration ended (`in_doubt`).
-    let mut manifest_sent = false;
-    let mut manifest_bytes = 0u64;
-    let mut manifest_flushed: Option<Duration> = None;
-    let result: Result<(u64, MigrationResult, Duration), MigrateError> = async {
-        let (mut files, _) = tokio::task::spawn_blocking(move || s.finish())
-            .await
-            .map_err(|e| MigrateError::Stream(e.to_string()))?
-            .map_err(|e| MigrateError::Stream(e.to_string()))?;
-        let t_diff = Instant::now();
-        let diff_path = dir.join("rootfs-diff.tar");
-        let (upper, dp, tx2) = (n.bundle.upper(), diff_path.clone(), tx.clone());
-        let diff_entry = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let f = std::fs::File::create(&dp).map_err(|e| e.to_string())?;
-            crate::upper_diff::pack(&upper, std::io::BufWriter::with_capacity(1 << 20, f))
-                .map_err(|e| e.to_string())?;
-            streamer::send_file(&dp, 999, FileKind::UpperDiff, "rootfs-diff.tar", &tx2).map_err(|e| e.to_string())
-        })
+    }
+}
+
+/// What the destination answered to the manifest.
+struct Committed {
+    bytes: u64,
+    result: MigrationResult,
+    /// From the freeze until the last byte was handed to the socket.
+    sent_at: Duration,
+    diff_ms: f64,
+    /// After a doubt: from the freeze until the workload ran at the destination.
+    ran_after: Option<Duration>,
+    /// Time spent in doubt.
+    in_doubt_ms: f64,
+}
+
+/// The manifest handed to the connection: the destination may restore.
+#[derive(Clone, Copy)]
+struct Sent {
+    bytes: u64,
+    /// From the freeze until it was flushed, when that is known.
+    flushed_at: Option<Duration>,
+}
+
+async fn thaw(ctx: &Ctx, n: &Arc<Nested>) {
+    let (c2, n2) = (ctx.clone(), n.clone());
+    let _ = tokio::task::spawn_blocking(move || checkpoint::thaw(&c2.reaper, &c2.runtime, &n2)).await;
+    ctx.publisher.direct();
+}
+
+/// Commit: the rest of the images and the writable layer, then the
+/// manifest (the commit point: from here the destination may run the
+/// workload), then the destination's `Result`.
+async fn commit(
+    ctx: &Ctx,
+    n: &Arc<Nested>,
+    dir: &Path,
+    session: &mut Session,
+    s: streamer::Streamer,
+    t_freeze: Instant,
+    sent: &mut Option<Sent>,
+) -> Result<Committed, MigrateError> {
+    let tx = session.tx.clone();
+    let (mut files, _) = tokio::task::spawn_blocking(move || s.finish())
         .await
         .map_err(|e| MigrateError::Stream(e.to_string()))?
-        .map_err(MigrateError::Stream)?;
-        timings.diff_ms = ms(t_diff.elapsed());
-        files.push(diff_entry);
-        let manifest = Manifest { files, meta: checkpoint::meta(&cfg, n) };
-        manifest_bytes = manifest.files.iter().map(|f| f.size).sum();
-        manifest_sent = true;
-        send(Frame::json(Kind::Manifest, &manifest)).await.map_err(MigrateError::Transfer)?;
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        tx.send(Out::Flushed(done_tx)).await.map_err(|_| MigrateError::Transfer(WireError::Closed))?;
-        let sent_at = done_rx.await.map(|t| t.duration_since(t_freeze)).unwrap_or_else(|_| t_freeze.elapsed());
-        manifest_flushed = Some(sent_at);
-        // The destination verifies and restores, sending heartbeats meanwhile.
-        let res: MigrationResult = wire::read_frame_live(&mut r, cfg.peer_read_timeout)
-            .await
-            .and_then(|f| f.expect(Kind::Result))
-            .map_err(|e| match e {
-                WireError::Peer(m) => MigrateError::Restore(m),
-                e => MigrateError::Transfer(e),
-            })?;
-        let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
-        Ok((bytes, res, sent_at))
-    }
-    .await;
+        .map_err(|e| MigrateError::Stream(e.to_string()))?;
+    let t_diff = Instant::now();
+    let diff_path = dir.join("rootfs-diff.tar");
+    let (upper, dp, tx2) = (n.bundle.upper(), diff_path.clone(), tx.clone());
+    let diff_entry = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        let f = std::fs::File::create(&dp).map_err(|e| e.to_string())?;
+        crate::image::upper_diff::pack(&upper, std::io::BufWriter::with_capacity(1 << 20, f))
+            .map_err(|e| e.to_string())?;
+        streamer::send_file(&dp, 999, FileKind::UpperDiff, "rootfs-diff.tar", &tx2).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| MigrateError::Stream(e.to_string()))?
+    .map_err(MigrateError::Stream)?;
+    let diff_ms = ms(t_diff.elapsed());
+    files.push(diff_entry);
+    let manifest = Manifest { files, meta: checkpoint::meta(&ctx.cfg, n) };
+    let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
+    // From here on the destination may restore: only its word settles it.
+    *sent = Some(Sent { bytes, flushed_at: None });
+    tx.send(Out::Control(Frame::json(Kind::Manifest, &manifest)))
+        .await
+        .map_err(|_| MigrateError::Transfer(WireError::Closed))?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    tx.send(Out::Flushed(done_tx)).await.map_err(|_| MigrateError::Transfer(WireError::Closed))?;
+    let sent_at = done_rx.await.map(|t| t.duration_since(t_freeze)).unwrap_or_else(|_| t_freeze.elapsed());
+    *sent = Some(Sent { bytes, flushed_at: Some(sent_at) });
+    // The destination verifies and restores, sending heartbeats meanwhile.
+    let result: MigrationResult = wire::read_frame_live(&mut session.r, ctx.cfg.peer_read_timeout)
+        .await
+        .and_then(|f| f.expect(Kind::Result))
+        .map_err(|e| match e {
+            WireError::Peer(m) => MigrateError::Restore(m),
+            e => MigrateError::Transfer(e),
+        })?;
+    Ok(Committed { bytes, result, sent_at, diff_ms, ran_after: None, in_doubt_ms: 0.0 })
+}
 
+/// Settle: a committed migration that runs at the destination succeeds; a
+/// failure before the manifest, or the destination's word that it does not
+/// run it, is an error, and the caller thaws the workload here. No word after
+/// the manifest is no answer: the workload stays frozen, in doubt, until the
+/// destination answers a fencing query or an operator decides (`in_doubt`).
+#[allow(clippy::too_many_arguments)]
+async fn settle(
+    ctx: &Ctx,
+    n: &Arc<Nested>,
+    to: &str,
+    migration_id: &str,
+    r: &mut super::transport::PeerRead,
+    committed: Result<Committed, MigrateError>,
+    sent: Option<Sent>,
+    (t_freeze, freeze_unix_ms): (Instant, u64),
+) -> Result<Committed, MigrateError> {
     // A broken stream is often the destination hanging up with a reason.
-    let result = match result {
-        Err(MigrateError::Stream(m)) => Err(match peer_reason(&mut r).await {
+    let committed = match committed {
+        Err(MigrateError::Stream(m)) => Err(match peer_reason(r).await {
             Some(reason) => MigrateError::Refused(reason),
             None => MigrateError::Stream(m),
         }),
         other => other,
     };
-    let mut in_doubt_ms = 0.0;
-    let mut ran_after: Option<Duration> = None;
-    let outcome = match result {
-        Ok((bytes, res, sent_at)) if res.running => Ok((bytes, res, sent_at)),
-        Ok((_, res, _)) => Err(MigrateError::Restore(res.error.unwrap_or_else(|| "unknown error".into()))),
-        // No word from the destination after the manifest: it may run the
-        // workload. Never thaw on a guess: stay frozen and ask until it says.
-        Err(e @ MigrateError::Transfer(_)) if manifest_sent => {
-            let t_doubt = Instant::now();
-            let known = vec![
-                "the workload is frozen here".to_string(),
-                format!("the manifest ({manifest_bytes} bytes of checkpoint) was sent to {to}"),
-                "no Result came back: the destination may or may not have restored it".to_string(),
-            ];
-            let settled = in_doubt::settle(&cfg, &ctx.in_doubt, to, &migration_id, e.to_string(), known).await;
-            in_doubt_ms = ms(t_doubt.elapsed());
-            match settled {
-                Settled::Running { since_unix_ms } => {
-                    tracing::warn!(error = %e, in_doubt_ms, "connection lost, but the destination runs the workload");
-                    // Downtime: until it ran there, not until we heard of it.
-                    let ran = Duration::from_millis(since_unix_ms.saturating_sub(freeze_unix_ms));
-                    ran_after = Some(ran.min(t_freeze.elapsed()));
-                    let none = MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 };
-                    Ok((manifest_bytes, none, manifest_flushed.unwrap_or(ran)))
-                }
-                Settled::NotRunning => Err(MigrateError::Restore(format!(
-                    "{e}; the destination then said the workload does not run there, and fenced the migration"
-                ))),
-                Settled::Operator(Resolution::Abandon, reply) => {
-                    tracing::warn!(error = %e, "in doubt; the operator ended the frozen copy here (ums resolve --abandon)");
-                    let _ = reply.send(crate::control::Response::ok(json!({
-                        "migration_id": migration_id,
-                        "outcome": "the frozen copy here is ended; the workload runs at the destination, or nowhere",
-                    })));
-                    let none = MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 };
-                    Ok((manifest_bytes, none, manifest_flushed.unwrap_or_else(|| t_freeze.elapsed())))
-                }
-                Settled::Operator(Resolution::Thaw, reply) => {
-                    tracing::warn!(error = %e, "in doubt; the operator thaws the workload here (ums resolve --thaw)");
-                    thaw(ctx.clone(), n.clone()).await;
-                    ctx.publisher.direct();
-                    in_doubt::stop_remote(cfg.clone(), ctx.in_doubt.clone(), to.to_string(), migration_id.clone());
-                    let _ = reply.send(crate::control::Response::ok(json!({
-                        "migration_id": migration_id,
-                        "outcome": "the workload runs here again; the destination is told to end any copy until it confirms",
-                    })));
-                    writer_task.abort();
-                    drop(cleanup_dir);
-                    return Err(MigrateError::Resolved(format!(
-                        "{e}; in doubt, then the operator thawed the workload here (ums resolve --thaw)"
-                    )));
-                }
-            }
-        }
-        Err(e) => Err(e),
+    let e = match (committed, sent) {
+        (Ok(c), _) if c.result.running => return Ok(c),
+        (Ok(c), _) => return Err(MigrateError::Restore(c.result.error.unwrap_or_else(|| "unknown error".into()))),
+        (Err(e @ MigrateError::Transfer(_)), Some(_)) => e,
+        (Err(e), _) => return Err(e),
     };
-    drop(tx);
-    let (bytes, res, sent_at) = match outcome {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::warn!(error = %e, "migration failed; thawing the workload here");
-            thaw(ctx.clone(), n.clone()).await;
-            ctx.publisher.direct();
-            writer_task.abort();
-            drop(cleanup_dir);
-            return Err(e);
+    let sent = sent.expect("matched above");
+    let t_doubt = Instant::now();
+    let known = vec![
+        "the workload is frozen here".to_string(),
+        format!("the manifest ({} bytes of checkpoint) was sent to {to}", sent.bytes),
+        "no Result came back: the destination may or may not have restored it".to_string(),
+    ];
+    let settled = in_doubt::settle(&ctx.cfg, &ctx.in_doubt, to, migration_id, e.to_string(), known).await;
+    let in_doubt_ms = ms(t_doubt.elapsed());
+    let flushed_at = sent.flushed_at.unwrap_or_else(|| t_freeze.elapsed());
+    let none = MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 };
+    match settled {
+        Settled::Running { since_unix_ms } => {
+            tracing::warn!(error = %e, in_doubt_ms, "connection lost, but the destination runs the workload");
+            let ran = Duration::from_millis(since_unix_ms.saturating_sub(freeze_unix_ms));
+            let ran_after = Some(ran.min(t_freeze.elapsed()));
+            Ok(Committed { bytes: sent.bytes, result: none, sent_at: flushed_at, diff_ms: 0.0, ran_after, in_doubt_ms })
         }
-    };
-    let frozen = ran_after.unwrap_or_else(|| t_freeze.elapsed());
-    // ---- post-migration: the destination runs it. Clients go there; the
-    // frozen copy here is ended by `Finish`, outside the reported time.
-    match tokio::net::lookup_host(to).await.ok().and_then(|mut a| a.next()) {
-        Some(sa) => ctx.publisher.forward_to(sa.ip()),
-        None => ctx.publisher.close(),
+        Settled::NotRunning => Err(MigrateError::Restore(format!(
+            "{e}; the destination then said the workload does not run there, and fenced the migration"
+        ))),
+        Settled::Operator(Resolution::Abandon, reply) => {
+            tracing::warn!(error = %e, "in doubt; the operator ended the frozen copy here (ums resolve --abandon)");
+            let _ = reply.send(Response::ok(json!({
+                "migration_id": migration_id,
+                "outcome": "the frozen copy here is ended; the workload runs at the destination, or nowhere",
+            })));
+            Ok(Committed {
+                bytes: sent.bytes,
+                result: none,
+                sent_at: flushed_at,
+                diff_ms: 0.0,
+                ran_after: None,
+                in_doubt_ms,
+            })
+        }
+        Settled::Operator(Resolution::Thaw, reply) => {
+            tracing::warn!(error = %e, "in doubt; the operator thaws the workload here (ums resolve --thaw)");
+            thaw(ctx, n).await;
+            in_doubt::stop_remote(ctx.cfg.clone(), ctx.in_doubt.clone(), to.to_string(), migration_id.to_string());
+            let _ = reply.send(Response::ok(json!({
+                "migration_id": migration_id,
+                "outcome": "the workload runs here again; the destination is told to end any copy until it confirms",
+            })));
+            Err(MigrateError::Resolved(format!(
+                "{e}; in doubt, then the operator thawed the workload here (ums resolve --thaw)"
+            )))
+        }
     }
-    // A writer stuck on a dead connection is not waited for.
-    let wire_bytes = match tokio::time::timeout(Duration::from_secs(1), writer_task).await {
-        Ok(Ok(Ok(b))) => b,
-        _ => bytes,
-    };
-    let total = t_start.elapsed();
-    // Transfer: until the last byte was handed to the socket, counted from the
-    // start of the dump when streaming (they overlap), from its end otherwise.
-    let transfer_from = if live { Duration::ZERO } else { dump_end };
-    let transfer_s = (sent_at.saturating_sub(transfer_from)).as_secs_f64().max(1e-6);
-    let report = json!({
-        "migration_id": migration_id,
-        "peer": peer_addr,
-        "streaming": live,
-        "pre_migration_ms": pre_ms,
-        "freeze_ms": timings.freeze_ms,
-        "checkpoint_ms": timings.dump_ms,
-        "checkpoint_end_ms": ms(dump_end),
-        "rootfs_diff_ms": timings.diff_ms,
-        "transfer_ms": ms(Duration::from_secs_f64(transfer_s)),
-        "verify_ms": res.verify_ms,
-        "restore_ms": res.restore_ms,
-        "frozen_ms": ms(frozen),
-        "in_doubt_ms": in_doubt_ms,
-        "total_ms": ms(total),
-        "bytes": bytes,
-        "wire_bytes": wire_bytes,
-        "blob_bytes": blob_bytes,
-        "throughput_mib_s": (bytes as f64 / 1048576.0) / transfer_s,
-    });
-    tracing::info!(total_ms = ms(total), frozen_ms = ms(frozen), bytes, "migration done");
-    Ok((report, Finish { ctx: ctx.clone(), n: n.clone(), images: cleanup_dir }))
 }
 
 /// What is left of a migration once the destination runs the workload: the

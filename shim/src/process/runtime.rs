@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::config::RuntimeKind;
-use crate::exec::{self, ExecError};
-use crate::reaper::Reaper;
+use crate::process::exec::{self, ExecError};
+use crate::process::reaper::Reaper;
 
 #[derive(Debug, Clone, Default)]
 pub struct CheckpointOpts {

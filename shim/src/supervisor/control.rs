@@ -35,7 +35,7 @@ pub enum Request {
     },
     /// Settle a migration that is in doubt (`ums resolve`).
     Resolve {
-        action: crate::migration::in_doubt::Resolution,
+        action: crate::supervisor::in_doubt::Resolution,
     },
 }
 
@@ -273,7 +273,7 @@ mod tests {
             parse(r#"{"op":"migrate","to":"10.0.0.2:7411"}"#),
             Ok(Request::Migrate { to: "10.0.0.2:7411".into() })
         );
-        use crate::migration::in_doubt::Resolution;
+        use crate::supervisor::in_doubt::Resolution;
         assert_eq!(parse(r#"{"op":"resolve","action":"thaw"}"#), Ok(Request::Resolve { action: Resolution::Thaw }));
         assert_eq!(
             parse(r#"{"op":"resolve","action":"abandon"}"#),

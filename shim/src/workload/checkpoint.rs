@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::nested::{self, CheckpointDir, ImageInfo, Nested, NestedError};
-use crate::reaper::Reaper;
-use crate::runtime::{CheckpointOpts, Runtime};
-use crate::upper_diff;
+use crate::image::upper_diff;
+use crate::process::reaper::Reaper;
+use crate::process::runtime::{CheckpointOpts, Runtime};
+use crate::workload::nested::{self, CheckpointDir, ImageInfo, Nested, NestedError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -33,9 +33,9 @@ pub enum CheckpointError {
     #[error("cannot checkpoint a workload running as uid {0} without CAP_SYS_RESOURCE (CRIU reads its resource limits with prlimit); give the outer container that capability or run the workload as root")]
     NeedsSysResource(u32),
     #[error("freeze failed: {0}")]
-    Freeze(#[source] crate::exec::ExecError),
+    Freeze(#[source] crate::process::exec::ExecError),
     #[error("dump failed: {0}")]
-    Dump(#[source] crate::exec::ExecError),
+    Dump(#[source] crate::process::exec::ExecError),
     #[error("cannot pack the writable layer: {0}")]
     Diff(#[source] upper_diff::DiffError),
     #[error("{path} is not a ums checkpoint: {detail}")]
