@@ -24,6 +24,8 @@ enum Cmd {
     Restore(cli::restore::Args),
     /// Live-migrate the workload to a peer outer container.
     Migrate(cli::migrate::Args),
+    /// Settle a migration in doubt: run the frozen copy here again, or end it.
+    Resolve(cli::resolve::Args),
     /// Create the peer key set of a group of outer containers.
     Keys(cli::keys::Args),
 }
@@ -43,6 +45,7 @@ fn main() {
         Cmd::Restore(a) => cli::restore::run(a),
         Cmd::Migrate(a) => cli::migrate::run(a),
         Cmd::Keys(a) => cli::keys::run(a),
+        Cmd::Resolve(a) => cli::resolve::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -125,6 +125,7 @@ async fn dest(peer_timeout: Duration) -> Dest {
         runtime: ums::process::runtime::Runtime::new(cfg.runtime, cfg.runtime_root()),
         publisher: ums::net::proxy::Publisher::new(cfg.net.address, cfg.hold.clone()),
         migrate_out: ums::migration::migrate_out_boxed(),
+        in_doubt: Default::default(),
     };
     // The real state machine, as the supervisor runs it.
     let (inbox, mut rx) = mpsc::channel::<Msg>(16);
@@ -205,7 +206,8 @@ impl Dest {
 }
 
 async fn read(c: &mut PeerConn) -> Result<wire::Frame, WireError> {
-    wire::read_frame_within(&mut c.read, Duration::from_secs(20)).await
+    // Heartbeats (the destination unpacking or restoring) are skipped.
+    wire::read_frame_live(&mut c.read, Duration::from_secs(20)).await
 }
 
 /// The error message the destination ends with, if any.
@@ -476,5 +478,60 @@ async fn a_symlink_escaping_the_writable_layer_is_refused() {
     assert!(matches!(d.event().await, Ev::Done(Some(_))));
     assert!(!escape.join("owned").exists(), "a file was written through the symlink");
     let _ = std::fs::remove_dir_all(&escape);
+    d.clean();
+}
+
+/// A `Query` on its own connection, as a source in doubt sends it.
+async fn query(d: &Dest, id: &str, action: ums::migration::QueryAction) -> ums::migration::QueryAnswer {
+    let mut c = d.connect("keys/src").await.unwrap();
+    let q = ums::migration::Query { migration_id: id.into(), action };
+    wire::send_json(&mut c.write, Kind::Query, &q).await.unwrap();
+    read(&mut c).await.unwrap().expect(Kind::QueryAnswer).unwrap()
+}
+
+#[tokio::test]
+async fn a_migration_fenced_by_a_query_is_never_restored() {
+    use ums::migration::{PeerState, QueryAction};
+    let mut d = dest(Duration::from_secs(5)).await;
+    // An id never heard of: not running, and fenced from now on.
+    assert_eq!(query(&d, "m-unknown", QueryAction::Fence).await.state, PeerState::NotRunning);
+    let mut c = d.connect("keys/src").await.unwrap();
+    let hello = Hello { migration_id: "m-unknown".into(), ..d.hello.clone() };
+    wire::send_json(&mut c.write, Kind::Hello, &hello).await.unwrap();
+    assert!(refusal(&mut c).await.contains("fenced"));
+    assert_eq!(d.event().await, Ev::Begin(true));
+    assert!(matches!(d.event().await, Ev::Done(Some(_))));
+
+    // A receive in progress, fenced before its manifest: it refuses to restore.
+    let mut c = d.ready("m-fenced").await;
+    assert_eq!(d.event().await, Ev::Begin(true));
+    assert_eq!(query(&d, "m-fenced", QueryAction::Fence).await.state, PeerState::NotRunning);
+    let diff = b"not a tar, never unpacked".to_vec();
+    let open = FileOpen { id: 1, kind: FileKind::UpperDiff, name: "rootfs-diff.tar".into() };
+    wire::send_json(&mut c.write, Kind::FileOpen, &open).await.unwrap();
+    wire::write_frame(&mut c.write, Kind::Data, &[&wire::data_header(1, 0), &diff]).await.unwrap();
+    let manifest = ums::migration::Manifest {
+        files: vec![ums::migration::FileEntry {
+            name: "rootfs-diff.tar".into(),
+            kind: FileKind::UpperDiff,
+            size: diff.len() as u64,
+            blake3: blake3::hash(&diff).to_hex().to_string(),
+        }],
+        meta: ums::workload::checkpoint::Meta {
+            ums_version: "test".into(),
+            runtime: d.hello.runtime,
+            image: d.hello.image.clone(),
+            created_unix_ms: 0,
+            tcp_established: true,
+            settings: None,
+        },
+    };
+    wire::send_json(&mut c.write, Kind::Manifest, &manifest).await.unwrap();
+    let why = refusal(&mut c).await;
+    assert!(why.contains("not restoring"), "{why}");
+    assert!(matches!(d.event().await, Ev::Done(Some(_))));
+    // The promise holds on every later question, fence or stop.
+    assert_eq!(query(&d, "m-fenced", QueryAction::Fence).await.state, PeerState::NotRunning);
+    assert_eq!(query(&d, "m-fenced", QueryAction::Stop).await.state, PeerState::NotRunning);
     d.clean();
 }

@@ -123,3 +123,60 @@ fn relay(client: TcpStream, target: SocketAddr, fault: Option<Fault>) {
     let _ = s.shutdown(Shutdown::Write);
     let _ = back.join();
 }
+
+/// A network partition between two test hosts: every packet between them is
+/// dropped (iptables DROP in one host's namespace, both directions), so
+/// nothing is reset and both sides only see silence. Healed on drop.
+pub struct Partition {
+    netns: String,
+    peer: std::net::Ipv4Addr,
+    on: bool,
+}
+
+impl Partition {
+    fn rules(&self, op: &str) -> anyhow::Result<()> {
+        let peer = self.peer.to_string();
+        for (chain, dir) in [("INPUT", "-s"), ("OUTPUT", "-d")] {
+            crate::run(std::process::Command::new("ip").args([
+                "netns",
+                "exec",
+                &self.netns,
+                "iptables",
+                "-w",
+                op,
+                chain,
+                dir,
+                &peer,
+                "-j",
+                "DROP",
+            ]))?;
+        }
+        Ok(())
+    }
+
+    /// Cut `host` off from its peer on the link.
+    pub fn start(host: &crate::Host) -> anyhow::Result<Partition> {
+        crate::require_tool("iptables", "iptables");
+        let mut p = Partition { netns: host.name().to_string(), peer: host.peer_addr(), on: false };
+        p.rules("-I")?;
+        p.on = true;
+        Ok(p)
+    }
+
+    /// Let packets through again.
+    pub fn heal(&mut self) -> anyhow::Result<()> {
+        if self.on {
+            self.rules("-D")?;
+            self.on = false;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        if let Err(e) = self.heal() {
+            eprintln!("warning: could not heal the partition in {}: {e}", self.netns);
+        }
+    }
+}

@@ -25,7 +25,7 @@ pub mod workload;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub use fault::{Fault, FaultProxy};
+pub use fault::{Fault, FaultProxy, Partition};
 pub use host::Host;
 pub use oci_layout::{Compression, ImageBuilder, Layer, OciImage};
 pub use outer::{last_tick, status, ticks, Outer, OuterBuilder};

@@ -185,17 +185,28 @@ fn a_destination_killed_during_restore_leaves_the_workload_at_the_source() {
     let h = std::thread::spawn(move || cmd.output().unwrap());
     p.b.wait_for_line("checkpoint verified; restoring", T).unwrap();
     p.b.signal(Signal::SIGKILL).unwrap();
-    let out = h.join().unwrap();
-    assert!(!out.status.success(), "{out:?}");
-    assert_eq!(status(&p.a)["state"], "running");
-    let last = last_tick(&p.a);
-    p.a.log().wait_for_from(0, &format!("tick {} ", last + 3), T).expect("runs on at the source");
-    // A new standby on the same host, and a retry succeeds.
+    // After the manifest, an unreachable destination is no answer: the source
+    // stays frozen and in doubt (tests/tests/fail_closed.rs has the details)...
+    let until = std::time::Instant::now() + T;
+    while status(&p.a)["operation"]["in_doubt"].is_null() {
+        assert!(std::time::Instant::now() < until, "the source never went in doubt");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!h.is_finished(), "ums migrate returned while in doubt");
+    // ...until a new standby on the same host answers that the migration does
+    // not run there (it never heard of it, and fences it).
     drop(std::mem::replace(
         &mut p.b,
         Outer::builder("dkill-b2").host(&p.hb).layout(&p.img.layout).args(&["--standby"]).start().unwrap(),
     ));
     p.b.wait_for_line("standby", T).unwrap();
+    let out = h.join().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fenced"), "{out:?}");
+    assert_eq!(status(&p.a)["state"], "running");
+    let last = last_tick(&p.a);
+    p.a.log().wait_for_from(0, &format!("tick {} ", last + 3), T).expect("runs on at the source");
+    // And a retry succeeds.
     migrate(&p.a, &p.b, p.hb.addr());
 }
 

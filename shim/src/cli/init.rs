@@ -195,8 +195,14 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 tracing::warn!(error = %e, "no in-kernel forwarding of published ports; the proxy serves them all");
             }
         }
-        let ctx =
-            Ctx { cfg: cfg.clone(), reaper, runtime, publisher, migrate_out: crate::migration::migrate_out_boxed() };
+        let ctx = Ctx {
+            cfg: cfg.clone(),
+            reaper,
+            runtime,
+            publisher,
+            migrate_out: crate::migration::migrate_out_boxed(),
+            in_doubt: Default::default(),
+        };
         let mut sup = Supervisor::new(ctx.clone(), sig_rx);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let listener = crate::supervisor::control::bind(&cfg.socket_path())
@@ -222,9 +228,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             .await
             .with_context(|| format!("bind the peer port {}", cfg.peer_listen))?;
         tokio::spawn(crate::migration::serve_peers(ctx.clone(), peer, inbox, shutdown_rx));
+        // The control socket answers from here on, also while the workload
+        // image unpacks (the start runs as an operation of the supervisor).
         if cfg.standby {
             tracing::info!(peer = %cfg.peer_listen, "standby: waiting for a workload");
-        } else if let Err(e) = sup.start_workload().await {
+        } else if let Err(e) = sup.start_workload() {
             anyhow::bail!("cannot start the workload: {e}");
         }
         tracing::info!(socket = %cfg.socket_path().display(), "ums ready");

@@ -52,6 +52,12 @@ pub fn table(v: &serde_json::Value) -> String {
         "total            {}   (request until the workload ran at the destination)\n",
         s("total_ms")
     ));
+    if v["in_doubt_ms"].as_f64().unwrap_or(0.0) > 0.0 {
+        out.push_str(&format!(
+            "in doubt         {}   (no word from the destination; frozen here, asking: not downtime)\n",
+            s("in_doubt_ms")
+        ));
+    }
     if v.get("finish_ms").is_some() {
         out.push_str(&format!("then             {}   (ending the frozen copy here)\n", s("finish_ms")));
     }

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod init;
 pub mod keys;
 pub mod migrate;
+pub mod resolve;
 pub mod restore;
 pub mod status;
 

@@ -7,22 +7,19 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::outcomes::{self, Answer, Outcomes};
 use super::wire::{self, Frame, Kind, WireError};
-use super::{safe_name, FileKind, FileOpen, Hello, HelloOk, Manifest, MigrationResult, Query, QueryAnswer};
+use super::{safe_name, FileKind, FileOpen, Hello, HelloOk, Manifest, MigrationResult, PeerState, Query, QueryAnswer};
 use crate::image::oci_layout::{self, OciLayout};
 use crate::supervisor::{Ctx, Msg};
 use crate::workload::checkpoint::ms;
-
-/// Outcomes of recent incoming migrations, for a source that lost the
-/// connection and asks (`Query`).
-type Outcomes = Arc<Mutex<HashMap<String, bool>>>;
 
 /// Peer connections handled at once; more are closed at once (each one costs
 /// a TLS handshake, and only one migration can come in at a time anyway).
@@ -35,7 +32,7 @@ pub async fn serve_peers(
     inbox: mpsc::Sender<Msg>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let outcomes: Outcomes = Arc::default();
+    let outcomes = Outcomes::default();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
     loop {
         tokio::select! {
@@ -84,8 +81,9 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     let first = wire::read_frame_within(&mut r, ctx.cfg.peer_read_timeout).await?;
     if first.kind == Kind::Query {
         let q: Query = first.parse()?;
-        let running = outcomes.lock().expect("outcomes").get(&q.migration_id).copied().unwrap_or(false);
-        wire::send_json(&mut w, Kind::QueryAnswer, &QueryAnswer { running }).await?;
+        let answer = answer_query(&q, &outcomes, &inbox).await;
+        tracing::info!(peer = %peer, id = %q.migration_id, action = ?q.action, state = ?answer.state, "query answered");
+        wire::send_json(&mut w, Kind::QueryAnswer, &answer).await?;
         return Ok(());
     }
     let hello: Hello = first.expect(Kind::Hello)?;
@@ -113,12 +111,20 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         wire::send_json(&mut w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await?;
         return Err(InError::Refuse(msg));
     }
+    // A fenced (or otherwise known) id is never received again.
+    if !outcomes.begin(&hello.migration_id) {
+        let msg = format!("migration id {} is known here already (fenced or used)", hello.migration_id);
+        let _ = inbox.send(Msg::IncomingDone(Err(msg.clone()))).await;
+        wire::send_json(&mut w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await?;
+        return Err(InError::Refuse(msg));
+    }
     tracing::info!(peer = %peer, id = %hello.migration_id, image = %hello.image.manifest_digest, "incoming migration");
     let dir = ctx.cfg.images_root().join(&hello.migration_id);
-    let r2 = receive(&ctx, &hello, &dir, &mut r, &mut w).await;
+    let r2 = receive(&ctx, &hello, &dir, &mut r, &mut w, &outcomes).await;
     let (result, report) = match r2 {
         Ok(v) => v,
         Err(e) => {
+            outcomes.finish(&hello.migration_id, false);
             let msg = e.to_string();
             let _ = wire::send_json(&mut w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await;
             let _ = std::fs::remove_dir_all(&dir);
@@ -127,8 +133,7 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         }
     };
     let _ = std::fs::remove_dir_all(&dir);
-    let running = result.is_ok();
-    outcomes.lock().expect("outcomes").insert(hello.migration_id.clone(), running);
+    outcomes.finish(&hello.migration_id, result.is_ok());
     let answer = match &result {
         Ok(_) => MigrationResult { running: true, error: None, verify_ms: report.0, restore_ms: report.1 },
         Err(e) => MigrationResult { running: false, error: Some(e.clone()), verify_ms: report.0, restore_ms: report.1 },
@@ -146,7 +151,12 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     let msg = match result {
         Ok(n) => Msg::IncomingDone(Ok((
             n,
-            serde_json::json!({ "peer": peer, "verify_ms": report.0, "restore_ms": report.1 }),
+            serde_json::json!({
+                "peer": peer,
+                "migration_id": hello.migration_id,
+                "verify_ms": report.0,
+                "restore_ms": report.1,
+            }),
         ))),
         Err(e) => Msg::IncomingDone(Err(e)),
     };
@@ -176,6 +186,7 @@ async fn receive(
     dir: &Path,
     r: &mut (impl tokio::io::AsyncReadExt + Unpin),
     w: &mut (impl AsyncWriteExt + Unpin),
+    outcomes: &Outcomes,
 ) -> Result<Received, InError> {
     let cfg = &ctx.cfg;
     let (layout, digests) = check_can_host(cfg, hello, dir)?;
@@ -194,12 +205,19 @@ async fn receive(
     if !still.is_empty() {
         return Err(InError::Refuse(format!("blobs still missing after transfer: {}", still.join(", "))));
     }
-    prepare_image(cfg, hello, &layout).await?;
+    prepare_image(cfg, hello, &layout, w).await?;
     wire::send_json(w, Kind::Ready, &serde_json::json!({})).await?;
     let (manifest, files) = receive_checkpoint(cfg, dir, r, &mut total).await?;
     let verify_ms = verify(hello, &manifest, files)?;
     tracing::info!(files = manifest.files.len(), bytes = total, verify_ms, "checkpoint verified; restoring");
-    restore(ctx, hello, &manifest.meta, dir, verify_ms).await
+    // A source that asked meanwhile was told "not running": keep the promise.
+    if let Err(phase) = outcomes.start_restore(&hello.migration_id) {
+        return Err(InError::Refuse(format!(
+            "migration {} is {phase:?} here: the source asked and was told it does not run here; not restoring",
+            hello.migration_id
+        )));
+    }
+    restore(ctx, hello, &manifest.meta, dir, verify_ms, w).await
 }
 
 /// Can this outer container host the workload: runtime, space for the
@@ -330,7 +348,12 @@ async fn receive_blobs(
 }
 
 /// The image unpacked before the freeze, so that restore does not wait for it.
-async fn prepare_image(cfg: &crate::config::Config, hello: &Hello, layout: &OciLayout) -> Result<(), InError> {
+async fn prepare_image(
+    cfg: &crate::config::Config,
+    hello: &Hello,
+    layout: &OciLayout,
+    w: &mut (impl AsyncWriteExt + Unpin),
+) -> Result<(), InError> {
     let current = layout.resolve().ok().map(|i| i.manifest_digest);
     if current.as_deref() != Some(hello.image.manifest_digest.as_str()) {
         layout
@@ -338,14 +361,16 @@ async fn prepare_image(cfg: &crate::config::Config, hello: &Hello, layout: &OciL
             .map_err(|e| InError::Refuse(e.to_string()))?;
     }
     let (layout_dir, cache) = (layout.root().to_path_buf(), cfg.layer_cache());
-    tokio::task::spawn_blocking(move || -> Result<(), String> {
+    let unpack = tokio::task::spawn_blocking(move || -> Result<(), String> {
         let l = OciLayout::open(&layout_dir).map_err(|e| e.to_string())?;
         let img = l.resolve().map_err(|e| e.to_string())?;
         oci_layout::unpack_image(&l, &img, &cache).map(|_| ()).map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| InError::Refuse(e.to_string()))?
-    .map_err(|e| InError::Refuse(format!("cannot prepare the workload image: {e}")))?;
+    });
+    // Heartbeats tell the source, waiting for `Ready`, that this side works.
+    with_heartbeats(w, cfg.peer_read_timeout, unpack)
+        .await
+        .map_err(|e| InError::Refuse(e.to_string()))?
+        .map_err(|e| InError::Refuse(format!("cannot prepare the workload image: {e}")))?;
     Ok(())
 }
 
@@ -413,6 +438,7 @@ async fn restore(
     meta: &crate::workload::checkpoint::Meta,
     dir: &Path,
     verify_ms: f64,
+    w: &mut (impl AsyncWriteExt + Unpin),
 ) -> Result<Received, InError> {
     let cfg = &ctx.cfg;
     let (c2, images, work, diff) = (ctx.clone(), dir.join("criu"), dir.join("work"), dir.join("rootfs-diff.tar"));
@@ -420,20 +446,71 @@ async fn restore(
     let max = cfg.max_checkpoint_bytes;
     // The workload's own command, hostname, ports and TCP mode, not ours.
     let rcfg = crate::workload::checkpoint::restore_config(&ctx.cfg, meta);
-    let restored = tokio::task::spawn_blocking(move || {
+    let restore = tokio::task::spawn_blocking(move || {
         crate::workload::nested::restore(&rcfg, &c2.reaper, &c2.runtime, &digest, &images, &work, move |upper| {
             let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
             crate::image::upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max)
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         })
-    })
-    .await
-    .map_err(|e| InError::Refuse(e.to_string()))?;
+    });
+    // Heartbeats tell the source, waiting for `Result`, that this side works.
+    let restored =
+        with_heartbeats(w, cfg.peer_read_timeout, restore).await.map_err(|e| InError::Refuse(e.to_string()))?;
     Ok(match restored {
         Ok((n, d)) => (Ok(n), (verify_ms, ms(d))),
         Err(e) => (Err(crate::supervisor::describe(&e)), (verify_ms, 0.0)),
     })
+}
+
+/// Wait for `job` while telling the source, with `Heartbeat` frames, that
+/// this side still works on it. A heartbeat that cannot be written stops the
+/// heartbeats, never the job: a restore that runs on must end, and be
+/// recorded, whatever became of the connection.
+async fn with_heartbeats<T>(
+    w: &mut (impl AsyncWriteExt + Unpin),
+    deadline: Duration,
+    job: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(job);
+    let every = wire::heartbeat_interval(deadline);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut alive = true;
+    loop {
+        tokio::select! {
+            v = &mut job => return v,
+            _ = tick.tick(), if alive => {
+                let sent = async {
+                    wire::write_frame(w, Kind::Heartbeat, &[]).await?;
+                    w.flush().await.map_err(WireError::from)
+                };
+                if !matches!(tokio::time::timeout(every, sent).await, Ok(Ok(()))) {
+                    alive = false;
+                }
+            }
+        }
+    }
+}
+
+/// The answer to a source's `Query`. A `stop` for a workload that runs here
+/// ends it first (the supervisor returns to standby).
+async fn answer_query(q: &Query, outcomes: &Outcomes, inbox: &mpsc::Sender<Msg>) -> QueryAnswer {
+    match outcomes.query(&q.migration_id, q.action) {
+        Answer::Now(state, since_unix_ms) => QueryAnswer { state, since_unix_ms },
+        Answer::MustStop => {
+            let (tx, rx) = oneshot::channel();
+            let stopped =
+                inbox.send(Msg::StopIncoming(q.migration_id.clone(), tx)).await.is_ok() && rx.await.unwrap_or(false);
+            if stopped {
+                outcomes.stopped(&q.migration_id);
+                tracing::warn!(id = %q.migration_id, "the source runs the workload again: the copy here was ended");
+                QueryAnswer { state: PeerState::NotRunning, since_unix_ms: outcomes::now_ms() }
+            } else {
+                let since = outcomes.get(&q.migration_id).map(|r| r.since_unix_ms).unwrap_or(0);
+                QueryAnswer { state: PeerState::Running, since_unix_ms: since }
+            }
+        }
+    }
 }
 
 /// Take one FileOpen or Data frame of the expected kind into `dir`: names

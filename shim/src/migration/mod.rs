@@ -11,13 +11,18 @@
 //!   layer follows, then a `Manifest` with every file's size and digest, sent
 //!   only after CRIU succeeded. The destination verifies and restores.
 //! * post-migration: on `Result { running }` the source kills its frozen copy
-//!   and becomes standby. Any failure before that thaws the source.
+//!   and becomes standby. A failure before the manifest is sent thaws the
+//!   source; after it, only a definite answer does (`in_doubt`): the source
+//!   stays frozen and asks the destination, which fences the migration if it
+//!   has not started it (`outcomes`).
 //!
 //! The frame format is in `wire`, the sides in `source` and `destination`.
 
 pub mod cpu;
 pub mod destination;
+pub mod in_doubt;
 pub mod keys;
+pub mod outcomes;
 pub mod source;
 pub mod streamer;
 pub mod transport;
@@ -130,16 +135,46 @@ pub struct MigrationResult {
     pub restore_ms: f64,
 }
 
+/// What a source asks of the destination about one migration, on a new
+/// connection, when it does not know how the migration ended.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Query {
     pub migration_id: String,
+    #[serde(default)]
+    pub action: QueryAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueryAction {
+    /// "Did it run? If you have not started it, never start it."
+    #[default]
+    Fence,
+    /// "End your copy if you run it, and never start it": the source runs
+    /// the workload again (an operator's `ums resolve --thaw`).
+    Stop,
+}
+
+/// The destination's state for one migration id, as it answers a `Query`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerState {
+    /// The workload runs here.
+    Running,
+    /// It does not run here and never will (fenced, failed or stopped).
+    NotRunning,
+    /// `runc restore` is under way: ask again later.
+    Restoring,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueryAnswer {
-    pub running: bool,
+    pub state: PeerState,
+    /// Since when (the destination's clock, Unix ms).
+    #[serde(default)]
+    pub since_unix_ms: u64,
 }
 
 /// A name from the peer must be one plain file name: no separators, no `..`.

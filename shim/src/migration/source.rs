@@ -9,10 +9,12 @@ use serde_json::json;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 
+use super::in_doubt::{self, Resolution, Settled};
 use super::streamer::{self, Out};
 use super::wire::{self, Frame, Kind, WireError};
-use super::{FileKind, Hello, HelloOk, Manifest, MigrationResult, Query, QueryAnswer};
+use super::{FileKind, Hello, HelloOk, Manifest, MigrationResult};
 use crate::image::oci_layout::OciLayout;
+use crate::supervisor::control::Response;
 use crate::supervisor::Ctx;
 use crate::workload::checkpoint::{self, ms, CheckpointError, Timings};
 use crate::workload::nested::{self, Nested};
@@ -39,6 +41,10 @@ pub enum MigrateError {
     Transfer(#[source] WireError),
     #[error("the destination could not restore: {0}")]
     Restore(String),
+    /// Settled by an operator (`ums resolve --thaw`): the workload already
+    /// runs here again.
+    #[error("{0}")]
+    Resolved(String),
 }
 
 /// Frames (data chunks of up to `wire::CHUNK`) queued for the writer.
@@ -115,7 +121,7 @@ async fn pre_migration(ctx: &Ctx, n: &Nested, to: &str, migration_id: &str) -> R
     let img = layout.resolve().map_err(|e| MigrateError::Image(e.to_string()))?;
     let blobs = layout.image_blobs(&img);
     let manifest_size = blobs.iter().find(|(d, _)| *d == img.manifest_digest).map(|b| b.1).unwrap_or(0);
-    let conn = super::transport::connect(cfg, to, Duration::from_secs(10))
+    let conn = super::transport::connect(cfg, to, cfg.peer_read_timeout)
         .await
         .map_err(|source| MigrateError::Connect { peer: to.into(), source })?;
     let peer = conn.peer.clone();
@@ -176,7 +182,8 @@ async fn pre_migration(ctx: &Ctx, n: &Nested, to: &str, migration_id: &str) -> R
         Ok(b) => b,
         Err(e) => return Err(peer_reason(&mut r).await.map(MigrateError::Refused).unwrap_or(e)),
     };
-    wire::read_frame_within(&mut r, Duration::from_secs(600))
+    // The destination unpacks the image now, sending heartbeats meanwhile.
+    wire::read_frame_live(&mut r, cfg.peer_read_timeout)
         .await
         .and_then(|f| f.expect::<serde_json::Value>(Kind::Ready))
         .map_err(|e| match e {
@@ -211,19 +218,36 @@ async fn migrate(
     let frozen = freeze_and_stream(ctx, n, &dir, &session.tx).await?;
     // From here the workload is frozen: every failure path must thaw it,
     // unless the destination may run it (settle decides).
-    let committed = commit(ctx, n, &dir, &mut session, frozen.streamer, frozen.t_freeze).await;
-    let committed = match settle(ctx, to, &migration_id, &mut session.r, committed, frozen.t_freeze).await {
+    let mut sent = None;
+    let committed = commit(ctx, n, &dir, &mut session, frozen.streamer, frozen.t_freeze, &mut sent).await;
+    let committed = match settle(
+        ctx,
+        n,
+        to,
+        &migration_id,
+        &mut session.r,
+        committed,
+        sent,
+        (frozen.t_freeze, frozen.freeze_unix_ms),
+    )
+    .await
+    {
         Ok(c) => c,
+        Err(e @ MigrateError::Resolved(_)) => {
+            // `settle` thawed it already, on the operator's word.
+            session.writer_task.abort();
+            return Err(e);
+        }
         Err(e) => {
             tracing::warn!(error = %e, "migration failed; thawing the workload here");
-            let (c2, n2) = (ctx.clone(), n.clone());
-            let _ = tokio::task::spawn_blocking(move || checkpoint::thaw(&c2.reaper, &c2.runtime, &n2)).await;
-            ctx.publisher.direct();
+            thaw(ctx, n).await;
             session.writer_task.abort();
             return Err(e);
         }
     };
-    let frozen_for = frozen.t_freeze.elapsed();
+    // Downtime: until the workload ran at the destination (after a doubt, by
+    // its word), not until we heard of it.
+    let frozen_for = committed.ran_after.unwrap_or_else(|| frozen.t_freeze.elapsed());
     // ---- post-migration: the destination runs it. Clients go there; the
     // frozen copy here is ended by `Finish`, outside the reported time.
     match tokio::net::lookup_host(to).await.ok().and_then(|mut a| a.next()) {
@@ -232,7 +256,11 @@ async fn migrate(
     }
     let Session { tx, writer_task, peer, blob_bytes, .. } = session;
     drop(tx);
-    let wire_bytes = writer_task.await.ok().and_then(|r| r.ok()).unwrap_or(committed.bytes);
+    // A writer stuck on a dead connection (after a doubt) is not waited for.
+    let wire_bytes = match tokio::time::timeout(Duration::from_secs(1), writer_task).await {
+        Ok(Ok(Ok(b))) => b,
+        _ => committed.bytes,
+    };
     let total = t_start.elapsed();
     // Transfer: until the last byte was handed to the socket, counted from the
     // start of the dump when streaming (they overlap), from its end otherwise.
@@ -254,6 +282,7 @@ async fn migrate(
         "verify_ms": res.verify_ms,
         "restore_ms": res.restore_ms,
         "frozen_ms": ms(frozen_for),
+        "in_doubt_ms": committed.in_doubt_ms,
         "total_ms": ms(total),
         "bytes": committed.bytes,
         "wire_bytes": wire_bytes,
@@ -269,6 +298,9 @@ struct Frozen {
     streamer: streamer::Streamer,
     timings: Timings,
     t_freeze: Instant,
+    /// The freeze on the wall clock (Unix ms), to compare with the
+    /// destination's word on when the workload ran there.
+    freeze_unix_ms: u64,
     /// From the freeze until CRIU finished the dump.
     dump_end: Duration,
     /// Streaming while CRIU writes (the default), or dump first, then send.
@@ -293,6 +325,7 @@ async fn freeze_and_stream(
         tracing::info!(still_open, "connections still open at the freeze; they end when the workload has left");
     }
     let t_freeze = Instant::now();
+    let freeze_unix_ms = super::outcomes::now_ms();
     let s = match streamer::start(&images, 1000, tx.clone(), live) {
         Ok(s) => s,
         Err(e) => {
@@ -310,7 +343,9 @@ async fn freeze_and_stream(
         Err(CheckpointError::Freeze(crate::process::exec::ExecError::Lost { program: format!("dump task: {e}") }))
     });
     match dumped {
-        Ok(timings) => Ok(Frozen { streamer: s, timings, t_freeze, dump_end: t_freeze.elapsed(), live }),
+        Ok(timings) => {
+            Ok(Frozen { streamer: s, timings, t_freeze, freeze_unix_ms, dump_end: t_freeze.elapsed(), live })
+        }
         Err(e) => {
             tokio::task::spawn_blocking(move || s.abort()).await.ok();
             ctx.publisher.direct();
@@ -328,6 +363,24 @@ struct Committed {
     /// From the freeze until the last byte was handed to the socket.
     sent_at: Duration,
     diff_ms: f64,
+    /// After a doubt: from the freeze until the workload ran at the destination.
+    ran_after: Option<Duration>,
+    /// Time spent in doubt.
+    in_doubt_ms: f64,
+}
+
+/// The manifest handed to the connection: the destination may restore.
+#[derive(Clone, Copy)]
+struct Sent {
+    bytes: u64,
+    /// From the freeze until it was flushed, when that is known.
+    flushed_at: Option<Duration>,
+}
+
+async fn thaw(ctx: &Ctx, n: &Arc<Nested>) {
+    let (c2, n2) = (ctx.clone(), n.clone());
+    let _ = tokio::task::spawn_blocking(move || checkpoint::thaw(&c2.reaper, &c2.runtime, &n2)).await;
+    ctx.publisher.direct();
 }
 
 /// Commit: the rest of the images and the writable layer, then the
@@ -340,6 +393,7 @@ async fn commit(
     session: &mut Session,
     s: streamer::Streamer,
     t_freeze: Instant,
+    sent: &mut Option<Sent>,
 ) -> Result<Committed, MigrateError> {
     let tx = session.tx.clone();
     let (mut files, _) = tokio::task::spawn_blocking(move || s.finish())
@@ -361,33 +415,42 @@ async fn commit(
     let diff_ms = ms(t_diff.elapsed());
     files.push(diff_entry);
     let manifest = Manifest { files, meta: checkpoint::meta(&ctx.cfg, n) };
+    let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
+    // From here on the destination may restore: only its word settles it.
+    *sent = Some(Sent { bytes, flushed_at: None });
     tx.send(Out::Control(Frame::json(Kind::Manifest, &manifest)))
         .await
         .map_err(|_| MigrateError::Transfer(WireError::Closed))?;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     tx.send(Out::Flushed(done_tx)).await.map_err(|_| MigrateError::Transfer(WireError::Closed))?;
     let sent_at = done_rx.await.map(|t| t.duration_since(t_freeze)).unwrap_or_else(|_| t_freeze.elapsed());
-    let result: MigrationResult = wire::read_frame_within(&mut session.r, Duration::from_secs(900))
+    *sent = Some(Sent { bytes, flushed_at: Some(sent_at) });
+    // The destination verifies and restores, sending heartbeats meanwhile.
+    let result: MigrationResult = wire::read_frame_live(&mut session.r, ctx.cfg.peer_read_timeout)
         .await
         .and_then(|f| f.expect(Kind::Result))
         .map_err(|e| match e {
             WireError::Peer(m) => MigrateError::Restore(m),
             e => MigrateError::Transfer(e),
         })?;
-    let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
-    Ok(Committed { bytes, result, sent_at, diff_ms })
+    Ok(Committed { bytes, result, sent_at, diff_ms, ran_after: None, in_doubt_ms: 0.0 })
 }
 
-/// Settle: a committed migration that runs at the destination succeeds; any
-/// other outcome is an error, and the caller thaws the workload here. A lost
-/// connection asks the destination first, so the workload never runs twice.
+/// Settle: a committed migration that runs at the destination succeeds; a
+/// failure before the manifest, or the destination's word that it does not
+/// run it, is an error, and the caller thaws the workload here. No word after
+/// the manifest is no answer: the workload stays frozen, in doubt, until the
+/// destination answers a fencing query or an operator decides (`in_doubt`).
+#[allow(clippy::too_many_arguments)]
 async fn settle(
     ctx: &Ctx,
+    n: &Arc<Nested>,
     to: &str,
     migration_id: &str,
     r: &mut super::transport::PeerRead,
     committed: Result<Committed, MigrateError>,
-    t_freeze: Instant,
+    sent: Option<Sent>,
+    (t_freeze, freeze_unix_ms): (Instant, u64),
 ) -> Result<Committed, MigrateError> {
     // A broken stream is often the destination hanging up with a reason.
     let committed = match committed {
@@ -397,21 +460,60 @@ async fn settle(
         }),
         other => other,
     };
-    match committed {
-        Ok(c) if c.result.running => Ok(c),
-        Ok(c) => Err(MigrateError::Restore(c.result.error.unwrap_or_else(|| "unknown error".into()))),
-        Err(e @ MigrateError::Transfer(_)) => {
-            // The manifest may have reached the destination: ask before thawing,
-            // so the workload never runs in two places.
-            if destination_runs(&ctx.cfg, to, migration_id).await {
-                tracing::warn!(error = %e, "connection lost, but the destination runs the workload");
-                let result = MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 };
-                Ok(Committed { bytes: 0, result, sent_at: t_freeze.elapsed(), diff_ms: 0.0 })
-            } else {
-                Err(e)
-            }
+    let e = match (committed, sent) {
+        (Ok(c), _) if c.result.running => return Ok(c),
+        (Ok(c), _) => return Err(MigrateError::Restore(c.result.error.unwrap_or_else(|| "unknown error".into()))),
+        (Err(e @ MigrateError::Transfer(_)), Some(_)) => e,
+        (Err(e), _) => return Err(e),
+    };
+    let sent = sent.expect("matched above");
+    let t_doubt = Instant::now();
+    let known = vec![
+        "the workload is frozen here".to_string(),
+        format!("the manifest ({} bytes of checkpoint) was sent to {to}", sent.bytes),
+        "no Result came back: the destination may or may not have restored it".to_string(),
+    ];
+    let settled = in_doubt::settle(&ctx.cfg, &ctx.in_doubt, to, migration_id, e.to_string(), known).await;
+    let in_doubt_ms = ms(t_doubt.elapsed());
+    let flushed_at = sent.flushed_at.unwrap_or_else(|| t_freeze.elapsed());
+    let none = MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 };
+    match settled {
+        Settled::Running { since_unix_ms } => {
+            tracing::warn!(error = %e, in_doubt_ms, "connection lost, but the destination runs the workload");
+            let ran = Duration::from_millis(since_unix_ms.saturating_sub(freeze_unix_ms));
+            let ran_after = Some(ran.min(t_freeze.elapsed()));
+            Ok(Committed { bytes: sent.bytes, result: none, sent_at: flushed_at, diff_ms: 0.0, ran_after, in_doubt_ms })
         }
-        Err(e) => Err(e),
+        Settled::NotRunning => Err(MigrateError::Restore(format!(
+            "{e}; the destination then said the workload does not run there, and fenced the migration"
+        ))),
+        Settled::Operator(Resolution::Abandon, reply) => {
+            tracing::warn!(error = %e, "in doubt; the operator ended the frozen copy here (ums resolve --abandon)");
+            let _ = reply.send(Response::ok(json!({
+                "migration_id": migration_id,
+                "outcome": "the frozen copy here is ended; the workload runs at the destination, or nowhere",
+            })));
+            Ok(Committed {
+                bytes: sent.bytes,
+                result: none,
+                sent_at: flushed_at,
+                diff_ms: 0.0,
+                ran_after: None,
+                in_doubt_ms,
+            })
+        }
+        Settled::Operator(Resolution::Thaw, reply) => {
+            tracing::warn!(error = %e, "in doubt; the operator thaws the workload here (ums resolve --thaw)");
+            thaw(ctx, n).await;
+            in_doubt::stop_remote(ctx.cfg.clone(), ctx.in_doubt.clone(), to.to_string(), migration_id.to_string());
+            let _ = reply.send(Response::ok(json!({
+                "migration_id": migration_id,
+                "outcome": "the workload runs here again; the destination is told to end any copy until it confirms",
+            })));
+            Err(MigrateError::Resolved(format!(
+                "{e}; in doubt, then the operator thawed the workload here (ums resolve --thaw)"
+            )))
+        }
     }
 }
 
@@ -452,32 +554,6 @@ async fn peer_reason(r: &mut super::transport::PeerRead) -> Option<String> {
             Err(_) => return None,
         }
     }
-}
-
-/// Ask the destination whether migration `id` left a running workload there.
-/// An unreachable destination cannot be running it (its PID 1 is gone, and
-/// the restored workload with it).
-async fn destination_runs(cfg: &crate::config::Config, to: &str, id: &str) -> bool {
-    for _ in 0..3 {
-        let attempt = async {
-            let c = super::transport::connect(cfg, to, Duration::from_secs(5)).await.ok()?;
-            let (mut r, mut w) = (c.read, c.write);
-            wire::send_json(&mut w, Kind::Query, &Query { migration_id: id.into() }).await.ok()?;
-            let a: QueryAnswer = wire::read_frame(&mut r).await.ok()?.expect(Kind::QueryAnswer).ok()?;
-            Some(a.running)
-        };
-        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-            Ok(Some(running)) => return running,
-            Ok(None) => {
-                if tokio::net::TcpStream::connect(to).await.is_err() {
-                    return false;
-                }
-            }
-            Err(_) => {}
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    false
 }
 
 /// Removes a migration's images dir when dropped.

@@ -91,13 +91,33 @@ fn split<S: AsyncRead + AsyncWrite + Send + 'static>(s: S, peer: String) -> Peer
     PeerConn { read: Box::new(r), write: Box::new(w), peer }
 }
 
+/// Keepalive probes and a bound on unacknowledged data, both derived from the
+/// peer deadline `t`: a link that went silent (a partition drops packets, it
+/// resets nothing) fails the connection within about `t` instead of after
+/// the kernel's default of minutes of retransmissions.
+pub fn tune(stream: &TcpStream, t: Duration) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = stream.set_nodelay(true);
+    let secs = t.as_secs().max(3) as u32;
+    let r = setsockopt(stream, sockopt::KeepAlive, &true)
+        .and_then(|_| setsockopt(stream, sockopt::TcpKeepIdle, &(secs / 3).max(1)))
+        .and_then(|_| setsockopt(stream, sockopt::TcpKeepInterval, &(secs / 6).max(1)))
+        .and_then(|_| setsockopt(stream, sockopt::TcpKeepCount, &3))
+        .and_then(|_| {
+            setsockopt(stream, sockopt::TcpUserTimeout, &(t.as_millis().clamp(1000, u32::MAX as u128) as u32))
+        });
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "cannot set keepalive and TCP_USER_TIMEOUT on a peer connection");
+    }
+}
+
 /// Connect to the peer port at `to`; `timeout` covers the TCP connect and
 /// the handshake.
 pub async fn connect(cfg: &Config, to: &str, timeout: Duration) -> std::io::Result<PeerConn> {
     let timed_out = || io_err(std::io::ErrorKind::TimedOut, format!("no connection to {to} within {timeout:?}"));
     let deadline = tokio::time::Instant::now() + timeout;
     let stream = tokio::time::timeout_at(deadline, TcpStream::connect(to)).await.map_err(|_| timed_out())??;
-    let _ = stream.set_nodelay(true);
+    tune(&stream, cfg.peer_read_timeout);
     let addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| to.into());
     if cfg.insecure_peer {
         let (r, w) = stream.into_split();
@@ -118,7 +138,7 @@ pub async fn connect(cfg: &Config, to: &str, timeout: Duration) -> std::io::Resu
 /// Take an accepted connection into use: the handshake must end within the
 /// peer read deadline, with a certificate of the group.
 pub async fn accept(cfg: &Config, stream: TcpStream) -> std::io::Result<PeerConn> {
-    let _ = stream.set_nodelay(true);
+    tune(&stream, cfg.peer_read_timeout);
     let addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     if cfg.insecure_peer {
         let (r, w) = stream.into_split();

@@ -7,7 +7,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// 2: file digests are BLAKE3 (`blake3` in the manifest) instead of SHA-256.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame accepted (a data chunk is at most `CHUNK` plus its header).
 pub const MAX_FRAME: usize = 4 << 20;
 /// Largest JSON frame accepted.
@@ -35,6 +35,9 @@ pub enum Kind {
     /// JSON: "did migration X end with a running workload here?"
     Query = 10,
     QueryAnswer = 11,
+    /// Empty: the destination is alive and working (unpacking, verifying,
+    /// restoring); it resets the source's read deadline and means nothing else.
+    Heartbeat = 12,
 }
 
 impl Kind {
@@ -52,6 +55,7 @@ impl Kind {
             9 => Result,
             10 => Query,
             11 => QueryAnswer,
+            12 => Heartbeat,
             _ => return None,
         })
     }
@@ -195,9 +199,45 @@ pub async fn read_frame_within(
     tokio::time::timeout(deadline, read_frame(r)).await.map_err(|_| WireError::Timeout(deadline))?
 }
 
+/// The next frame that is not a `Heartbeat`: every frame, heartbeats
+/// included, must come within `deadline` of the one before it. A peer that
+/// works for long (an unpack, a restore) keeps the connection alive this way,
+/// and a silent one is dropped after `deadline`.
+pub async fn read_frame_live(
+    r: &mut (impl AsyncReadExt + Unpin),
+    deadline: std::time::Duration,
+) -> Result<Frame, WireError> {
+    loop {
+        let f = read_frame_within(r, deadline).await?;
+        if f.kind != Kind::Heartbeat {
+            return Ok(f);
+        }
+    }
+}
+
+/// How often a working peer sends `Heartbeat`: a quarter of the deadline the
+/// other side reads with, between 0.1 and 5 s.
+pub fn heartbeat_interval(deadline: std::time::Duration) -> std::time::Duration {
+    (deadline / 4).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(5))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn heartbeats_are_skipped_and_keep_the_deadline() {
+        let mut buf = Vec::new();
+        for _ in 0..3 {
+            write_frame(&mut buf, Kind::Heartbeat, &[]).await.unwrap();
+        }
+        send_json(&mut buf, Kind::Ready, &serde_json::json!({})).await.unwrap();
+        let mut r = &buf[..];
+        let f = read_frame_live(&mut r, std::time::Duration::from_secs(1)).await.unwrap();
+        assert_eq!(f.kind, Kind::Ready);
+        assert_eq!(heartbeat_interval(std::time::Duration::from_secs(30)), std::time::Duration::from_secs(5));
+        assert_eq!(heartbeat_interval(std::time::Duration::from_secs(2)), std::time::Duration::from_millis(500));
+    }
 
     #[tokio::test]
     async fn frames_round_trip() {

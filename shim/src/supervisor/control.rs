@@ -33,6 +33,10 @@ pub enum Request {
     Migrate {
         to: String,
     },
+    /// Settle a migration that is in doubt (`ums resolve`).
+    Resolve {
+        action: crate::supervisor::in_doubt::Resolution,
+    },
 }
 
 fn yes() -> bool {
@@ -269,6 +273,13 @@ mod tests {
             parse(r#"{"op":"migrate","to":"10.0.0.2:7411"}"#),
             Ok(Request::Migrate { to: "10.0.0.2:7411".into() })
         );
+        use crate::supervisor::in_doubt::Resolution;
+        assert_eq!(parse(r#"{"op":"resolve","action":"thaw"}"#), Ok(Request::Resolve { action: Resolution::Thaw }));
+        assert_eq!(
+            parse(r#"{"op":"resolve","action":"abandon"}"#),
+            Ok(Request::Resolve { action: Resolution::Abandon })
+        );
+        assert!(parse(r#"{"op":"resolve","action":"guess"}"#).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! report back, so the owner always answers at once: `busy` while one runs.
 
 pub mod control;
+pub mod in_doubt;
 pub mod state;
 
 use std::path::PathBuf;
@@ -32,6 +33,8 @@ pub struct Ctx {
     /// Moves the workload to a peer (`ums init` passes the migration layer's
     /// entry point, which sits above this one).
     pub migrate_out: MigrateOut,
+    /// An outgoing migration in doubt, for `status` and `resolve`.
+    pub in_doubt: in_doubt::Board,
 }
 
 /// A boxed future, sendable to a task.
@@ -62,6 +65,9 @@ pub enum Msg {
     BeginIncoming(oneshot::Sender<Result<(), Refusal>>),
     /// The incoming migration ended: the restored workload, or why not.
     IncomingDone(Result<(Nested, serde_json::Value), String>),
+    /// The source of migration `id` runs the workload again and asks this
+    /// destination to end its copy: reply true once no copy of it runs here.
+    StopIncoming(String, oneshot::Sender<bool>),
     Done(OpResult),
 }
 
@@ -87,6 +93,8 @@ pub struct Supervisor {
     last_op: Option<OpRecord>,
     term_pending: bool,
     kill_at: Option<tokio::time::Instant>,
+    /// The migration id the running workload arrived with, if it did.
+    incoming_id: Option<String>,
     inbox_tx: mpsc::Sender<Msg>,
     inbox: mpsc::Receiver<Msg>,
     signals: mpsc::UnboundedReceiver<Signal>,
@@ -117,6 +125,7 @@ impl Supervisor {
             last_op: None,
             term_pending: false,
             kill_at: None,
+            incoming_id: None,
             inbox_tx,
             inbox,
             signals,
@@ -143,26 +152,27 @@ impl Supervisor {
         self.exited_during_op = None;
     }
 
-    /// Start the workload from the image (not in standby mode).
-    pub async fn start_workload(&mut self) -> Result<(), String> {
+    /// Start the workload from the image (not in standby mode), as an
+    /// operation: unpacking a large image takes a while, and meanwhile the
+    /// supervisor answers `status` (state `busy: start`) like at any time.
+    /// A start that fails ends ums with exit code 1.
+    pub fn start_workload(&mut self) -> Result<(), String> {
         self.state = self.state.begin(Op::Start).map_err(|e| e.to_string())?;
         let ctx = self.ctx.clone();
-        let t0 = Instant::now();
-        let r = tokio::task::spawn_blocking(move || nested::start(&ctx.cfg, &ctx.reaper, &ctx.runtime))
-            .await
-            .map_err(|e| e.to_string())?;
-        match r {
-            Ok(n) => {
-                self.adopt(n);
-                self.state = self.state.finish(Outcome::Running);
-                self.record(Op::Start, Ok(json!({ "start_ms": checkpoint::ms(t0.elapsed()) })));
-                Ok(())
-            }
-            Err(e) => {
-                self.state = self.state.finish(Outcome::Gone);
-                Err(describe(&e))
-            }
-        }
+        let inbox = self.inbox_tx.clone();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = tokio::task::spawn_blocking(move || nested::start(&ctx.cfg, &ctx.reaper, &ctx.runtime))
+                .await
+                .map_err(|e| e.to_string());
+            let (result, new_workload) = match r {
+                Ok(Ok(n)) => (Ok((json!({ "start_ms": checkpoint::ms(t0.elapsed()) }), Outcome::Running)), Some(n)),
+                Ok(Err(e)) => (Err(describe(&e)), None),
+                Err(e) => (Err(e), None),
+            };
+            let _ = inbox.send(Msg::Done(OpResult { op: Op::Start, reply: None, result, new_workload })).await;
+        });
+        Ok(())
     }
 
     fn record(&mut self, op: Op, r: Result<serde_json::Value, String>) {
@@ -190,8 +200,10 @@ impl Supervisor {
             })
         });
         let rss_kib = procfs::process::Process::myself().and_then(|p| p.status()).ok().and_then(|s| s.vmrss);
+        let (in_doubt, stopping_remote) = self.ctx.in_doubt.status();
         json!({
             "state": self.state,
+            "operation": { "in_doubt": in_doubt, "stopping_remote": stopping_remote },
             "workload": workload,
             "runtime": self.ctx.cfg.runtime,
             "peer_listen": self.ctx.cfg.peer_listen.to_string(),
@@ -296,8 +308,10 @@ impl Supervisor {
                 let r = self.state.begin(Op::MigrateIn).map(|s| self.state = s);
                 let _ = reply.send(r);
             }
+            Msg::StopIncoming(id, reply) => self.stop_incoming(id, reply),
             Msg::IncomingDone(r) => match r {
                 Ok((n, report)) => {
+                    self.incoming_id = report["migration_id"].as_str().map(String::from);
                     self.adopt(n);
                     self.state = self.state.finish(Outcome::Running);
                     self.record(Op::MigrateIn, Ok(report));
@@ -312,6 +326,44 @@ impl Supervisor {
         self.after_op()
     }
 
+    /// End the copy that migration `id` brought here, if it runs; the
+    /// source runs the workload again (an operator's `ums resolve --thaw`).
+    fn stop_incoming(&mut self, id: String, reply: oneshot::Sender<bool>) {
+        let ours = self.incoming_id.as_deref() == Some(id.as_str());
+        match self.state {
+            State::Running if ours => {}
+            // Busy with it (a migration onwards, a stop): ask again later.
+            State::Busy(_) if ours => {
+                let _ = reply.send(false);
+                return;
+            }
+            // No copy of that migration runs here.
+            _ => {
+                let _ = reply.send(!ours || self.workload.is_none());
+                return;
+            }
+        }
+        let Some(n) = self.workload.clone() else {
+            let _ = reply.send(true);
+            return;
+        };
+        self.state = State::Busy(Op::Surrender);
+        tracing::warn!(id = %id, workload = %n.id, "the source runs the workload again: ending the copy here");
+        let (ctx, inbox) = (self.ctx.clone(), self.inbox_tx.clone());
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = ctx.runtime.kill(&ctx.reaper, &n.id, "KILL", true);
+                nested::cleanup(&ctx.cfg, &ctx.reaper, &ctx.runtime, &n);
+            })
+            .await;
+            let _ = reply.send(true);
+            let result = Ok((json!({ "migration_id": id, "ms": checkpoint::ms(t.elapsed()) }), Outcome::Gone));
+            let _ =
+                inbox.send(Msg::Done(OpResult { op: Op::Surrender, reply: None, result, new_workload: None })).await;
+        });
+    }
+
     /// A SIGTERM that arrived during an operation takes effect now.
     fn after_op(&mut self) -> Option<i32> {
         if self.term_pending && !matches!(self.state, State::Busy(_)) {
@@ -322,6 +374,12 @@ impl Supervisor {
     }
 
     fn on_done(&mut self, d: OpResult) -> Option<i32> {
+        if let (Op::Start, Err(e)) = (d.op, &d.result) {
+            tracing::error!(error = %e, "cannot start the workload");
+            eprintln!("ums: cannot start the workload: {e}");
+            self.state = State::Exited;
+            return Some(1);
+        }
         let response = match &d.result {
             Ok((report, _)) => Response::ok(report.clone()),
             Err(e) => Response::err(ErrorKind::Failed, e.clone()),
@@ -340,7 +398,8 @@ impl Supervisor {
             self.adopt(n);
         }
         if outcome == Outcome::Gone {
-            if d.op == Op::Checkpoint {
+            self.incoming_id = None;
+            if matches!(d.op, Op::Checkpoint | Op::Surrender) {
                 // Checkpointed and stopped: nothing behind the published ports.
                 self.ctx.publisher.close();
             }
@@ -370,6 +429,13 @@ impl Supervisor {
                 let _ = reply.send(Response::ok(self.status()));
                 return;
             }
+            Request::Resolve { action } => {
+                // Passed to the migration that waits in doubt; it answers.
+                if let Err(reply) = self.ctx.in_doubt.resolve(*action, reply) {
+                    let _ = reply.send(Response::err(ErrorKind::InvalidState, "no migration is in doubt here"));
+                }
+                return;
+            }
             Request::Checkpoint { .. } => Op::Checkpoint,
             Request::Restore { .. } => Op::Restore,
             Request::Migrate { .. } => Op::MigrateOut,
@@ -386,7 +452,7 @@ impl Supervisor {
         let inbox = self.inbox_tx.clone();
         let workload = self.workload.clone();
         match req {
-            Request::Status => unreachable!(),
+            Request::Status | Request::Resolve { .. } => unreachable!(),
             Request::Checkpoint { dir, leave_running, page_server } => {
                 let n = workload.expect("running state has a workload");
                 tokio::spawn(async move {

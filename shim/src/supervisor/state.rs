@@ -25,6 +25,9 @@ pub enum Op {
     MigrateOut,
     MigrateIn,
     Stop,
+    /// A source that runs the workload again asked this destination to end
+    /// its copy (`Query` action `stop`, after `ums resolve --thaw` there).
+    Surrender,
 }
 
 impl std::fmt::Display for Op {
@@ -36,6 +39,7 @@ impl std::fmt::Display for Op {
             Op::MigrateOut => "migrate",
             Op::MigrateIn => "incoming migration",
             Op::Stop => "stop",
+            Op::Surrender => "surrender to the source",
         };
         f.write_str(s)
     }
@@ -68,7 +72,7 @@ impl State {
         match (self, op) {
             (State::Busy(current), _) => Err(Refusal::Busy(current)),
             (State::Exited, _) => Err(Refusal::NoWorkload(self)),
-            (State::Running, Op::Checkpoint | Op::MigrateOut | Op::Stop) => Ok(State::Busy(op)),
+            (State::Running, Op::Checkpoint | Op::MigrateOut | Op::Stop | Op::Surrender) => Ok(State::Busy(op)),
             (State::Standby, Op::Start | Op::Restore | Op::MigrateIn) => Ok(State::Busy(op)),
             (State::Standby, Op::Stop) => Ok(State::Exited),
             (State::Standby, _) => Err(Refusal::NoWorkload(self)),
