@@ -68,6 +68,14 @@ pub struct Config {
     pub publish: Vec<crate::net::proxy::PortMap>,
     /// How published ports behave during and after a migration.
     pub hold: crate::net::proxy::HoldConfig,
+    /// Limits that replace the outer container's own for the workload.
+    pub ulimits: Vec<crate::workload::spec::Ulimit>,
+    /// The workload's seccomp filter.
+    pub seccomp: crate::workload::seccomp::Seccomp,
+    /// Peers (HOST:PORT) a SIGTERM migrates the workload to, in order, instead of stopping it.
+    pub evacuate_to: Vec<String>,
+    /// After a SIGTERM, no new evacuation attempt starts later than this.
+    pub evacuate_within: Duration,
 }
 
 /// Addresses of the link between the outer container and the nested one.
@@ -153,6 +161,10 @@ impl Default for Config {
             net: NetConfig::default(),
             publish: Vec::new(),
             hold: crate::net::proxy::HoldConfig::default(),
+            ulimits: Vec::new(),
+            seccomp: crate::workload::seccomp::Seccomp::Default,
+            evacuate_to: Vec::new(),
+            evacuate_within: Duration::from_secs(20),
         }
     }
 }

@@ -218,6 +218,8 @@ fn write_spec(cfg: &Config, img: &ResolvedImage, bundle: &Bundle, id: &str) -> R
     let netns = cfg.netns_path();
     let cgroups_path = format!("/ums/{id}");
     let lower = bundle.lower.clone();
+    let rlimits = spec::rlimits(&cfg.ulimits)?;
+    let seccomp = cfg.seccomp.profile();
     let s = spec::build(
         &img.config,
         &SpecInput {
@@ -226,6 +228,8 @@ fn write_spec(cfg: &Config, img: &ResolvedImage, bundle: &Bundle, id: &str) -> R
             netns: &netns,
             cgroups_path: &cgroups_path,
             rootfs: &lower,
+            rlimits: &rlimits,
+            seccomp: seccomp.as_ref(),
         },
     )?;
     spec::write(&s, &bundle.dir)?;
