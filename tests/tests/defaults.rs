@@ -19,6 +19,7 @@ fn limits_table(text: &str) -> Vec<String> {
 }
 
 /// Runs `script` in the workload (busybox sh) and returns its output lines
+/// (stdout only: stderr reaches the log on another pipe, in no set order)
 /// up to the line `done`; the workload then sleeps until the outer is dropped.
 fn run_script(name: &str, img: &OciImage, ums_args: &[&str], script: &str) -> (Outer, Vec<String>) {
     let mut args: Vec<&str> = ums_args.to_vec();
@@ -74,7 +75,7 @@ fn the_default_seccomp_filter_refuses_what_docker_refuses() {
     require_root();
     let tmp = tempfile::tempdir().unwrap();
     let img = busybox_image(tmp.path());
-    let probe = "grep -E '^Seccomp:' /proc/self/status; unshare -r true; echo unshare-rc=$?";
+    let probe = "grep -E '^Seccomp:' /proc/self/status; unshare -r true 2>&1; echo unshare-rc=$?";
 
     // Default: a filter, and a new user namespace is refused with EPERM.
     let (o, lines) = run_script("sec-default", &img, &[], probe);

@@ -285,8 +285,10 @@ fn sigterm_evacuates_the_workload_to_the_first_peer_that_takes_it() {
 
     // The orchestrator stops the source (a node drain).
     let from_b = b.log().len();
+    let t0 = std::time::Instant::now();
     a.signal(Signal::SIGTERM).unwrap();
     let st = a.wait(T).unwrap();
+    println!("SIGTERM to the source's exit, evacuated: {:.2} s", t0.elapsed().as_secs_f64());
     assert_eq!(st.code(), Some(0), "the source exits 0 once the workload moved: {:?}", a.lines());
     // (The log is read by threads: wait for the lines rather than assume them.)
     a.wait_for_line("did not take the workload", T).expect("the first peer was tried");
