@@ -84,6 +84,14 @@ pub struct Config {
     /// CPU features this machine pretends to lack in pre-migration, for
     /// the tests only. `UMS_CPU_HIDE`.
     pub cpu_hide: Vec<String>,
+    /// Limits that replace the outer container's own for the workload.
+    pub ulimits: Vec<crate::workload::spec::Ulimit>,
+    /// The workload's seccomp filter.
+    pub seccomp: crate::workload::seccomp::Seccomp,
+    /// Peers (HOST:PORT) a SIGTERM migrates the workload to, in order, instead of stopping it.
+    pub evacuate_to: Vec<String>,
+    /// After a SIGTERM, no new evacuation attempt starts later than this.
+    pub evacuate_within: Duration,
 }
 
 /// Faults the end-to-end tests inject into a real `ums init` (hidden flag
@@ -186,6 +194,10 @@ impl Default for Config {
             kernel_forward: true,
             failpoint: None,
             cpu_hide: Vec::new(),
+            ulimits: Vec::new(),
+            seccomp: crate::workload::seccomp::Seccomp::Default,
+            evacuate_to: Vec::new(),
+            evacuate_within: Duration::from_secs(20),
         }
     }
 }

@@ -15,7 +15,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Be the outer container's PID 1: run and supervise the workload.
-    Init(cli::init::Args),
+    Init(Box<cli::init::Args>),
     /// Show the workload, its state and the last operation.
     Status(cli::status::Args),
     /// Checkpoint the workload into a directory.
@@ -39,7 +39,7 @@ fn main() {
         .with_target(false)
         .init();
     let result = match Cli::parse().cmd {
-        Cmd::Init(a) => cli::init::run(a),
+        Cmd::Init(a) => cli::init::run(*a),
         Cmd::Status(a) => cli::status::run(a),
         Cmd::Checkpoint(a) => cli::checkpoint::run(a),
         Cmd::Restore(a) => cli::restore::run(a),

@@ -285,11 +285,15 @@ async fn plain_tcp_and_garbage_are_refused_before_any_frame() {
     let _ = s.write_all(&junk).await;
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await.expect("closed");
-    // Garbage inside an authenticated connection: a frame error, no migration.
+    // Garbage inside an authenticated connection: an Error frame that says
+    // what was wrong (a bad length, an unknown type, or a frame that never
+    // ends), then the end of the connection; no migration.
     let mut c = d.connect("keys/src").await.unwrap();
     c.write.write_all(&junk).await.unwrap();
     c.write.flush().await.unwrap();
-    assert!(read(&mut c).await.is_err());
+    let why = refusal(&mut c).await;
+    assert!(!why.starts_with("(no reason"), "{why}");
+    assert!(read(&mut c).await.is_err(), "the connection ends after the Error frame");
     d.no_event().await;
     d.clean();
 }
@@ -534,4 +538,77 @@ async fn a_migration_fenced_by_a_query_is_never_restored() {
     assert_eq!(query(&d, "m-fenced", QueryAction::Fence).await.state, PeerState::NotRunning);
     assert_eq!(query(&d, "m-fenced", QueryAction::Stop).await.state, PeerState::NotRunning);
     d.clean();
+}
+
+/// Every malformed frame, first or later, ends the connection with an
+/// `Error` frame that names what was wrong with it.
+#[tokio::test]
+async fn malformed_frames_get_an_error_frame_that_names_them() {
+    let mut d = dest(Duration::from_secs(5)).await;
+    // A Hello with a field this version does not know.
+    let mut c = d.connect("keys/src").await.unwrap();
+    let mut hello = serde_json::to_value(&d.hello).unwrap();
+    hello["surprise"] = serde_json::json!(1);
+    wire::send_json(&mut c.write, Kind::Hello, &hello).await.unwrap();
+    let why = refusal(&mut c).await;
+    assert!(why.contains("unknown field") && why.contains("surprise"), "{why}");
+    // A frame type no version has, and a length above the limit, as the first frame.
+    for (bytes, says) in [
+        (vec![0u8, 0, 0, 1, 200], "unknown frame type 200"),
+        (vec![0x7f, 0xff, 0xff, 0xff, Kind::Hello as u8, 0], "exceeds the limit"),
+        (vec![0, 0, 0, 3, Kind::Hello as u8, b'{', b'x'], "bad Hello frame"),
+    ] {
+        let mut c = d.connect("keys/src").await.unwrap();
+        c.write.write_all(&bytes).await.unwrap();
+        c.write.flush().await.unwrap();
+        let why = refusal(&mut c).await;
+        assert!(why.contains(says), "{bytes:?}: {why}");
+    }
+    d.no_event().await;
+    d.clean();
+    // Later in the migration: a FileOpen with an unknown field.
+    let mut c = d.ready("m-field").await;
+    assert_eq!(d.event().await, Ev::Begin(true));
+    let open = serde_json::json!({ "id": 1, "kind": "image", "name": "pages-1.img", "extra": true });
+    wire::send_json(&mut c.write, Kind::FileOpen, &open).await.unwrap();
+    let why = refusal(&mut c).await;
+    assert!(why.contains("unknown field") || why.contains("unknown variant"), "{why}");
+    assert!(matches!(d.event().await, Ev::Done(Some(_))));
+    d.clean();
+    let _c = d.ready("m-next").await;
+    assert_eq!(d.event().await, Ev::Begin(true));
+}
+
+/// A standby that refuses a migration after its Hello, or whose source goes
+/// away after it, keeps no new files: no received image layout for an
+/// image it never got.
+#[tokio::test]
+async fn a_migration_refused_after_hello_leaves_no_files() {
+    let mut d = dest(Duration::from_secs(5)).await;
+    let base = d.hello.clone();
+    let other_image = |id: &str| {
+        let mut h = Hello { migration_id: id.into(), ..base.clone() };
+        h.image.manifest_digest = format!("sha256:{}", "ab".repeat(32));
+        h
+    };
+    // Refused: a blob digest that is no digest.
+    let mut c = d.connect("keys/src").await.unwrap();
+    let mut h = other_image("m-bad-blob");
+    h.blobs.push(("sha256:../../escape".into(), 1));
+    wire::send_json(&mut c.write, Kind::Hello, &h).await.unwrap();
+    let why = refusal(&mut c).await;
+    assert!(!why.starts_with("(no reason"), "{why}");
+    assert_eq!(d.event().await, Ev::Begin(true));
+    assert!(matches!(d.event().await, Ev::Done(Some(_))));
+    d.clean();
+    // The source hangs up once the destination said which blobs it lacks.
+    let mut c = d.connect("keys/src").await.unwrap();
+    wire::send_json(&mut c.write, Kind::Hello, &other_image("m-gone")).await.unwrap();
+    let _ok: HelloOk = read(&mut c).await.unwrap().expect(Kind::HelloOk).unwrap();
+    drop(c);
+    assert_eq!(d.event().await, Ev::Begin(true));
+    assert!(matches!(d.event().await, Ev::Done(Some(_))));
+    d.clean();
+    let _c = d.ready("m-next").await;
+    assert_eq!(d.event().await, Ev::Begin(true));
 }

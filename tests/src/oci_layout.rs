@@ -28,7 +28,8 @@ const MTIME: u64 = 1_700_000_000;
 /// Where the base layer takes busybox from (Debian's busybox-static).
 const HOST_BUSYBOX: &[&str] = &["/bin/busybox", "/usr/bin/busybox"];
 /// Applets linked in /bin and /usr/bin.
-const APPLETS: &[&str] = &["sh", "ls", "cat", "sleep", "echo", "id", "env", "ps", "wc", "sha256sum", "httpd", "nc"];
+const APPLETS: &[&str] =
+    &["sh", "ls", "cat", "sleep", "echo", "id", "env", "ps", "wc", "sha256sum", "httpd", "nc", "unshare"];
 
 /// How a layer blob is compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

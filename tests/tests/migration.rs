@@ -270,3 +270,63 @@ fn sigterm_during_a_migration_waits_for_it_to_end() {
     p.b.log().wait_for_from(from, "tick ", T).expect("the workload runs at the destination");
     assert_eq!(status(&p.b)["state"], "running");
 }
+
+/// The workload's seccomp mode at `o` (2: a filter), from /proc.
+fn workload_seccomp(o: &Outer) -> String {
+    let pid = status(o)["workload"]["pid"].as_i64().unwrap();
+    let s = o.exec("grep", &["^Seccomp:", &format!("/proc/{pid}/status")]).unwrap();
+    String::from_utf8_lossy(&s.stdout).split_whitespace().nth(1).unwrap_or("").to_string()
+}
+
+#[test]
+fn sigterm_evacuates_the_workload_to_the_first_peer_that_takes_it() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = counter_image(tmp.path(), "32");
+    let (ha, hb) = Host::pair("evac", None).unwrap();
+    // The first peer refuses connections (nothing listens there); the second is a standby.
+    let peers = format!("{0}:1,{0}:{PEER_PORT}", hb.addr());
+    let mut a =
+        Outer::builder("evac-a").host(&ha).layout(&img.layout).args(&["--evacuate-to", &peers]).start().unwrap();
+    let b = Outer::builder("evac-b").host(&hb).layout(&img.layout).args(&["--standby"]).start().unwrap();
+    a.wait_for_line("tick 3 ", T).unwrap();
+    b.wait_for_line("standby", T).unwrap();
+    assert_eq!(workload_seccomp(&a), "2", "the workload runs under the default seccomp filter");
+    let sum0 = a.lines().iter().find_map(|l| parse_sum(l)).unwrap();
+
+    // The orchestrator stops the source (a node drain).
+    let from_b = b.log().len();
+    let t0 = std::time::Instant::now();
+    a.signal(Signal::SIGTERM).unwrap();
+    let st = a.wait(T).unwrap();
+    println!("SIGTERM to the source's exit, evacuated: {:.2} s", t0.elapsed().as_secs_f64());
+    assert_eq!(st.code(), Some(0), "the source exits 0 once the workload moved: {:?}", a.lines());
+    // (The log is read by threads: wait for the lines rather than assume them.)
+    a.wait_for_line("did not take the workload", T).expect("the first peer was tried");
+    a.wait_for_line("evacuated", T).unwrap();
+    assert!(!a.lines().iter().any(|l| l.trim() == "term"), "the workload was stopped, not moved: {:?}", a.lines());
+
+    let last_a = last_tick(&a);
+    b.log().wait_for_from(from_b, &format!("tick {} ", last_a + 3), T).expect("the counter goes on at the peer");
+    let t = ticks(&b, from_b);
+    assert_eq!(t[0], last_a + 1, "source ended at {last_a}, peer printed {t:?}");
+    assert_eq!(status(&b)["state"], "running");
+    assert_eq!(checksum(&b), sum0, "memory checksum at the peer");
+    assert_eq!(workload_seccomp(&b), "2", "the seccomp filter came along");
+}
+
+#[test]
+fn sigterm_with_no_peer_to_take_the_workload_stops_it() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = counter_image(tmp.path(), "8");
+    let (ha, hb) = Host::pair("evno", None).unwrap();
+    let to = format!("{}:{PEER_PORT}", hb.addr());
+    let mut a = Outer::builder("evno-a").host(&ha).layout(&img.layout).args(&["--evacuate-to", &to]).start().unwrap();
+    a.wait_for_line("tick 3 ", T).unwrap();
+    a.signal(Signal::SIGTERM).unwrap();
+    let st = a.wait(T).unwrap();
+    a.wait_for_line("no peer took the workload", T).unwrap();
+    a.wait_for_line("term", T).expect("the workload got the SIGTERM");
+    assert_eq!(st.code(), Some(0), "the workload's own exit code: {:?}", a.lines());
+}

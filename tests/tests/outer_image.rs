@@ -720,6 +720,22 @@ fn kubernetes_manifests_validate_and_give_the_outer_container_what_it_needs() {
         if kind == "StatefulSet" {
             assert_eq!(w["spec"]["replicas"], 1, "the workload must never run twice");
             assert_eq!(w["spec"]["serviceName"], "ums-peers");
+            // Evacuation on SIGTERM, to the standbys only, within a grace
+            // period that covers the attempts, one migration and the stop.
+            let env = |k: &str| -> String {
+                let e = c["env"].as_array().unwrap().iter().find(|v| v["name"] == k);
+                e.unwrap_or_else(|| panic!("{name}: no {k}"))["value"].as_str().unwrap().to_string()
+            };
+            let to = env("UMS_EVACUATE_TO");
+            let svc = by_kind("Service", to.split(':').next().unwrap());
+            assert_eq!(svc["spec"]["selector"]["app.kubernetes.io/name"], "ums-standby", "{to}: the standbys only");
+            assert_eq!(svc["spec"]["publishNotReadyAddresses"], true);
+            let secs = |k: &str| env(k).trim_end_matches('s').parse::<u64>().unwrap();
+            let grace = w["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap();
+            assert!(
+                grace >= secs("UMS_EVACUATE_WITHIN") + secs("UMS_STOP_GRACE") + 30,
+                "{name}: terminationGracePeriodSeconds {grace} leaves no time for the migration"
+            );
         }
     }
     let peers = by_kind("Service", "ums-peers");

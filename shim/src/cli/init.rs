@@ -87,6 +87,22 @@ pub struct Args {
     /// CPU features to pretend this machine lacks, comma-separated (tests only).
     #[arg(long, env = "UMS_CPU_HIDE", hide = true, value_delimiter = ',')]
     pub cpu_hide: Vec<String>,
+    /// Set one resource limit of the workload, as Docker spells it: NAME=SOFT[:HARD]
+    /// (nofile, nproc, core, memlock, stack, ...; -1 is unlimited; repeatable).
+    /// The others are the outer container's own.
+    #[arg(long = "ulimit", env = "UMS_ULIMIT", value_delimiter = ',')]
+    pub ulimit: Vec<crate::workload::spec::Ulimit>,
+    /// The workload's seccomp filter: default (like Docker's), unconfined, or
+    /// the path of an OCI LinuxSeccomp JSON file.
+    #[arg(long, env = "UMS_SECCOMP", default_value = "default", value_parser = crate::workload::seccomp::Seccomp::parse)]
+    pub seccomp: crate::workload::seccomp::Seccomp,
+    /// On SIGTERM, migrate the workload to the first of these peers
+    /// (HOST:PORT) that takes it, and exit 0; stop it only if none does.
+    #[arg(long, env = "UMS_EVACUATE_TO", value_delimiter = ',')]
+    pub evacuate_to: Vec<String>,
+    /// No evacuation attempt starts later than this after the SIGTERM (20s).
+    #[arg(long, env = "UMS_EVACUATE_WITHIN", default_value = "20s", value_parser = crate::supervisor::parse_duration)]
+    pub evacuate_within: std::time::Duration,
     /// Command to run instead of the image's Entrypoint and Cmd.
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -120,6 +136,10 @@ impl Args {
             kernel_forward: self.kernel_forward,
             failpoint: self.failpoint,
             cpu_hide: self.cpu_hide,
+            ulimits: self.ulimit,
+            seccomp: self.seccomp,
+            evacuate_to: self.evacuate_to,
+            evacuate_within: self.evacuate_within,
             ..Config::default()
         }
     }
@@ -151,6 +171,14 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         crate::sys::become_subreaper().context("become a subreaper")?;
     }
     let cfg = Arc::new(a.config());
+    crate::workload::spec::check_ulimits(&cfg.ulimits).map_err(|e| anyhow::anyhow!(e))?;
+    match cfg.seccomp.profile() {
+        None => tracing::warn!("--seccomp unconfined: the workload runs without a seccomp filter"),
+        Some(p) => tracing::debug!(rules = p.syscalls().as_ref().map_or(0, |s| s.len()), "seccomp filter"),
+    }
+    if !cfg.evacuate_to.is_empty() {
+        tracing::info!(peers = ?cfg.evacuate_to, within_s = cfg.evacuate_within.as_secs_f64(), "SIGTERM evacuates the workload");
+    }
     match crate::migration::transport::check(&cfg) {
         Ok(Some(identity)) => tracing::info!(identity = %identity, keys = %cfg.peer_keys.display(), "peer connections: mutual TLS"),
         Ok(None) => tracing::warn!("--insecure-peer: peer connections are NOT authenticated or encrypted; anyone who reaches the peer port can push a workload that runs as root here"),

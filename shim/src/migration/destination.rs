@@ -78,15 +78,15 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     // (a buffer as large as a chunk meant copying every byte once more).
     let mut r = BufReader::with_capacity(wire::SMALL_BUF, r);
     let mut w = BufWriter::new(w);
-    let first = wire::read_frame_within(&mut r, ctx.cfg.peer_read_timeout).await?;
+    let first = refuse_malformed(&mut w, wire::read_frame_within(&mut r, ctx.cfg.peer_read_timeout).await).await?;
     if first.kind == Kind::Query {
-        let q: Query = first.parse()?;
+        let q: Query = refuse_malformed(&mut w, first.parse()).await?;
         let answer = answer_query(&q, &outcomes, &inbox).await;
         tracing::info!(peer = %peer, id = %q.migration_id, action = ?q.action, state = ?answer.state, "query answered");
         wire::send_json(&mut w, Kind::QueryAnswer, &answer).await?;
         return Ok(());
     }
-    let hello: Hello = first.expect(Kind::Hello)?;
+    let hello: Hello = refuse_malformed(&mut w, first.expect(Kind::Hello)).await?;
     if hello.protocol != wire::PROTOCOL_VERSION {
         let msg =
             format!("protocol version {} not supported (this ums speaks {})", hello.protocol, wire::PROTOCOL_VERSION);
@@ -120,6 +120,10 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     }
     tracing::info!(peer = %peer, id = %hello.migration_id, image = %hello.image.manifest_digest, "incoming migration");
     let dir = ctx.cfg.images_root().join(&hello.migration_id);
+    // A refused migration leaves nothing behind: not its images dir, nor the
+    // dirs it made to hold them and the blobs it never got.
+    let new_dirs: Vec<PathBuf> =
+        [ctx.cfg.received_layout_dir(), ctx.cfg.images_root()].into_iter().filter(|d| !d.exists()).collect();
     let r2 = receive(&ctx, &hello, &dir, &mut r, &mut w, &outcomes).await;
     let (result, report) = match r2 {
         Ok(v) => v,
@@ -128,6 +132,9 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
             let msg = e.to_string();
             let _ = wire::send_json(&mut w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await;
             let _ = std::fs::remove_dir_all(&dir);
+            for d in &new_dirs {
+                let _ = std::fs::remove_dir_all(d);
+            }
             let _ = inbox.send(Msg::IncomingDone(Err(msg.clone()))).await;
             return Err(InError::Refuse(msg));
         }
@@ -163,6 +170,21 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     let _ = inbox.send(msg).await;
     wire::send_json(&mut w, Kind::Result, &answer).await?;
     Ok(())
+}
+
+/// A frame the peer got wrong (malformed JSON, an unknown field, an unknown
+/// type, an oversize length) ends the connection with an `Error` frame that
+/// names it; a connection that is gone gets none.
+async fn refuse_malformed<T>(w: &mut (impl AsyncWriteExt + Unpin), r: Result<T, WireError>) -> Result<T, InError> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(e @ (WireError::Closed | WireError::Io(_))) => Err(e.into()),
+        Err(e) => {
+            let message = e.to_string();
+            let _ = wire::send_json(w, Kind::Error, &wire::ErrorMsg { message }).await;
+            Err(e.into())
+        }
+    }
 }
 
 /// A file being received.

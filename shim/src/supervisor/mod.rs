@@ -92,6 +92,9 @@ pub struct Supervisor {
     started: Instant,
     last_op: Option<OpRecord>,
     term_pending: bool,
+    /// A SIGTERM already tried to evacuate the workload (`--evacuate-to`):
+    /// the next one stops it.
+    evacuation_tried: bool,
     kill_at: Option<tokio::time::Instant>,
     /// The migration id the running workload arrived with, if it did.
     incoming_id: Option<String>,
@@ -124,6 +127,7 @@ impl Supervisor {
             started: Instant::now(),
             last_op: None,
             term_pending: false,
+            evacuation_tried: false,
             kill_at: None,
             incoming_id: None,
             inbox_tx,
@@ -280,6 +284,10 @@ impl Supervisor {
                 tracing::info!("SIGTERM in standby: exiting");
                 return Some(0);
             }
+            (Signal::SIGTERM, State::Running) if !self.ctx.cfg.evacuate_to.is_empty() && !self.evacuation_tried => {
+                self.evacuate();
+                return None;
+            }
             (Signal::SIGTERM, State::Running) => {
                 self.state = State::Busy(Op::Stop);
                 self.kill_at = Some(tokio::time::Instant::now() + self.ctx.cfg.stop_grace);
@@ -299,6 +307,56 @@ impl Supervisor {
             }
         }
         None
+    }
+
+    /// SIGTERM with `--evacuate-to`: migrate the workload to the first peer
+    /// that takes it, trying them in order until `evacuate_within` has
+    /// passed (an attempt under way is never cut: a migration ends either at
+    /// the destination or thawed here). The SIGTERM is then applied as if it
+    /// had come during a migration: a standby exits 0, a workload that is
+    /// still here is stopped.
+    fn evacuate(&mut self) {
+        let Ok(next) = self.state.begin(Op::MigrateOut) else { return };
+        self.state = next;
+        self.evacuation_tried = true;
+        self.term_pending = true;
+        let n = self.workload.clone().expect("running state has a workload");
+        let (ctx, inbox) = (self.ctx.clone(), self.inbox_tx.clone());
+        let peers = ctx.cfg.evacuate_to.clone();
+        let deadline = Instant::now() + ctx.cfg.evacuate_within;
+        tracing::info!(?peers, within_s = ctx.cfg.evacuate_within.as_secs_f64(), "SIGTERM: evacuating the workload");
+        tokio::spawn(async move {
+            let mut errors = Vec::new();
+            let mut result = None;
+            for peer in peers {
+                if Instant::now() >= deadline {
+                    errors.push(format!("{peer}: not tried, the evacuation time is over"));
+                    continue;
+                }
+                match (ctx.migrate_out)(ctx.clone(), n.clone(), peer.clone()).await {
+                    Ok((mut report, finish)) => {
+                        report["finish_ms"] = json!(finish.await);
+                        report["to"] = json!(peer);
+                        tracing::info!(%peer, "evacuated: the workload runs at the peer now");
+                        result = Some(Ok((report, Outcome::Gone)));
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "evacuation: this peer did not take the workload");
+                        errors.push(format!("{peer}: {e}"));
+                    }
+                }
+            }
+            let result = result.unwrap_or_else(|| {
+                tracing::error!(
+                    tried = ?errors,
+                    "evacuation failed: no peer took the workload; stopping it as without --evacuate-to"
+                );
+                Err(format!("evacuation failed: {}", errors.join("; ")))
+            });
+            let _ =
+                inbox.send(Msg::Done(OpResult { op: Op::MigrateOut, reply: None, result, new_workload: None })).await;
+        });
     }
 
     fn on_msg(&mut self, msg: Msg) -> Option<i32> {

@@ -4,4 +4,5 @@
 pub mod bundle;
 pub mod checkpoint;
 pub mod nested;
+pub mod seccomp;
 pub mod spec;

@@ -278,6 +278,8 @@ fn write_spec(cfg: &Config, img: &ResolvedImage, bundle: &Bundle, id: &str) -> R
     let netns = cfg.netns_path();
     let cgroups_path = format!("/ums/{id}");
     let lower = bundle.lower.clone();
+    let rlimits = spec::rlimits(&cfg.ulimits)?;
+    let seccomp = cfg.seccomp.profile();
     let mut s = spec::build(
         &img.config,
         &SpecInput {
@@ -286,6 +288,8 @@ fn write_spec(cfg: &Config, img: &ResolvedImage, bundle: &Bundle, id: &str) -> R
             netns: &netns,
             cgroups_path: &cgroups_path,
             rootfs: &lower,
+            rlimits: &rlimits,
+            seccomp: seccomp.as_ref(),
         },
     )?;
     // runc hands CRIU the configuration file this annotation names, for

@@ -1,8 +1,10 @@
 //! The nested container's OCI runtime spec (config.json), built from the
 //! workload image's config the way Docker would run it: Entrypoint+Cmd, Env,
 //! WorkingDir, User resolved in the image's own /etc/passwd and /etc/group, a
-//! Docker-like capability set, and a network namespace that `ums` creates and
-//! hands over by path (so it survives checkpoint/restore with loopback up).
+//! Docker-like capability set, Docker-like seccomp profile ([`super::seccomp`]),
+//! the outer container's own resource limits (each overridable with
+//! `--ulimit`), and a network namespace that `ums` creates and hands over by
+//! path (so it survives checkpoint/restore with loopback up).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -10,7 +12,8 @@ use std::path::{Path, PathBuf};
 use oci_spec::image::ImageConfiguration;
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxDeviceCgroupBuilder, LinuxNamespaceBuilder,
-    LinuxNamespaceType, LinuxResourcesBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
+    LinuxNamespaceType, LinuxResourcesBuilder, LinuxSeccomp, PosixRlimit, PosixRlimitBuilder, PosixRlimitType,
+    ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,130 @@ pub struct SpecInput<'a> {
     pub cgroups_path: &'a str,
     /// The unpacked image, to resolve user and group names.
     pub rootfs: &'a Path,
+    /// Every resource limit of the workload ([`rlimits`]).
+    pub rlimits: &'a [PosixRlimit],
+    /// The seccomp filter, or none (`--seccomp unconfined`).
+    pub seccomp: Option<&'a LinuxSeccomp>,
+}
+
+/// The resource limits by Docker's `--ulimit` names, with their OCI type and
+/// the kernel's resource number.
+const RLIMITS: [(&str, PosixRlimitType, libc::__rlimit_resource_t); 16] = [
+    ("as", PosixRlimitType::RlimitAs, libc::RLIMIT_AS),
+    ("core", PosixRlimitType::RlimitCore, libc::RLIMIT_CORE),
+    ("cpu", PosixRlimitType::RlimitCpu, libc::RLIMIT_CPU),
+    ("data", PosixRlimitType::RlimitData, libc::RLIMIT_DATA),
+    ("fsize", PosixRlimitType::RlimitFsize, libc::RLIMIT_FSIZE),
+    ("locks", PosixRlimitType::RlimitLocks, libc::RLIMIT_LOCKS),
+    ("memlock", PosixRlimitType::RlimitMemlock, libc::RLIMIT_MEMLOCK),
+    ("msgqueue", PosixRlimitType::RlimitMsgqueue, libc::RLIMIT_MSGQUEUE),
+    ("nice", PosixRlimitType::RlimitNice, libc::RLIMIT_NICE),
+    ("nofile", PosixRlimitType::RlimitNofile, libc::RLIMIT_NOFILE),
+    ("nproc", PosixRlimitType::RlimitNproc, libc::RLIMIT_NPROC),
+    ("rss", PosixRlimitType::RlimitRss, libc::RLIMIT_RSS),
+    ("rtprio", PosixRlimitType::RlimitRtprio, libc::RLIMIT_RTPRIO),
+    ("rttime", PosixRlimitType::RlimitRttime, libc::RLIMIT_RTTIME),
+    ("sigpending", PosixRlimitType::RlimitSigpending, libc::RLIMIT_SIGPENDING),
+    ("stack", PosixRlimitType::RlimitStack, libc::RLIMIT_STACK),
+];
+
+/// One `--ulimit NAME=SOFT[:HARD]`: a limit that replaces the outer
+/// container's own for the workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ulimit {
+    pub name: &'static str,
+    pub typ: PosixRlimitType,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+impl std::str::FromStr for Ulimit {
+    type Err = String;
+    /// Docker's spelling: `nofile=1024:4096`, `core=0`, `memlock=-1` (a
+    /// missing HARD equals SOFT; `-1` or `unlimited` is no limit).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let names = || RLIMITS.iter().map(|r| r.0).collect::<Vec<_>>().join(", ");
+        let (name, values) = s
+            .split_once('=')
+            .ok_or_else(|| format!("bad --ulimit {s:?}: expected NAME=SOFT[:HARD], like nofile=1024:4096"))?;
+        let (name, typ) = RLIMITS
+            .iter()
+            .find(|r| r.0 == name.trim())
+            .map(|r| (r.0, r.1))
+            .ok_or_else(|| format!("bad --ulimit {s:?}: unknown limit {name:?} (one of {})", names()))?;
+        let value = |v: &str| -> Result<u64, String> {
+            match v.trim() {
+                "-1" | "unlimited" => Ok(libc::RLIM_INFINITY),
+                v => {
+                    v.parse::<u64>().map_err(|_| format!("bad --ulimit {s:?}: {v:?} is not a number, -1 or unlimited"))
+                }
+            }
+        };
+        let (soft, hard) = match values.split_once(':') {
+            Some((a, b)) => (value(a)?, value(b)?),
+            None => (value(values)?, value(values)?),
+        };
+        if soft > hard {
+            return Err(format!("bad --ulimit {s:?}: the soft limit is above the hard limit"));
+        }
+        Ok(Ulimit { name, typ, soft, hard })
+    }
+}
+
+/// This process's own limit of `typ` (soft, hard).
+pub fn own_rlimit(typ: PosixRlimitType) -> Option<(u64, u64)> {
+    let res = RLIMITS.iter().find(|r| r.1 == typ)?.2;
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given and nothing else.
+    (unsafe { libc::getrlimit(res, &mut r) } == 0).then_some((r.rlim_cur, r.rlim_max))
+}
+
+/// The workload's limits: every limit the outer container runs with (what
+/// a user gets when running the image directly), each replaced by its
+/// `--ulimit` when one was given (the last one of a name wins).
+pub fn rlimits(overrides: &[Ulimit]) -> Result<Vec<PosixRlimit>, SpecError> {
+    let mut out = Vec::new();
+    for (_, typ, _) in RLIMITS {
+        let (soft, hard) = match overrides.iter().rev().find(|u| u.typ == typ) {
+            Some(u) => (u.soft, u.hard),
+            None => match own_rlimit(typ) {
+                Some(l) => l,
+                None => continue,
+            },
+        };
+        out.push(PosixRlimitBuilder::default().typ(typ).soft(soft).hard(hard).build()?);
+    }
+    Ok(out)
+}
+
+/// A `--ulimit` the workload cannot get: a hard limit above the outer
+/// container's own needs CAP_SYS_RESOURCE, which runc would otherwise
+/// report only as "operation not permitted" when the workload starts.
+pub fn check_ulimits(overrides: &[Ulimit]) -> Result<(), String> {
+    if crate::sys::has_cap_sys_resource() {
+        return Ok(());
+    }
+    for u in overrides {
+        if let Some((_, own_hard)) = own_rlimit(u.typ) {
+            if u.hard > own_hard {
+                return Err(format!(
+                    "--ulimit {}: hard limit {} is above the outer container's own ({own_hard}), \
+                     and raising it needs CAP_SYS_RESOURCE, which ums does not hold",
+                    u.name,
+                    show_limit(u.hard)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn show_limit(v: u64) -> String {
+    if v == libc::RLIM_INFINITY {
+        "unlimited".into()
+    } else {
+        v.to_string()
+    }
 }
 
 /// The capabilities Docker grants by default.
@@ -179,11 +306,7 @@ pub fn build(config: &ImageConfiguration, input: &SpecInput<'_>) -> Result<Spec,
         .user(UserBuilder::default().uid(user.uid).gid(user.gid).additional_gids(user.additional_gids).build()?)
         .capabilities(capabilities)
         .no_new_privileges(false)
-        .rlimits(vec![oci_spec::runtime::PosixRlimitBuilder::default()
-            .typ(oci_spec::runtime::PosixRlimitType::RlimitNofile)
-            .soft(1024u64)
-            .hard(1024u64)
-            .build()?])
+        .rlimits(input.rlimits.to_vec())
         .build()?;
 
     let ns = |t: LinuxNamespaceType| LinuxNamespaceBuilder::default().typ(t).build();
@@ -196,13 +319,14 @@ pub fn build(config: &ImageConfiguration, input: &SpecInput<'_>) -> Result<Spec,
     ];
     let deny_all = LinuxDeviceCgroupBuilder::default().allow(false).access("rwm").build()?;
     let defaults = oci_spec::runtime::Linux::default();
-    let linux = LinuxBuilder::default()
+    let mut linux = LinuxBuilder::default()
         .namespaces(namespaces)
         .cgroups_path(PathBuf::from(input.cgroups_path))
         .resources(LinuxResourcesBuilder::default().devices(vec![deny_all]).build()?)
         .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
         .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default())
         .build()?;
+    linux.set_seccomp(input.seccomp.cloned());
 
     let mut spec = Spec::default();
     spec.set_process(Some(process));
@@ -282,6 +406,8 @@ mod tests {
                 netns: Path::new("/run/ums/netns-workload"),
                 cgroups_path: "/ums/x",
                 rootfs: dir.path(),
+                rlimits: &rlimits(&["nofile=4096:8192".parse().unwrap()]).unwrap(),
+                seccomp: Some(&crate::workload::seccomp::default_profile()),
             },
         )
         .unwrap();
@@ -310,5 +436,51 @@ mod tests {
             assert!(mounts.contains(&PathBuf::from(m)), "{m} missing");
         }
         assert_eq!(exposed_ports(&c), ["53/udp", "8080/tcp"]);
+        let limits = p.rlimits().as_ref().unwrap();
+        let nofile = limits.iter().find(|l| l.typ() == PosixRlimitType::RlimitNofile).unwrap();
+        assert_eq!((nofile.soft(), nofile.hard()), (4096, 8192));
+        let seccomp = linux.seccomp().as_ref().expect("a seccomp filter");
+        assert_eq!(seccomp, &crate::workload::seccomp::default_profile());
+    }
+
+    #[test]
+    fn ulimits_parse_as_docker_spells_them() {
+        let u: Ulimit = "nofile=1024:4096".parse().unwrap();
+        assert_eq!((u.name, u.typ, u.soft, u.hard), ("nofile", PosixRlimitType::RlimitNofile, 1024, 4096));
+        let u: Ulimit = "core=0".parse().unwrap();
+        assert_eq!((u.typ, u.soft, u.hard), (PosixRlimitType::RlimitCore, 0, 0));
+        let u: Ulimit = "memlock=-1".parse().unwrap();
+        assert_eq!((u.soft, u.hard), (libc::RLIM_INFINITY, libc::RLIM_INFINITY));
+        let u: Ulimit = "stack=8388608:unlimited".parse().unwrap();
+        assert_eq!((u.typ, u.soft, u.hard), (PosixRlimitType::RlimitStack, 8388608, libc::RLIM_INFINITY));
+        for (bad, says) in [
+            ("nofile", "NAME=SOFT[:HARD]"),
+            ("files=10", "unknown limit \"files\""),
+            ("nofile=ten", "not a number"),
+            ("nofile=10:x", "not a number"),
+            ("nofile=20:10", "soft limit is above the hard"),
+            ("nofile=", "not a number"),
+        ] {
+            let e = bad.parse::<Ulimit>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn rlimits_default_to_our_own_and_overrides_win() {
+        let own = rlimits(&[]).unwrap();
+        assert_eq!(own.len(), RLIMITS.len());
+        for l in &own {
+            assert_eq!(Some((l.soft(), l.hard())), own_rlimit(l.typ()), "{:?}", l.typ());
+        }
+        let (_, hard) = own_rlimit(PosixRlimitType::RlimitNofile).unwrap();
+        let o = rlimits(&["nofile=100:200".parse().unwrap(), "nofile=300:400".parse().unwrap()]).unwrap();
+        let nofile = o.iter().find(|l| l.typ() == PosixRlimitType::RlimitNofile).unwrap();
+        assert_eq!((nofile.soft(), nofile.hard()), (300, 400));
+        assert!(check_ulimits(&[format!("nofile=1:{hard}").parse().unwrap()]).is_ok());
+        if hard != libc::RLIM_INFINITY && !crate::sys::has_cap_sys_resource() {
+            let e = check_ulimits(&["nofile=1:unlimited".parse().unwrap()]).unwrap_err();
+            assert!(e.contains("CAP_SYS_RESOURCE"), "{e}");
+        }
     }
 }
