@@ -229,10 +229,16 @@ pub fn criu_errors(log: &str) -> Vec<String> {
     log.lines()
         .filter(|l| !CRIU_NOT_FATAL.iter().any(|n| l.contains(n)))
         .filter_map(|l| {
-            let i = l.find("Error (")?;
             // "(00.012345) Error (criu/sk-inet.c:199): ..." or a pie line
             // "pie: 1: Error (...)": keep from "Error" on.
-            Some(l[i..].trim_end().to_string())
+            if let Some(i) = l.find("Error (") {
+                return Some(l[i..].trim_end().to_string());
+            }
+            // Some causes are logged as plain lines ("(00.093621) Can't
+            // connect to server 10.0.0.2:1"), the Error lines after them
+            // only say what failed next.
+            let msg = l.trim_start().strip_prefix('(').and_then(|r| r.split_once(") ")).map(|(_, m)| m.trim_end())?;
+            msg.starts_with("Can't ").then(|| msg.to_string())
         })
         .take(MAX_CRIU_ERRORS)
         .collect()
@@ -388,6 +394,11 @@ mod tests {
         // No Error line: the log's tail stands in.
         let m = explain("", Some((Path::new("/w/dump.log"), "a\nb\nDumping FAILED.\n")));
         assert!(m.contains("CRIU log ends: a | b | Dumping FAILED."), "{m}");
+        // A cause CRIU logs without the Error prefix comes first.
+        let log = "(00.093559) Connecting to server 127.0.0.1:1\n\
+            (00.093621) Can't connect to server 127.0.0.1:1\n\
+            (00.093996) Error (compel/src/lib/infect.c:417): Unable to detach from 10838: No such process\n";
+        assert_eq!(criu_errors(log)[0], "Can't connect to server 127.0.0.1:1");
         // crun-style plain stderr passes through.
         assert_eq!(explain("plain failure\n", None), "plain failure");
     }
