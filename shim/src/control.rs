@@ -32,6 +32,9 @@ pub enum Request {
     },
     Migrate {
         to: String,
+        /// `stop-copy` (the default) or `post-copy`.
+        #[serde(default)]
+        mode: crate::migration::postcopy::Mode,
     },
 }
 
@@ -267,7 +270,7 @@ mod tests {
         );
         assert_eq!(
             parse(r#"{"op":"migrate","to":"10.0.0.2:7411"}"#),
-            Ok(Request::Migrate { to: "10.0.0.2:7411".into() })
+            Ok(Request::Migrate { to: "10.0.0.2:7411".into(), mode: Default::default() })
         );
     }
 
@@ -340,7 +343,7 @@ mod proptests {
             }
             let line = String::from_utf8_lossy(&b);
             match parse(&line) {
-                Ok(Request::Migrate { to }) => prop_assert!(!to.contains('\n')),
+                Ok(Request::Migrate { to, .. }) => prop_assert!(!to.contains('\n')),
                 Ok(_) => {}
                 Err(m) => prop_assert!(!m.is_empty()),
             }

@@ -409,10 +409,10 @@ impl Supervisor {
                     let _ = inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result, new_workload })).await;
                 });
             }
-            Request::Migrate { to } => {
+            Request::Migrate { to, mode } => {
                 let n = workload.expect("running state has a workload");
                 tokio::spawn(async move {
-                    let result = match crate::migration::migrate_out(&ctx, &n, &to).await {
+                    let result = match crate::migration::migrate_out(&ctx, &n, &to, mode).await {
                         Ok((mut report, finish)) => {
                             // Answered once this outer is a standby again, so
                             // that a migration back is never refused as busy.

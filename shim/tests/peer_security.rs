@@ -160,6 +160,7 @@ async fn dest(peer_timeout: Duration) -> Dest {
         runtime: cfg.runtime,
         memory_bytes: 1 << 20,
         tcp_established: true,
+        post_copy: false,
     };
     let before = tree(root);
     Dest { addr, tmp, events, hello, before }

@@ -3,12 +3,19 @@
 
 use super::{finish, request, ClientOpts};
 use crate::control::Request;
+use crate::migration::postcopy::Mode;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The peer port of the destination outer container.
     #[arg(long)]
     pub to: String,
+    /// How memory moves: `stop-copy` (all of it while the workload is
+    /// frozen) or `post-copy` (the workload runs at the destination at once
+    /// and its memory follows; needs userfaultfd there and fs.pipe-max-size
+    /// >= 4 MiB here).
+    #[arg(long, value_enum, default_value_t = Mode::StopCopy)]
+    pub mode: Mode,
     #[command(flatten)]
     pub client: ClientOpts,
 }
@@ -20,9 +27,10 @@ pub fn table(v: &serde_json::Value) -> String {
     let mib = v["bytes"].as_f64().unwrap_or(0.0) / 1048576.0;
     let mut out = String::new();
     out.push_str(&format!(
-        "migrated to {} ({})\n",
+        "migrated to {} ({}, {})\n",
         v["peer"].as_str().unwrap_or("?"),
-        v["migration_id"].as_str().unwrap_or("")
+        v["migration_id"].as_str().unwrap_or(""),
+        v["mode"].as_str().unwrap_or("stop-copy")
     ));
     out.push_str("phase                    time\n");
     out.push_str(&format!("pre-migration    {}\n", s("pre_migration_ms")));
@@ -46,6 +54,17 @@ pub fn table(v: &serde_json::Value) -> String {
         "total            {}   (request until the workload ran at the destination)\n",
         s("total_ms")
     ));
+    if v["mode"] == "post-copy" {
+        out.push_str(&format!(
+            "last page        {}   (from the freeze; the source stayed frozen until then)\n",
+            s("last_page_ms")
+        ));
+        out.push_str(&format!(
+            "memory after    {:>10.1} MiB  (moved after the destination ran; {:.1} MiB before)\n",
+            v["bytes_after_running"].as_f64().unwrap_or(0.0) / 1048576.0,
+            v["bytes_before_running"].as_f64().unwrap_or(0.0) / 1048576.0
+        ));
+    }
     if v.get("finish_ms").is_some() {
         out.push_str(&format!("then             {}   (ending the frozen copy here)\n", s("finish_ms")));
     }
@@ -59,6 +78,6 @@ pub fn table(v: &serde_json::Value) -> String {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let r = request(&a.client.socket, Request::Migrate { to: a.to.clone() })?;
+    let r = request(&a.client.socket, Request::Migrate { to: a.to.clone(), mode: a.mode })?;
     finish(&a.client, r, |v| print!("{}", table(v)))
 }

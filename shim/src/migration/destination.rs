@@ -14,6 +14,7 @@ use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::postcopy::{self, DestEnd, DestPostCopy};
 use super::wire::{self, Frame, Kind, WireError};
 use super::{safe_name, FileKind, FileOpen, Hello, HelloOk, Manifest, MigrationResult, Query, QueryAnswer};
 use crate::checkpoint::ms;
@@ -22,7 +23,7 @@ use crate::supervisor::{Ctx, Msg};
 
 /// Outcomes of recent incoming migrations, for a source that lost the
 /// connection and asks (`Query`).
-type Outcomes = Arc<Mutex<HashMap<String, bool>>>;
+type Outcomes = Arc<Mutex<HashMap<String, QueryAnswer>>>;
 
 /// Peer connections handled at once; more are closed at once (each one costs
 /// a TLS handshake, and only one migration can come in at a time anyway).
@@ -36,6 +37,11 @@ pub async fn serve_peers(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let outcomes: Outcomes = Arc::default();
+    // Host facts for post-copy, read once here rather than per migration.
+    let reaper = ctx.reaper.clone();
+    tokio::task::spawn_blocking(move || {
+        postcopy::init_host_facts(&reaper);
+    });
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
     loop {
         tokio::select! {
@@ -84,8 +90,20 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     let first = wire::read_frame_within(&mut r, ctx.cfg.peer_read_timeout).await?;
     if first.kind == Kind::Query {
         let q: Query = first.parse()?;
-        let running = outcomes.lock().expect("outcomes").get(&q.migration_id).copied().unwrap_or(false);
-        wire::send_json(&mut w, Kind::QueryAnswer, &QueryAnswer { running }).await?;
+        let answer = outcomes
+            .lock()
+            .expect("outcomes")
+            .get(&q.migration_id)
+            .cloned()
+            .unwrap_or(QueryAnswer { running: false, post_copy: false });
+        wire::send_json(&mut w, Kind::QueryAnswer, &answer).await?;
+        return Ok(());
+    }
+    if first.kind == Kind::PageLink {
+        let h: postcopy::PageLinkHello = first.parse()?;
+        let link = postcopy::Link { read: Box::new(r), write: Box::new(w) };
+        postcopy::deliver_link(&h.migration_id, link).map_err(InError::Refuse)?;
+        tracing::info!(peer = %peer, id = %h.migration_id, "page link open");
         return Ok(());
     }
     let hello: Hello = first.expect(Kind::Hello)?;
@@ -116,7 +134,7 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     tracing::info!(peer = %peer, id = %hello.migration_id, image = %hello.image.manifest_digest, "incoming migration");
     let dir = ctx.cfg.images_root().join(&hello.migration_id);
     let r2 = receive(&ctx, &hello, &dir, &mut r, &mut w).await;
-    let (result, report) = match r2 {
+    let (result, report, post) = match r2 {
         Ok(v) => v,
         Err(e) => {
             let msg = e.to_string();
@@ -126,9 +144,12 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
             return Err(InError::Refuse(msg));
         }
     };
-    let _ = std::fs::remove_dir_all(&dir);
+    if post.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     let running = result.is_ok();
-    outcomes.lock().expect("outcomes").insert(hello.migration_id.clone(), running);
+    let pending = running && post.is_some();
+    outcomes.lock().expect("outcomes").insert(hello.migration_id.clone(), QueryAnswer { running, post_copy: pending });
     let answer = match &result {
         Ok(_) => MigrationResult { running: true, error: None, verify_ms: report.0, restore_ms: report.1 },
         Err(e) => MigrationResult { running: false, error: Some(e.clone()), verify_ms: report.0, restore_ms: report.1 },
@@ -142,6 +163,16 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         }
         ctx.publisher.direct();
     }
+    let result = match (post, result) {
+        (Some(p), Ok(n)) => {
+            // Post-copy: the source learns at once that the workload runs
+            // here (its freeze ends); the supervisor when every page is here.
+            let t_running = Instant::now();
+            let _ = wire::send_json(&mut w, Kind::Result, &answer).await;
+            return post_copy(&ctx, &hello, &dir, n, p, t_running, (peer, report), &mut w, &inbox, &outcomes).await;
+        }
+        (_, result) => result,
+    };
     // Report to the supervisor first: the workload runs here from now on,
     // whether or not the source hears about it.
     let msg = match result {
@@ -166,7 +197,67 @@ struct Incoming {
     hash: super::FileHasher,
 }
 
-type Received = (Result<crate::nested::Nested, String>, (f64, f64));
+type Received = (Result<crate::nested::Nested, String>, (f64, f64), Option<DestPostCopy>);
+
+/// The rest of a post-copy at the destination, once its copy runs: wait for
+/// every page; then hand the workload to the supervisor and tell the source.
+/// If pages can no longer arrive, end the copy here (it must never run on
+/// with missing memory) and go back to standby.
+#[allow(clippy::too_many_arguments)]
+async fn post_copy(
+    ctx: &Ctx,
+    hello: &Hello,
+    dir: &Path,
+    n: crate::nested::Nested,
+    mut p: DestPostCopy,
+    t_running: Instant,
+    (peer, report): (String, (f64, f64)),
+    w: &mut (impl AsyncWriteExt + Unpin),
+    inbox: &mpsc::Sender<Msg>,
+    outcomes: &Outcomes,
+) -> Result<(), InError> {
+    tracing::info!(id = %hello.migration_id, "post-copy: the workload runs here; its memory follows");
+    let end = postcopy::wait_destination(&mut p).await;
+    let id = hello.migration_id.clone();
+    let result = match end {
+        DestEnd::Complete { page_bytes } => {
+            let after_ms = ms(t_running.elapsed());
+            tracing::info!(page_bytes, last_page_after_running_ms = after_ms, "post-copy: every page is here");
+            outcomes.lock().expect("outcomes").insert(id, QueryAnswer { running: true, post_copy: false });
+            let report = serde_json::json!({
+                "peer": peer, "verify_ms": report.0, "restore_ms": report.1, "mode": "post-copy",
+                "page_bytes": page_bytes, "last_page_after_running_ms": after_ms,
+            });
+            let _ = inbox.send(Msg::IncomingDone(Ok((n, report)))).await;
+            let done = postcopy::PostCopyDone { page_bytes, last_page_after_running_ms: after_ms };
+            wire::send_json(w, Kind::PostCopyDone, &done).await.map_err(InError::from)
+        }
+        DestEnd::Lost { reason, keep } => {
+            tracing::error!(reason = %reason, "post-copy lost: ending the copy here");
+            // Killed while its faults still wait on the daemon; only then
+            // may the daemon's connection close.
+            let (c2, n2) = (ctx.clone(), n);
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = c2.runtime.kill(&c2.reaper, &n2.id, "KILL", true);
+                crate::nested::cleanup(&c2.cfg, &c2.reaper, &c2.runtime, &n2);
+            })
+            .await;
+            drop(keep);
+            postcopy::kill(p.daemon_pid);
+            p.bridge.abort();
+            ctx.publisher.close();
+            outcomes.lock().expect("outcomes").insert(id, QueryAnswer { running: false, post_copy: false });
+            let msg = format!(
+                "migration lost during post-copy: {reason}; the copy here was ended, since it cannot run with missing                  memory"
+            );
+            let _ = inbox.send(Msg::IncomingDone(Err(msg.clone()))).await;
+            let _ = wire::send_json(w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await;
+            Err(InError::Refuse(msg))
+        }
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    result
+}
 
 async fn receive(
     ctx: &Ctx,
@@ -183,6 +274,11 @@ async fn receive(
             "the workload ran under {:?}, this outer container uses {:?}",
             hello.runtime, cfg.runtime
         )));
+    }
+    let mut slot = None;
+    if hello.post_copy {
+        postcopy::check_destination(postcopy::host_facts(&ctx.reaper)).map_err(InError::Refuse)?;
+        slot = Some(postcopy::expect_link(&hello.migration_id));
     }
     std::fs::create_dir_all(dir.join("criu")).map_err(|e| InError::Refuse(format!("{}: {e}", dir.display())))?;
     if let Ok(st) = nix::sys::statvfs::statvfs(dir) {
@@ -252,12 +348,7 @@ async fn receive(
         }
     }
     let missing = layout.missing_blobs(&digests);
-    let criu_version = std::process::Command::new("criu")
-        .arg("--version")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
-        .unwrap_or_default();
+    let criu_version = postcopy::host_facts(&ctx.reaper).criu_version.clone();
     wire::send_json(
         w,
         Kind::HelloOk,
@@ -364,8 +455,16 @@ async fn receive(
     let (c2, images, work, diff) = (ctx.clone(), dir.join("criu"), dir.join("work"), dir.join("rootfs-diff.tar"));
     let digest = hello.image.manifest_digest.clone();
     let max = cfg.max_checkpoint_bytes;
+    let post = match slot.as_mut() {
+        Some(slot) => {
+            let idle = cfg.peer_read_timeout.min(Duration::from_secs(10));
+            Some(postcopy::start_destination(&ctx.reaper, slot, &images, &work, idle).await.map_err(InError::Refuse)?)
+        }
+        None => None,
+    };
+    let lazy = post.is_some();
     let restored = tokio::task::spawn_blocking(move || {
-        crate::nested::restore(&c2.cfg, &c2.reaper, &c2.runtime, &digest, &images, &work, move |upper| {
+        crate::nested::restore(&c2.cfg, &c2.reaper, &c2.runtime, &digest, &images, &work, lazy, move |upper| {
             let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
             crate::upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max)
                 .map(|_| ())
@@ -375,8 +474,14 @@ async fn receive(
     .await
     .map_err(|e| InError::Refuse(e.to_string()))?;
     Ok(match restored {
-        Ok((n, d)) => (Ok(n), (verify_ms, ms(d))),
-        Err(e) => (Err(crate::supervisor::describe(&e)), (verify_ms, 0.0)),
+        Ok((n, d)) => (Ok(n), (verify_ms, ms(d)), post),
+        Err(e) => {
+            if let Some(p) = post {
+                postcopy::kill(p.daemon_pid);
+                p.bridge.abort();
+            }
+            (Err(crate::supervisor::describe(&e)), (verify_ms, 0.0), None)
+        }
     })
 }
 

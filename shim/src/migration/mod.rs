@@ -13,9 +13,15 @@
 //! * post-migration: on `Result { running }` the source kills its frozen copy
 //!   and becomes standby. Any failure before that thaws the source.
 //!
+//! Post-copy (`--mode post-copy`, module `postcopy`) moves only the
+//! non-memory state during the freeze; the destination runs the workload
+//! at once and its memory follows over a second TLS connection (the page
+//! link). The source's frozen copy ends when the destination has every page.
+//!
 //! The frame format is in `wire`, the sides in `source` and `destination`.
 
 pub mod destination;
+pub mod postcopy;
 pub mod source;
 pub mod streamer;
 pub mod transport;
@@ -40,6 +46,10 @@ pub struct Hello {
     /// Resident memory of the workload: the images dir needs about this much.
     pub memory_bytes: u64,
     pub tcp_established: bool,
+    /// Post-copy: the memory follows after the destination runs the workload
+    /// (`postcopy`). The destination refuses it when lazy pages cannot work there.
+    #[serde(default)]
+    pub post_copy: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -118,6 +128,10 @@ pub struct Query {
 #[serde(deny_unknown_fields)]
 pub struct QueryAnswer {
     pub running: bool,
+    /// It runs, but its post-copy has not ended yet: some pages may still be
+    /// missing, and it ends its copy if they cannot arrive.
+    #[serde(default)]
+    pub post_copy: bool,
 }
 
 /// A name from the peer must be one plain file name: no separators, no `..`.

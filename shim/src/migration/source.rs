@@ -9,6 +9,7 @@ use serde_json::json;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 
+use super::postcopy::{self, Mode};
 use super::streamer::{self, Out};
 use super::wire::{self, Frame, Kind, WireError};
 use super::{FileKind, Hello, HelloOk, Manifest, MigrationResult, Query, QueryAnswer};
@@ -39,6 +40,8 @@ pub enum MigrateError {
     Transfer(#[source] WireError),
     #[error("the destination could not restore: {0}")]
     Restore(String),
+    #[error("post-copy failed: {0}")]
+    PostCopy(String),
 }
 
 /// Frames (data chunks of up to `wire::CHUNK`) queued for the writer.
@@ -87,11 +90,16 @@ fn resident_bytes(pids: &[i32]) -> u64 {
 /// at the destination and the report says how it went; the frozen copy here
 /// is ended by running the returned [`Finish`]. On failure the workload runs
 /// here as before.
-pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<(serde_json::Value, Finish), MigrateError> {
+pub async fn migrate_out(
+    ctx: &Ctx,
+    n: &Arc<Nested>,
+    to: &str,
+    mode: Mode,
+) -> Result<(serde_json::Value, Finish), MigrateError> {
     use tracing::Instrument;
     let migration_id = format!("m-{:016x}", rand::random::<u64>());
-    let span = tracing::info_span!("migrate", peer = %to, workload = %n.id, id = %migration_id);
-    migrate(ctx, n, to, migration_id).instrument(span).await
+    let span = tracing::info_span!("migrate", peer = %to, workload = %n.id, id = %migration_id, mode = mode.as_str());
+    migrate(ctx, n, to, migration_id, mode).instrument(span).await
 }
 
 /// An open connection to the destination after pre-migration.
@@ -107,8 +115,21 @@ struct Session {
 /// Pre-migration (UMS III-B): connect, say hello, send the blobs the
 /// destination lacks, and wait until it has the image ready. The workload is
 /// not touched.
-async fn pre_migration(ctx: &Ctx, n: &Nested, to: &str, migration_id: &str) -> Result<Session, MigrateError> {
+async fn pre_migration(
+    ctx: &Ctx,
+    n: &Nested,
+    to: &str,
+    migration_id: &str,
+    mode: Mode,
+) -> Result<Session, MigrateError> {
     let cfg = &ctx.cfg;
+    let reaper = ctx.reaper.clone();
+    let facts = tokio::task::spawn_blocking(move || postcopy::host_facts(&reaper))
+        .await
+        .map_err(|e| MigrateError::Refused(e.to_string()))?;
+    if mode == Mode::PostCopy {
+        postcopy::check_source(facts).map_err(MigrateError::Refused)?;
+    }
     let layout = cfg
         .layout_candidates()
         .into_iter()
@@ -147,6 +168,7 @@ async fn pre_migration(ctx: &Ctx, n: &Nested, to: &str, migration_id: &str) -> R
         runtime: cfg.runtime,
         memory_bytes: resident_bytes(&nested::pids(n.pid)),
         tcp_established: cfg.tcp_established,
+        post_copy: mode == Mode::PostCopy,
     };
     send(Frame::json(Kind::Hello, &hello)).await.map_err(MigrateError::Pre)?;
     let ok: HelloOk =
@@ -155,6 +177,9 @@ async fn pre_migration(ctx: &Ctx, n: &Nested, to: &str, migration_id: &str) -> R
             Err(WireError::Peer(m)) => return Err(MigrateError::Refused(m)),
             Err(e) => return Err(MigrateError::Pre(e)),
         };
+    if mode == Mode::PostCopy {
+        postcopy::check_criu_versions(&facts.criu_version, &ok.criu_version).map_err(MigrateError::Refused)?;
+    }
     // Exactly the missing blobs, each one of ours.
     let blobs_sent: Result<u64, MigrateError> = async {
         let mut blob_bytes = 0u64;
@@ -195,11 +220,12 @@ async fn migrate(
     n: &Arc<Nested>,
     to: &str,
     migration_id: String,
+    mode: Mode,
 ) -> Result<(serde_json::Value, Finish), MigrateError> {
     let cfg = ctx.cfg.clone();
     let t_start = Instant::now();
     let Session { mut r, tx, writer_task, peer: peer_addr, blob_bytes, missing_blobs } =
-        pre_migration(ctx, n, to, &migration_id).await?;
+        pre_migration(ctx, n, to, &migration_id, mode).await?;
     let send = |f: Frame| {
         let tx = tx.clone();
         async move { tx.send(Out::Control(f)).await.map_err(|_| WireError::Closed) }
@@ -227,15 +253,34 @@ async fn migrate(
         }
     };
     let (c2, n2, images2, work) = (ctx.clone(), n.clone(), images.clone(), dir.join("work"));
+    // Post-copy: CRIU serves the memory at a loopback port after the dump.
+    let lazy_at = match mode {
+        Mode::PostCopy => Some(postcopy::free_loopback_port().map_err(|e| MigrateError::Stream(e.to_string()))?),
+        Mode::StopCopy => None,
+    };
     let dumped = tokio::task::spawn_blocking(move || {
         let mut t = Timings::default();
-        checkpoint::freeze_and_dump(&c2.cfg, &c2.reaper, &c2.runtime, &n2, &images2, &work, &mut t).map(|_| t)
+        match lazy_at {
+            Some(at) => checkpoint::freeze_and_dump_lazy(
+                &c2.reaper,
+                &c2.runtime,
+                &c2.cfg,
+                &n2,
+                &images2,
+                &work,
+                &at.to_string(),
+                &mut t,
+            )
+            .map(|d| (t, Some(d))),
+            None => checkpoint::freeze_and_dump(&c2.cfg, &c2.reaper, &c2.runtime, &n2, &images2, &work, &mut t)
+                .map(|_| (t, None)),
+        }
     })
     .await
     .unwrap_or_else(|e| {
         Err(CheckpointError::Freeze(crate::exec::ExecError::Lost { program: format!("dump task: {e}") }))
     });
-    let mut timings = match dumped {
+    let (mut timings, mut lazy) = match dumped {
         Ok(t) => t,
         Err(e) => {
             tokio::task::spawn_blocking(move || s.abort()).await.ok();
@@ -245,6 +290,12 @@ async fn migrate(
         }
     };
     let dump_end = t_freeze.elapsed();
+    // Post-copy: the page link to the destination, open while the rest of
+    // the checkpoint streams, so its lazy-pages daemon finds it.
+    let pages = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut link = lazy_at.map(|at| {
+        tokio::spawn(postcopy::source_link((*cfg).clone(), to.to_string(), migration_id.clone(), at, pages.clone()))
+    });
     // From here the workload is frozen: every failure path must thaw it.
     let thaw = |ctx: Ctx, n: Arc<Nested>| async move {
         let _ = tokio::task::spawn_blocking(move || checkpoint::thaw(&ctx.reaper, &ctx.runtime, &n)).await;
@@ -317,6 +368,9 @@ async fn migrate(
         Ok(v) => v,
         Err(e) => {
             tracing::warn!(error = %e, "migration failed; thawing the workload here");
+            if let (Some(d), Some(at)) = (lazy.take(), lazy_at) {
+                end_lazy_dump(d, link.take(), at).await;
+            }
             thaw(ctx.clone(), n.clone()).await;
             ctx.publisher.direct();
             writer_task.abort();
@@ -331,6 +385,29 @@ async fn migrate(
         Some(sa) => ctx.publisher.forward_to(sa.ip()),
         None => ctx.publisher.close(),
     }
+    // Post-copy: the frozen copy here holds memory the destination still
+    // fetches; it ends only once the destination has every page.
+    let pages_at_running = pages.load(std::sync::atomic::Ordering::Relaxed);
+    let mut last_page = frozen;
+    if let (Some(d), Some(at), Some(l)) = (lazy.take(), lazy_at, link.take()) {
+        match post_copy(&cfg, to, &migration_id, &mut r, l, d, at).await {
+            Ok(()) => last_page = t_freeze.elapsed(),
+            Err((e, thaw_here)) => {
+                writer_task.abort();
+                if thaw_here {
+                    tracing::warn!(error = %e, "post-copy failed and the destination ended its copy; thawing here");
+                    thaw(ctx.clone(), n.clone()).await;
+                    ctx.publisher.direct();
+                } else {
+                    tracing::error!(error = %e, "post-copy failed; the destination's state is unknown: the workload \
+                                                stays frozen here");
+                }
+                drop(cleanup_dir);
+                return Err(e);
+            }
+        }
+    }
+    let page_bytes = pages.load(std::sync::atomic::Ordering::Relaxed);
     let wire_bytes = writer_task.await.ok().and_then(|r| r.ok()).unwrap_or(bytes);
     let total = t_start.elapsed();
     // Transfer: until the last byte was handed to the socket, counted from the
@@ -339,6 +416,11 @@ async fn migrate(
     let transfer_s = (sent_at.saturating_sub(transfer_from)).as_secs_f64().max(1e-6);
     let report = json!({
         "migration_id": migration_id,
+        "mode": mode.as_str(),
+        "downtime_ms": ms(frozen),
+        "last_page_ms": ms(last_page),
+        "bytes_before_running": bytes + pages_at_running,
+        "bytes_after_running": page_bytes - pages_at_running,
         "peer": peer_addr,
         "streaming": live,
         "pre_migration_ms": pre_ms,
@@ -385,6 +467,98 @@ impl Finish {
         let took = ms(t.elapsed());
         tracing::info!(ms = took, "frozen copy ended");
         took
+    }
+}
+
+/// After the destination runs a post-copied workload: wait for its
+/// `PostCopyDone`, then for the lazy dump here to end. On failure, says
+/// whether the destination ended its copy (thaw here) or cannot be known.
+async fn post_copy(
+    cfg: &crate::config::Config,
+    to: &str,
+    id: &str,
+    r: &mut super::transport::PeerRead,
+    mut link: tokio::task::JoinHandle<Result<(), String>>,
+    mut dump: checkpoint::LazyDump,
+    at: std::net::SocketAddr,
+) -> Result<(), (MigrateError, bool)> {
+    let mut link_done = false;
+    // One read, polled across the loop (a frame read is not cancel-safe).
+    let read = wire::read_frame(r);
+    tokio::pin!(read);
+    let done: Result<postcopy::PostCopyDone, String> = loop {
+        tokio::select! {
+            f = &mut read => break f.and_then(|f| f.expect(Kind::PostCopyDone)).map_err(|e| e.to_string()),
+            l = &mut link, if !link_done => match l.unwrap_or_else(|e| Err(e.to_string())) {
+                Ok(()) => link_done = true,
+                Err(e) => break Err(e),
+            },
+        }
+    };
+    match done {
+        Ok(d) => {
+            tracing::info!(page_bytes = d.page_bytes, "post-copy: the destination has every page");
+            // CRIU's page server ends once the destination closed: normally at once.
+            match tokio::time::timeout(Duration::from_secs(10), &mut dump.exit).await {
+                Ok(Ok(e)) if e.success() => {}
+                Ok(Ok(e)) => tracing::warn!(error = %dump.failure(e), "the lazy dump ended badly after the last page"),
+                _ => {
+                    tracing::warn!("the lazy dump did not end after the last page; ending it");
+                    postcopy::kill(dump.pid);
+                }
+            }
+            link.abort();
+            Ok(())
+        }
+        Err(reason) => {
+            tracing::warn!(%reason, "post-copy interrupted; asking the destination");
+            link.abort();
+            match postcopy::settle(cfg, to, id, Duration::from_secs(90)).await {
+                postcopy::Settle::DestinationComplete => {
+                    end_lazy_dump(dump, None, at).await;
+                    Ok(())
+                }
+                postcopy::Settle::DestinationEnded => {
+                    end_lazy_dump(dump, None, at).await;
+                    Err((
+                        MigrateError::PostCopy(format!(
+                            "{reason}; the destination ended its copy, so the workload runs here again from its state \
+                             at the freeze (what it did at the destination meanwhile is lost)"
+                        )),
+                        true,
+                    ))
+                }
+                postcopy::Settle::Unknown => Err((
+                    MigrateError::PostCopy(format!(
+                        "{reason}; the destination cannot be reached, so whether it still runs the workload is \
+                         unknown: the workload stays frozen here (never in two places)"
+                    )),
+                    false,
+                )),
+            }
+        }
+    }
+}
+
+/// End a lazy dump that will not complete: close the page link, wake CRIU's
+/// page server if nobody connected (it then fails and leaves the tasks
+/// frozen), and wait for the runtime to exit; kill it if it does not.
+async fn end_lazy_dump(
+    mut dump: checkpoint::LazyDump,
+    link: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    at: std::net::SocketAddr,
+) {
+    if let Some(l) = link {
+        l.abort();
+        let _ = l.await;
+    }
+    if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(at)).await {
+        drop(s);
+    }
+    if tokio::time::timeout(Duration::from_secs(10), &mut dump.exit).await.is_err() {
+        tracing::warn!(pid = dump.pid, "the lazy dump does not end; killing it");
+        postcopy::kill(dump.pid);
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut dump.exit).await;
     }
 }
 

@@ -35,6 +35,12 @@ pub enum Kind {
     /// JSON: "did migration X end with a running workload here?"
     Query = 10,
     QueryAnswer = 11,
+    /// JSON, the first frame of a second connection of a post-copy migration:
+    /// `{migration_id}`. CRIU's page-server bytes follow it, raw, both ways.
+    PageLink = 13,
+    /// JSON, destination to source after `Result { running }` in post-copy:
+    /// every page has arrived (the source may end its frozen copy).
+    PostCopyDone = 14,
 }
 
 impl Kind {
@@ -52,6 +58,8 @@ impl Kind {
             9 => Result,
             10 => Query,
             11 => QueryAnswer,
+            13 => PageLink,
+            14 => PostCopyDone,
             _ => return None,
         })
     }
