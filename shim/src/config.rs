@@ -65,9 +65,9 @@ pub struct Config {
     /// The nested container's network: the same in every outer container.
     pub net: NetConfig,
     /// Ports published with `--publish`, besides the image's ExposedPorts.
-    pub publish: Vec<crate::proxy::PortMap>,
+    pub publish: Vec<crate::net::proxy::PortMap>,
     /// How published ports behave during and after a migration.
-    pub hold: crate::proxy::HoldConfig,
+    pub hold: crate::net::proxy::HoldConfig,
 }
 
 /// Addresses of the link between the outer container and the nested one.
@@ -152,7 +152,7 @@ impl Default for Config {
             insecure_peer: false,
             net: NetConfig::default(),
             publish: Vec::new(),
-            hold: crate::proxy::HoldConfig::default(),
+            hold: crate::net::proxy::HoldConfig::default(),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use tokio::sync::mpsc;
-use ums::control::{self, Envelope, Request, Response};
+use ums::supervisor::control::{self, Envelope, Request, Response};
 
 fn as_nobody(socket: &std::path::Path) -> std::process::Output {
     assert!(nix::unistd::geteuid().is_root(), "this test must run as root (it runs the client as uid 65534)");

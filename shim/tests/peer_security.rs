@@ -15,11 +15,11 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use ums::config::Config;
+use ums::image::oci_layout::OciLayout;
 use ums::migration::transport::{self, PeerConn};
 use ums::migration::wire::{self, Kind, WireError};
 use ums::migration::{FileKind, FileOpen, Hello, HelloOk};
-use ums::oci_layout::OciLayout;
-use ums::state::{Op, Outcome, State};
+use ums::supervisor::state::{Op, Outcome, State};
 use ums::supervisor::{Ctx, Msg};
 
 /// What the stand-in supervisor saw.
@@ -43,7 +43,7 @@ fn sha(b: &[u8]) -> String {
 }
 
 /// A one-layer image in an OCI layout at `dir`.
-fn make_layout(dir: &Path) -> (ums::nested::ImageInfo, Vec<(String, u64)>, u64) {
+fn make_layout(dir: &Path) -> (ums::workload::nested::ImageInfo, Vec<(String, u64)>, u64) {
     let layer = {
         let mut b = tar::Builder::new(Vec::new());
         let mut h = tar::Header::new_gnu();
@@ -76,7 +76,7 @@ fn make_layout(dir: &Path) -> (ums::nested::ImageInfo, Vec<(String, u64)>, u64) 
     }
     l.set_index(&sha(&manifest), manifest.len() as u64).unwrap();
     let img = l.resolve().unwrap();
-    let info = ums::nested::image_info(&Config::default(), &img);
+    let info = ums::workload::nested::image_info(&Config::default(), &img);
     (info, l.image_blobs(&img), manifest.len() as u64)
 }
 
@@ -103,8 +103,8 @@ fn tree(root: &Path) -> BTreeSet<PathBuf> {
 async fn dest(peer_timeout: Duration) -> Dest {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    ums::keys::create(&root.join("keys"), &["dest".into(), "src".into()]).unwrap();
-    ums::keys::create(&root.join("other"), &[]).unwrap();
+    ums::migration::keys::create(&root.join("keys"), &["dest".into(), "src".into()]).unwrap();
+    ums::migration::keys::create(&root.join("other"), &[]).unwrap();
     let (image, blobs, manifest_size) = make_layout(&root.join("layout"));
     let cfg = Arc::new(Config {
         layout_dir: root.join("layout"),
@@ -121,9 +121,10 @@ async fn dest(peer_timeout: Duration) -> Dest {
     let (sig_tx, _sig_rx) = mpsc::unbounded_channel();
     let ctx = Ctx {
         cfg: cfg.clone(),
-        reaper: ums::reaper::Reaper::start(sig_tx).unwrap(),
-        runtime: ums::runtime::Runtime::new(cfg.runtime, cfg.runtime_root()),
-        publisher: ums::proxy::Publisher::new(cfg.net.address, cfg.hold.clone()),
+        reaper: ums::process::reaper::Reaper::start(sig_tx).unwrap(),
+        runtime: ums::process::runtime::Runtime::new(cfg.runtime, cfg.runtime_root()),
+        publisher: ums::net::proxy::Publisher::new(cfg.net.address, cfg.hold.clone()),
+        migrate_out: ums::migration::migrate_out_boxed(),
     };
     // The real state machine, as the supervisor runs it.
     let (inbox, mut rx) = mpsc::channel::<Msg>(16);
@@ -236,9 +237,9 @@ async fn a_peer_of_another_group_is_refused_in_the_handshake() {
     let cfg = Config { peer_keys: foreign.clone(), ..Config::default() };
     // `connect` checks its own key set first; speak TLS by hand with the foreign pair.
     assert!(transport::connect(&cfg, &d.addr.to_string(), Duration::from_secs(5)).await.is_err());
-    let set_other = ums::keys::load(&d.tmp.path().join("other")).unwrap();
-    let set_ours = ums::keys::load(&d.tmp.path().join("keys/src")).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(ums::keys::provider())
+    let set_other = ums::migration::keys::load(&d.tmp.path().join("other")).unwrap();
+    let set_ours = ums::migration::keys::load(&d.tmp.path().join("keys/src")).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(ums::migration::keys::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_root_certificates(set_ours.roots().unwrap())
@@ -458,7 +459,7 @@ async fn a_symlink_escaping_the_writable_layer_is_refused() {
             size: diff.len() as u64,
             blake3: blake3::hash(&diff).to_hex().to_string(),
         }],
-        meta: ums::checkpoint::Meta {
+        meta: ums::workload::checkpoint::Meta {
             ums_version: "test".into(),
             runtime: d.hello.runtime,
             image: d.hello.image.clone(),

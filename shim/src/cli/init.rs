@@ -11,8 +11,8 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, RuntimeKind};
-use crate::reaper::Reaper;
-use crate::runtime::Runtime;
+use crate::process::reaper::Reaper;
+use crate::process::runtime::Runtime;
 use crate::supervisor::{Ctx, Supervisor};
 
 #[derive(Debug, clap::Args)]
@@ -47,7 +47,7 @@ pub struct Args {
     /// Publish a port of the workload on the outer container: OUTER:INNER[/udp]
     /// (repeatable; the image's ExposedPorts are published too).
     #[arg(long = "publish", short = 'p', env = "UMS_PUBLISH", value_delimiter = ',')]
-    pub publish: Vec<crate::proxy::PortMap>,
+    pub publish: Vec<crate::net::proxy::PortMap>,
     /// Most client connections held during a migration's freeze.
     #[arg(long, env = "UMS_HOLD_MAX", default_value_t = 1024)]
     pub hold_max: usize,
@@ -88,7 +88,7 @@ impl Args {
             insecure_peer: self.insecure_peer,
             peer_read_timeout: self.peer_timeout,
             publish: self.publish,
-            hold: crate::proxy::HoldConfig {
+            hold: crate::net::proxy::HoldConfig {
                 max_held: self.hold_max,
                 max_hold: self.hold_timeout,
                 drain: self.drain,
@@ -131,6 +131,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         Err(e) => anyhow::bail!("{e}"),
     }
     prepare_dirs(&cfg)?;
+    // Before the reaper owns waitpid: this child is waited for here.
+    let criu = crate::process::criu_version();
+    tracing::debug!(criu, "CRIU version");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(16)
@@ -141,20 +144,20 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         let (sig_tx, sig_rx) = mpsc::unbounded_channel();
         let reaper = Reaper::start(sig_tx).context("start the reaper")?;
         let runtime = Runtime::new(cfg.runtime, cfg.runtime_root());
-        let publisher = crate::proxy::Publisher::new(cfg.net.address, cfg.hold.clone());
+        let publisher = crate::net::proxy::Publisher::new(cfg.net.address, cfg.hold.clone());
         if kernel_forwarding_enabled() {
             let r = reaper.clone();
             // Called from async code, and the reaper that reports iptables's
             // exit is a task of this runtime: the wait runs on a thread of its
             // own, and block_in_place hands this worker's other tasks to
             // another thread meanwhile (a few ms per rule change).
-            let run: crate::proxy::IptablesRunner = Box::new(move |args| {
+            let run: crate::net::proxy::IptablesRunner = Box::new(move |args| {
                 let (r, args) = (r.clone(), args.to_vec());
                 tokio::task::block_in_place(move || {
                     std::thread::spawn(move || {
                         let mut cmd = std::process::Command::new("iptables");
                         cmd.args(&args);
-                        crate::exec::check_blocking(&r, cmd)
+                        crate::process::exec::check_blocking(&r, cmd)
                             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                             .map_err(|e| e.to_string())
                     })
@@ -166,15 +169,21 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 tracing::warn!(error = %e, "no in-kernel forwarding of published ports; the proxy serves them all");
             }
         }
-        let ctx = Ctx { cfg: cfg.clone(), reaper, runtime, publisher };
+        let ctx =
+            Ctx { cfg: cfg.clone(), reaper, runtime, publisher, migrate_out: crate::migration::migrate_out_boxed() };
         let mut sup = Supervisor::new(ctx.clone(), sig_rx);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let listener = crate::control::bind(&cfg.socket_path())
+        let listener = crate::supervisor::control::bind(&cfg.socket_path())
             .with_context(|| format!("bind the control socket {}", cfg.socket_path().display()))?;
         let inbox = sup.inbox();
         let (ctl_tx, mut ctl_rx) = mpsc::channel(16);
-        let open_controls = crate::control::OpenConnections::default();
-        tokio::spawn(crate::control::serve_counted(listener, ctl_tx, shutdown_rx.clone(), open_controls.clone()));
+        let open_controls = crate::supervisor::control::OpenConnections::default();
+        tokio::spawn(crate::supervisor::control::serve_counted(
+            listener,
+            ctl_tx,
+            shutdown_rx.clone(),
+            open_controls.clone(),
+        ));
         let to_sup = inbox.clone();
         tokio::spawn(async move {
             while let Some((req, reply)) = ctl_rx.recv().await {

@@ -31,9 +31,9 @@ enum Cmd {
 pub fn run(a: Args) -> anyhow::Result<i32> {
     match a.cmd {
         Cmd::Create { dir, names } => {
-            let made = crate::keys::create(&dir, &names)?;
+            let made = crate::migration::keys::create(&dir, &names)?;
             for d in &made {
-                let set = crate::keys::load(d)?;
+                let set = crate::migration::keys::load(d)?;
                 println!("{}: key set of member {:?}", d.display(), set.identity);
             }
             println!(
@@ -45,7 +45,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Check { dir } => {
-            let set = crate::keys::load(&dir)?;
+            let set = crate::migration::keys::load(&dir)?;
             println!("{}: valid key set of member {:?}", dir.display(), set.identity);
             Ok(0)
         }

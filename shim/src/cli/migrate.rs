@@ -2,8 +2,8 @@
 //! per-phase table (in the manner of CloudHopper's Table III).
 
 use super::{finish, request, ClientOpts};
-use crate::control::Request;
 use crate::migration::postcopy::Mode;
+use crate::supervisor::control::Request;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

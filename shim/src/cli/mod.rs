@@ -11,7 +11,7 @@ pub mod status;
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
-use crate::control::{self, Request, Response};
+use crate::supervisor::control::{self, Request, Response};
 
 /// Options every client subcommand shares.
 #[derive(Debug, clap::Args)]

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use super::{finish, request, secs, ClientOpts};
-use crate::control::Request;
+use crate::supervisor::control::Request;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -1,7 +1,7 @@
 //! `ums status`: what runs here, and the last operation.
 
 use super::{finish, request, ClientOpts};
-use crate::control::Request;
+use crate::supervisor::control::Request;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -17,9 +17,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::postcopy::{self, DestEnd, DestPostCopy};
 use super::wire::{self, Frame, Kind, WireError};
 use super::{safe_name, FileKind, FileOpen, Hello, HelloOk, Manifest, MigrationResult, Query, QueryAnswer};
-use crate::checkpoint::ms;
-use crate::oci_layout::{self, OciLayout};
+use crate::image::oci_layout::{self, OciLayout};
 use crate::supervisor::{Ctx, Msg};
+use crate::workload::checkpoint::ms;
 
 /// Outcomes of recent incoming migrations, for a source that lost the
 /// connection and asks (`Query`).
@@ -157,7 +157,7 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     // Its published ports answer before the source starts sending clients.
     if let Ok(n) = &result {
         let mut maps = ctx.cfg.publish.clone();
-        maps.extend(crate::proxy::from_exposed(&n.image.exposed_ports));
+        maps.extend(crate::net::proxy::from_exposed(&n.image.exposed_ports));
         if let Err(e) = ctx.publisher.publish(&maps).await {
             tracing::error!(error = %e, "cannot publish the workload's ports");
         }
@@ -197,7 +197,7 @@ struct Incoming {
     hash: super::FileHasher,
 }
 
-type Received = (Result<crate::nested::Nested, String>, (f64, f64), Option<DestPostCopy>);
+type Received = (Result<crate::workload::nested::Nested, String>, (f64, f64), Option<DestPostCopy>);
 
 /// The rest of a post-copy at the destination, once its copy runs: wait for
 /// every page; then hand the workload to the supervisor and tell the source.
@@ -208,7 +208,7 @@ async fn post_copy(
     ctx: &Ctx,
     hello: &Hello,
     dir: &Path,
-    n: crate::nested::Nested,
+    n: crate::workload::nested::Nested,
     mut p: DestPostCopy,
     t_running: Instant,
     (peer, report): (String, (f64, f64)),
@@ -239,7 +239,7 @@ async fn post_copy(
             let (c2, n2) = (ctx.clone(), n);
             let _ = tokio::task::spawn_blocking(move || {
                 let _ = c2.runtime.kill(&c2.reaper, &n2.id, "KILL", true);
-                crate::nested::cleanup(&c2.cfg, &c2.reaper, &c2.runtime, &n2);
+                crate::workload::nested::cleanup(&c2.cfg, &c2.reaper, &c2.runtime, &n2);
             })
             .await;
             drop(keep);
@@ -248,7 +248,8 @@ async fn post_copy(
             ctx.publisher.close();
             outcomes.lock().expect("outcomes").insert(id, QueryAnswer { running: false, post_copy: false });
             let msg = format!(
-                "migration lost during post-copy: {reason}; the copy here was ended, since it cannot run with missing                  memory"
+                "migration lost during post-copy: {reason}; the copy here was ended, since it cannot run with missing \
+                 memory"
             );
             let _ = inbox.send(Msg::IncomingDone(Err(msg.clone()))).await;
             let _ = wire::send_json(w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await;
@@ -259,6 +260,9 @@ async fn post_copy(
     result
 }
 
+/// The incoming migration in its phases: can this outer host it, the blobs
+/// it lacks, the image unpacked (all before the source freezes), then the
+/// checkpoint stream until the manifest, verification, and restore.
 async fn receive(
     ctx: &Ctx,
     hello: &Hello,
@@ -267,18 +271,47 @@ async fn receive(
     w: &mut (impl AsyncWriteExt + Unpin),
 ) -> Result<Received, InError> {
     let cfg = &ctx.cfg;
-    let deadline = cfg.peer_read_timeout;
-    // ---- can we host it?
+    // Post-copy: lazy pages must work here, and the page link is expected
+    // from now on (the source opens it right after its dump).
+    let mut slot = None;
+    if hello.post_copy {
+        postcopy::check_destination(postcopy::host_facts(&ctx.reaper)).map_err(InError::Refuse)?;
+        slot = Some(postcopy::expect_link(&hello.migration_id));
+    }
+    let (layout, digests) = check_can_host(cfg, hello, dir)?;
+    let missing = layout.missing_blobs(&digests);
+    let criu_version = crate::process::criu_version().to_string();
+    wire::send_json(
+        w,
+        Kind::HelloOk,
+        &HelloOk { protocol: wire::PROTOCOL_VERSION, missing_blobs: missing.clone(), criu_version },
+    )
+    .await?;
+
+    let mut total = 0u64;
+    receive_blobs(cfg, hello, dir, r, &layout, &missing, &mut total).await?;
+    let still = layout.missing_blobs(&digests);
+    if !still.is_empty() {
+        return Err(InError::Refuse(format!("blobs still missing after transfer: {}", still.join(", "))));
+    }
+    prepare_image(cfg, hello, &layout).await?;
+    wire::send_json(w, Kind::Ready, &serde_json::json!({})).await?;
+    let (manifest, files) = receive_checkpoint(cfg, dir, r, &mut total).await?;
+    let verify_ms = verify(hello, &manifest, files)?;
+    tracing::info!(files = manifest.files.len(), bytes = total, verify_ms, "checkpoint verified; restoring");
+    restore(ctx, hello, dir, verify_ms, slot.as_mut()).await
+}
+
+/// Can this outer container host the workload: runtime, space for the
+/// images, memory, this destination's limit, and the image's blobs (from the
+/// outer image's own layout or one received earlier). Answers the layout the
+/// blobs go into and every digest the image needs.
+fn check_can_host(cfg: &crate::config::Config, hello: &Hello, dir: &Path) -> Result<(OciLayout, Vec<String>), InError> {
     if hello.runtime != cfg.runtime {
         return Err(InError::Refuse(format!(
             "the workload ran under {:?}, this outer container uses {:?}",
             hello.runtime, cfg.runtime
         )));
-    }
-    let mut slot = None;
-    if hello.post_copy {
-        postcopy::check_destination(postcopy::host_facts(&ctx.reaper)).map_err(InError::Refuse)?;
-        slot = Some(postcopy::expect_link(&hello.migration_id));
     }
     std::fs::create_dir_all(dir.join("criu")).map_err(|e| InError::Refuse(format!("{}: {e}", dir.display())))?;
     if let Ok(st) = nix::sys::statvfs::statvfs(dir) {
@@ -347,24 +380,27 @@ async fn receive(
             }
         }
     }
-    let missing = layout.missing_blobs(&digests);
-    let criu_version = postcopy::host_facts(&ctx.reaper).criu_version.clone();
-    wire::send_json(
-        w,
-        Kind::HelloOk,
-        &HelloOk { protocol: wire::PROTOCOL_VERSION, missing_blobs: missing.clone(), criu_version },
-    )
-    .await?;
+    Ok((layout, digests))
+}
 
-    // ---- missing blobs, verified by digest on arrival.
+/// The blobs the destination lacks, verified by digest on arrival, into the layout.
+async fn receive_blobs(
+    cfg: &crate::config::Config,
+    hello: &Hello,
+    dir: &Path,
+    r: &mut (impl tokio::io::AsyncReadExt + Unpin),
+    layout: &OciLayout,
+    missing: &[String],
+    total: &mut u64,
+) -> Result<(), InError> {
+    let deadline = cfg.peer_read_timeout;
     let mut files: HashMap<u32, Incoming> = HashMap::new();
-    let mut total = 0u64;
     loop {
         let f = wire::read_frame_within(r, deadline).await?;
         match f.kind {
             Kind::BlobsDone => break,
             Kind::FileOpen | Kind::Data => {
-                accept_file_frame(&f, dir, &mut files, &mut total, cfg.max_checkpoint_bytes, FileKind::Blob, &missing)?
+                accept_file_frame(&f, dir, &mut files, total, cfg.max_checkpoint_bytes, FileKind::Blob, missing)?
             }
             _ => {
                 return Err(f
@@ -385,11 +421,11 @@ async fn receive(
             .map_err(|e| InError::Refuse(format!("blob {digest}: {e}")))?;
         let _ = std::fs::remove_file(&inc.path);
     }
-    let still = layout.missing_blobs(&digests);
-    if !still.is_empty() {
-        return Err(InError::Refuse(format!("blobs still missing after transfer: {}", still.join(", "))));
-    }
-    // ---- prepare before the freeze: the image, unpacked.
+    Ok(())
+}
+
+/// The image unpacked before the freeze, so that restore does not wait for it.
+async fn prepare_image(cfg: &crate::config::Config, hello: &Hello, layout: &OciLayout) -> Result<(), InError> {
     let current = layout.resolve().ok().map(|i| i.manifest_digest);
     if current.as_deref() != Some(hello.image.manifest_digest.as_str()) {
         layout
@@ -405,14 +441,23 @@ async fn receive(
     .await
     .map_err(|e| InError::Refuse(e.to_string()))?
     .map_err(|e| InError::Refuse(format!("cannot prepare the workload image: {e}")))?;
-    wire::send_json(w, Kind::Ready, &serde_json::json!({})).await?;
+    Ok(())
+}
 
-    // ---- the checkpoint stream, until the manifest.
+/// The checkpoint stream until the manifest: the files received, by id.
+async fn receive_checkpoint(
+    cfg: &crate::config::Config,
+    dir: &Path,
+    r: &mut (impl tokio::io::AsyncReadExt + Unpin),
+    total: &mut u64,
+) -> Result<(Manifest, HashMap<u32, Incoming>), InError> {
+    let deadline = cfg.peer_read_timeout;
+    let mut files: HashMap<u32, Incoming> = HashMap::new();
     let manifest: Manifest = loop {
         let f = wire::read_frame_within(r, deadline).await?;
         match f.kind {
             Kind::FileOpen | Kind::Data => {
-                accept_file_frame(&f, dir, &mut files, &mut total, cfg.max_checkpoint_bytes, FileKind::Image, &[])?
+                accept_file_frame(&f, dir, &mut files, total, cfg.max_checkpoint_bytes, FileKind::Image, &[])?
             }
             Kind::Manifest => break f.parse()?,
             _ => {
@@ -424,7 +469,11 @@ async fn receive(
             }
         }
     };
-    // ---- verify: the same files, sizes and digests as the source saw.
+    Ok((manifest, files))
+}
+
+/// Verify: the same files, sizes and digests as the source saw. Answers the time it took, in ms.
+fn verify(hello: &Hello, manifest: &Manifest, mut files: HashMap<u32, Incoming>) -> Result<f64, InError> {
     let t_verify = Instant::now();
     if manifest.meta.image.manifest_digest != hello.image.manifest_digest {
         return Err(InError::Refuse("the manifest names another workload image".into()));
@@ -449,13 +498,22 @@ async fn receive(
             Some(_) => {}
         }
     }
-    let verify_ms = ms(t_verify.elapsed());
-    tracing::info!(files = manifest.files.len(), bytes = total, verify_ms, "checkpoint verified; restoring");
-    // ---- restore.
+    Ok(ms(t_verify.elapsed()))
+}
+
+/// Restore the verified checkpoint: the writable layer, then CRIU through the runtime.
+async fn restore(
+    ctx: &Ctx,
+    hello: &Hello,
+    dir: &Path,
+    verify_ms: f64,
+    slot: Option<&mut postcopy::LinkSlot>,
+) -> Result<Received, InError> {
+    let cfg = &ctx.cfg;
     let (c2, images, work, diff) = (ctx.clone(), dir.join("criu"), dir.join("work"), dir.join("rootfs-diff.tar"));
     let digest = hello.image.manifest_digest.clone();
     let max = cfg.max_checkpoint_bytes;
-    let post = match slot.as_mut() {
+    let post = match slot {
         Some(slot) => {
             let idle = cfg.peer_read_timeout.min(Duration::from_secs(10));
             Some(postcopy::start_destination(&ctx.reaper, slot, &images, &work, idle).await.map_err(InError::Refuse)?)
@@ -464,12 +522,21 @@ async fn receive(
     };
     let lazy = post.is_some();
     let restored = tokio::task::spawn_blocking(move || {
-        crate::nested::restore(&c2.cfg, &c2.reaper, &c2.runtime, &digest, &images, &work, lazy, move |upper| {
-            let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
-            crate::upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
+        crate::workload::nested::restore(
+            &c2.cfg,
+            &c2.reaper,
+            &c2.runtime,
+            &digest,
+            &images,
+            &work,
+            lazy,
+            move |upper| {
+                let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
+                crate::image::upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            },
+        )
     })
     .await
     .map_err(|e| InError::Refuse(e.to_string()))?;

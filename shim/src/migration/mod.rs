@@ -21,6 +21,7 @@
 //! The frame format is in `wire`, the sides in `source` and `destination`.
 
 pub mod destination;
+pub mod keys;
 pub mod postcopy;
 pub mod source;
 pub mod streamer;
@@ -32,13 +33,29 @@ use serde::{Deserialize, Serialize};
 pub use destination::serve_peers;
 pub use source::{migrate_out, Finish};
 
+/// The migration layer's entry point in the form the supervisor takes it
+/// (`supervisor::Ctx::migrate_out`).
+pub fn migrate_out_boxed() -> crate::supervisor::MigrateOut {
+    std::sync::Arc::new(|ctx, n, to, mode| {
+        Box::pin(async move {
+            match migrate_out(&ctx, &n, &to, mode).await {
+                Ok((report, finish)) => {
+                    let finish: crate::supervisor::BoxFuture<f64> = Box::pin(finish.run());
+                    Ok((report, finish))
+                }
+                Err(e) => Err(crate::supervisor::describe(&e)),
+            }
+        })
+    })
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Hello {
     pub protocol: u32,
     pub migration_id: String,
     pub ums_version: String,
-    pub image: crate::nested::ImageInfo,
+    pub image: crate::workload::nested::ImageInfo,
     /// Every blob of the workload image: digest and size.
     pub blobs: Vec<(String, u64)>,
     pub manifest_size: u64,
@@ -103,7 +120,7 @@ pub fn hex_digest(h: &FileHasher) -> String {
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub files: Vec<FileEntry>,
-    pub meta: crate::checkpoint::Meta,
+    pub meta: crate::workload::checkpoint::Meta,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

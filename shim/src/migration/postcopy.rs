@@ -33,28 +33,10 @@ use tokio::sync::oneshot;
 use super::transport::PeerWrite;
 use super::wire::{self, Kind};
 use crate::config::Config;
-use crate::reaper::{Exit, Reaper};
+use crate::process::reaper::{Exit, Reaper};
 
-/// How a migration moves memory.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// Freeze, copy everything, then run at the destination (the default).
-    #[default]
-    StopCopy,
-    /// Freeze, copy all but the memory, run at the destination at once and
-    /// fetch the memory afterwards (CRIU lazy pages, userfaultfd).
-    PostCopy,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::StopCopy => "stop-copy",
-            Mode::PostCopy => "post-copy",
-        }
-    }
-}
+/// How a migration moves memory (`ums migrate --mode`).
+pub use crate::supervisor::control::MigrationMode as Mode;
 
 /// Lazy dumps with a smaller `fs.pipe-max-size` fail in CRIU's page pipes
 /// (`page-pipe: splice: -1: Bad file descriptor`).
@@ -87,17 +69,17 @@ pub fn host_facts(reaper: &Reaper) -> &'static HostFacts {
 fn criu_line(reaper: &Reaper, args: &[&str]) -> Result<String, String> {
     let mut c = std::process::Command::new("criu");
     c.args(args);
-    let out = crate::exec::output_blocking(reaper, c).map_err(|e| e.to_string())?;
+    let out = crate::process::exec::output_blocking(reaper, c).map_err(|e| e.to_string())?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if out.exit.success() {
         Ok(text.lines().next().unwrap_or("").trim().to_string())
     } else {
-        Err(crate::runtime::last_lines(&text, 2))
+        Err(crate::process::runtime::last_lines(&text, 2))
     }
 }
 
 fn read_host_facts(reaper: &Reaper) -> HostFacts {
-    let criu_version = criu_line(reaper, &["--version"]).unwrap_or_default();
+    let criu_version = crate::process::criu_version().to_string();
     let pipe_max_size =
         std::fs::read_to_string("/proc/sys/fs/pipe-max-size").ok().and_then(|s| s.trim().parse::<u64>().ok());
     let uffd_problem = userfaultfd_problem()
@@ -377,7 +359,9 @@ pub async fn start_destination(
 }
 
 pub fn daemon_log_tail(work: &Path) -> String {
-    std::fs::read_to_string(work.join("lazy-pages.log")).map(|t| crate::runtime::last_lines(&t, 4)).unwrap_or_default()
+    std::fs::read_to_string(work.join("lazy-pages.log"))
+        .map(|t| crate::process::runtime::last_lines(&t, 4))
+        .unwrap_or_default()
 }
 
 pub fn kill(pid: i32) {

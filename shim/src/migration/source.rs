@@ -1,7 +1,7 @@
 //! The source side of a migration: pre-migration handshake, freeze and dump
 //! with streaming, manifest, and the decision to kill or thaw.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,10 +13,10 @@ use super::postcopy::{self, Mode};
 use super::streamer::{self, Out};
 use super::wire::{self, Frame, Kind, WireError};
 use super::{FileKind, Hello, HelloOk, Manifest, MigrationResult, Query, QueryAnswer};
-use crate::checkpoint::{self, ms, CheckpointError, Timings};
-use crate::nested::{self, Nested};
-use crate::oci_layout::OciLayout;
+use crate::image::oci_layout::OciLayout;
 use crate::supervisor::Ctx;
+use crate::workload::checkpoint::{self, ms, CheckpointError, Timings};
+use crate::workload::nested::{self, Nested};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -215,6 +215,10 @@ async fn pre_migration(
     Ok(Session { r, tx, writer_task, peer, blob_bytes, missing_blobs: ok.missing_blobs.len() })
 }
 
+/// The migration in its phases: pre-migration (the workload untouched),
+/// freeze and stream, commit (manifest, then the destination's `Result`),
+/// settle (what a failure after the freeze means: thaw here, or the
+/// destination runs it), post-migration (clients to the destination).
 async fn migrate(
     ctx: &Ctx,
     n: &Arc<Nested>,
@@ -222,22 +226,136 @@ async fn migrate(
     migration_id: String,
     mode: Mode,
 ) -> Result<(serde_json::Value, Finish), MigrateError> {
-    let cfg = ctx.cfg.clone();
     let t_start = Instant::now();
-    let Session { mut r, tx, writer_task, peer: peer_addr, blob_bytes, missing_blobs } =
-        pre_migration(ctx, n, to, &migration_id, mode).await?;
-    let send = |f: Frame| {
-        let tx = tx.clone();
-        async move { tx.send(Out::Control(f)).await.map_err(|_| WireError::Closed) }
-    };
+    let mut session = pre_migration(ctx, n, to, &migration_id, mode).await?;
     let pre_ms = ms(t_start.elapsed());
-    tracing::info!(pre_ms, missing_blobs, blob_bytes, "pre-migration done");
+    tracing::info!(
+        pre_ms,
+        missing_blobs = session.missing_blobs,
+        blob_bytes = session.blob_bytes,
+        "pre-migration done"
+    );
 
-    // ---- migration: freeze, dump while streaming, manifest.
-    let dir = cfg.images_root().join(&migration_id);
+    let dir = ctx.cfg.images_root().join(&migration_id);
+    let cleanup_dir = scopeguard_dir(dir.clone());
+    let mut frozen = freeze_and_stream(ctx, n, &dir, &session.tx, mode).await?;
+    // Post-copy: the page link to the destination, open while the rest of
+    // the checkpoint streams, so its lazy-pages daemon finds it.
+    let mut lazy = frozen.lazy.take();
+    let pages = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut link = lazy.as_ref().map(|(_, at)| {
+        let (cfg, to, id) = ((*ctx.cfg).clone(), to.to_string(), migration_id.clone());
+        tokio::spawn(postcopy::source_link(cfg, to, id, *at, pages.clone()))
+    });
+    // From here the workload is frozen: every failure path must thaw it,
+    // unless the destination may run it (settle decides).
+    let committed = commit(ctx, n, &dir, &mut session, frozen.streamer, frozen.t_freeze).await;
+    let committed = match settle(ctx, to, &migration_id, &mut session.r, committed, frozen.t_freeze).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "migration failed; thawing the workload here");
+            if let Some((d, at)) = lazy.take() {
+                end_lazy_dump(d, link.take(), at).await;
+            }
+            let (c2, n2) = (ctx.clone(), n.clone());
+            let _ = tokio::task::spawn_blocking(move || checkpoint::thaw(&c2.reaper, &c2.runtime, &n2)).await;
+            ctx.publisher.direct();
+            session.writer_task.abort();
+            return Err(e);
+        }
+    };
+    let frozen_for = frozen.t_freeze.elapsed();
+    // ---- post-migration: the destination runs it. Clients go there; the
+    // frozen copy here is ended by `Finish`, outside the reported time.
+    match tokio::net::lookup_host(to).await.ok().and_then(|mut a| a.next()) {
+        Some(sa) => ctx.publisher.forward_to(sa.ip()),
+        None => ctx.publisher.close(),
+    }
+    // Post-copy: the frozen copy here holds memory the destination still
+    // fetches; it ends only once the destination has every page.
+    let pages_at_running = pages.load(std::sync::atomic::Ordering::Relaxed);
+    let mut last_page = frozen_for;
+    if let (Some((d, at)), Some(l)) = (lazy.take(), link.take()) {
+        match post_copy(&ctx.cfg, to, &migration_id, &mut session.r, l, d, at).await {
+            Ok(()) => last_page = frozen.t_freeze.elapsed(),
+            Err((e, thaw_here)) => {
+                session.writer_task.abort();
+                if thaw_here {
+                    tracing::warn!(error = %e, "post-copy failed and the destination ended its copy; thawing here");
+                    let (c2, n2) = (ctx.clone(), n.clone());
+                    let _ = tokio::task::spawn_blocking(move || checkpoint::thaw(&c2.reaper, &c2.runtime, &n2)).await;
+                    ctx.publisher.direct();
+                } else {
+                    tracing::error!(error = %e, "post-copy failed; the destination's state is unknown: the workload \
+                                                stays frozen here");
+                }
+                return Err(e);
+            }
+        }
+    }
+    let page_bytes = pages.load(std::sync::atomic::Ordering::Relaxed);
+    let Session { tx, writer_task, peer, blob_bytes, .. } = session;
+    drop(tx);
+    let wire_bytes = writer_task.await.ok().and_then(|r| r.ok()).unwrap_or(committed.bytes);
+    let total = t_start.elapsed();
+    // Transfer: until the last byte was handed to the socket, counted from the
+    // start of the dump when streaming (they overlap), from its end otherwise.
+    let transfer_from = if frozen.live { Duration::ZERO } else { frozen.dump_end };
+    let transfer_s = (committed.sent_at.saturating_sub(transfer_from)).as_secs_f64().max(1e-6);
+    let (t, res) = (&frozen.timings, &committed.result);
+    let report = json!({
+        "migration_id": migration_id,
+        "mode": mode.as_str(),
+        "downtime_ms": ms(frozen_for),
+        "last_page_ms": ms(last_page),
+        "bytes_before_running": committed.bytes + pages_at_running,
+        "bytes_after_running": page_bytes - pages_at_running,
+        "peer": peer,
+        "streaming": frozen.live,
+        "pre_migration_ms": pre_ms,
+        "freeze_ms": t.freeze_ms,
+        "checkpoint_ms": t.dump_ms,
+        "checkpoint_end_ms": ms(frozen.dump_end),
+        "rootfs_diff_ms": committed.diff_ms,
+        "transfer_ms": ms(Duration::from_secs_f64(transfer_s)),
+        "verify_ms": res.verify_ms,
+        "restore_ms": res.restore_ms,
+        "frozen_ms": ms(frozen_for),
+        "total_ms": ms(total),
+        "bytes": committed.bytes,
+        "wire_bytes": wire_bytes,
+        "blob_bytes": blob_bytes,
+        "throughput_mib_s": (committed.bytes as f64 / 1048576.0) / transfer_s,
+    });
+    tracing::info!(total_ms = ms(total), frozen_ms = ms(frozen_for), bytes = committed.bytes, "migration done");
+    Ok((report, Finish { ctx: ctx.clone(), n: n.clone(), images: cleanup_dir }))
+}
+
+/// The workload frozen and dumped, its images streaming to the destination.
+struct Frozen {
+    streamer: streamer::Streamer,
+    timings: Timings,
+    t_freeze: Instant,
+    /// From the freeze until CRIU finished the dump.
+    dump_end: Duration,
+    /// Streaming while CRIU writes (the default), or dump first, then send.
+    live: bool,
+    /// Post-copy: the lazy dump, whose CRIU serves the memory at this address.
+    lazy: Option<(checkpoint::LazyDump, std::net::SocketAddr)>,
+}
+
+/// Freeze and dump: new clients wait from here; CRIU dumps into `dir/criu`
+/// while the streamer sends what it writes. On failure the workload runs
+/// here again and nothing was committed.
+async fn freeze_and_stream(
+    ctx: &Ctx,
+    n: &Arc<Nested>,
+    dir: &Path,
+    tx: &mpsc::Sender<Out>,
+    mode: Mode,
+) -> Result<Frozen, MigrateError> {
     let images = dir.join("criu");
     std::fs::create_dir_all(&images).map_err(|e| MigrateError::Stream(format!("{}: {e}", images.display())))?;
-    let cleanup_dir = scopeguard_dir(dir.clone());
     let live = streaming_enabled();
     // Clients: new connections wait from here on; those in flight may finish.
     let still_open = ctx.publisher.hold_and_drain().await;
@@ -278,168 +396,114 @@ async fn migrate(
     })
     .await
     .unwrap_or_else(|e| {
-        Err(CheckpointError::Freeze(crate::exec::ExecError::Lost { program: format!("dump task: {e}") }))
+        Err(CheckpointError::Freeze(crate::process::exec::ExecError::Lost { program: format!("dump task: {e}") }))
     });
-    let (mut timings, mut lazy) = match dumped {
-        Ok(t) => t,
+    match dumped {
+        Ok((timings, lazy)) => {
+            Ok(Frozen { streamer: s, timings, t_freeze, dump_end: t_freeze.elapsed(), live, lazy: lazy.zip(lazy_at) })
+        }
         Err(e) => {
             tokio::task::spawn_blocking(move || s.abort()).await.ok();
             ctx.publisher.direct();
-            let _ = send(Frame::json(Kind::Error, &wire::ErrorMsg { message: format!("source: {e}") })).await;
-            return Err(e.into());
+            let msg = Frame::json(Kind::Error, &wire::ErrorMsg { message: format!("source: {e}") });
+            let _ = tx.send(Out::Control(msg)).await;
+            Err(e.into())
         }
-    };
-    let dump_end = t_freeze.elapsed();
-    // Post-copy: the page link to the destination, open while the rest of
-    // the checkpoint streams, so its lazy-pages daemon finds it.
-    let pages = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut link = lazy_at.map(|at| {
-        tokio::spawn(postcopy::source_link((*cfg).clone(), to.to_string(), migration_id.clone(), at, pages.clone()))
-    });
-    // From here the workload is frozen: every failure path must thaw it.
-    let thaw = |ctx: Ctx, n: Arc<Nested>| async move {
-        let _ = tokio::task::spawn_blocking(move || checkpoint::thaw(&ctx.reaper, &ctx.runtime, &n)).await;
-    };
-    let result: Result<(u64, MigrationResult, Duration), MigrateError> = async {
-        let (mut files, _) = tokio::task::spawn_blocking(move || s.finish())
-            .await
-            .map_err(|e| MigrateError::Stream(e.to_string()))?
-            .map_err(|e| MigrateError::Stream(e.to_string()))?;
-        let t_diff = Instant::now();
-        let diff_path = dir.join("rootfs-diff.tar");
-        let (upper, dp, tx2) = (n.bundle.upper(), diff_path.clone(), tx.clone());
-        let diff_entry = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let f = std::fs::File::create(&dp).map_err(|e| e.to_string())?;
-            crate::upper_diff::pack(&upper, std::io::BufWriter::with_capacity(1 << 20, f))
-                .map_err(|e| e.to_string())?;
-            streamer::send_file(&dp, 999, FileKind::UpperDiff, "rootfs-diff.tar", &tx2).map_err(|e| e.to_string())
-        })
+    }
+}
+
+/// What the destination answered to the manifest.
+struct Committed {
+    bytes: u64,
+    result: MigrationResult,
+    /// From the freeze until the last byte was handed to the socket.
+    sent_at: Duration,
+    diff_ms: f64,
+}
+
+/// Commit: the rest of the images and the writable layer, then the
+/// manifest (the commit point: from here the destination may run the
+/// workload), then the destination's `Result`.
+async fn commit(
+    ctx: &Ctx,
+    n: &Arc<Nested>,
+    dir: &Path,
+    session: &mut Session,
+    s: streamer::Streamer,
+    t_freeze: Instant,
+) -> Result<Committed, MigrateError> {
+    let tx = session.tx.clone();
+    let (mut files, _) = tokio::task::spawn_blocking(move || s.finish())
         .await
         .map_err(|e| MigrateError::Stream(e.to_string()))?
-        .map_err(MigrateError::Stream)?;
-        timings.diff_ms = ms(t_diff.elapsed());
-        files.push(diff_entry);
-        let manifest = Manifest { files, meta: checkpoint::meta(&cfg, n) };
-        send(Frame::json(Kind::Manifest, &manifest)).await.map_err(MigrateError::Transfer)?;
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        tx.send(Out::Flushed(done_tx)).await.map_err(|_| MigrateError::Transfer(WireError::Closed))?;
-        let sent_at = done_rx.await.map(|t| t.duration_since(t_freeze)).unwrap_or_else(|_| t_freeze.elapsed());
-        let res: MigrationResult = wire::read_frame_within(&mut r, Duration::from_secs(900))
-            .await
-            .and_then(|f| f.expect(Kind::Result))
-            .map_err(|e| match e {
-                WireError::Peer(m) => MigrateError::Restore(m),
-                e => MigrateError::Transfer(e),
-            })?;
-        let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
-        Ok((bytes, res, sent_at))
-    }
-    .await;
+        .map_err(|e| MigrateError::Stream(e.to_string()))?;
+    let t_diff = Instant::now();
+    let diff_path = dir.join("rootfs-diff.tar");
+    let (upper, dp, tx2) = (n.bundle.upper(), diff_path.clone(), tx.clone());
+    let diff_entry = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        let f = std::fs::File::create(&dp).map_err(|e| e.to_string())?;
+        crate::image::upper_diff::pack(&upper, std::io::BufWriter::with_capacity(1 << 20, f))
+            .map_err(|e| e.to_string())?;
+        streamer::send_file(&dp, 999, FileKind::UpperDiff, "rootfs-diff.tar", &tx2).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| MigrateError::Stream(e.to_string()))?
+    .map_err(MigrateError::Stream)?;
+    let diff_ms = ms(t_diff.elapsed());
+    files.push(diff_entry);
+    let manifest = Manifest { files, meta: checkpoint::meta(&ctx.cfg, n) };
+    tx.send(Out::Control(Frame::json(Kind::Manifest, &manifest)))
+        .await
+        .map_err(|_| MigrateError::Transfer(WireError::Closed))?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    tx.send(Out::Flushed(done_tx)).await.map_err(|_| MigrateError::Transfer(WireError::Closed))?;
+    let sent_at = done_rx.await.map(|t| t.duration_since(t_freeze)).unwrap_or_else(|_| t_freeze.elapsed());
+    let result: MigrationResult = wire::read_frame_within(&mut session.r, Duration::from_secs(900))
+        .await
+        .and_then(|f| f.expect(Kind::Result))
+        .map_err(|e| match e {
+            WireError::Peer(m) => MigrateError::Restore(m),
+            e => MigrateError::Transfer(e),
+        })?;
+    let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
+    Ok(Committed { bytes, result, sent_at, diff_ms })
+}
 
+/// Settle: a committed migration that runs at the destination succeeds; any
+/// other outcome is an error, and the caller thaws the workload here. A lost
+/// connection asks the destination first, so the workload never runs twice.
+async fn settle(
+    ctx: &Ctx,
+    to: &str,
+    migration_id: &str,
+    r: &mut super::transport::PeerRead,
+    committed: Result<Committed, MigrateError>,
+    t_freeze: Instant,
+) -> Result<Committed, MigrateError> {
     // A broken stream is often the destination hanging up with a reason.
-    let result = match result {
-        Err(MigrateError::Stream(m)) => Err(match peer_reason(&mut r).await {
+    let committed = match committed {
+        Err(MigrateError::Stream(m)) => Err(match peer_reason(r).await {
             Some(reason) => MigrateError::Refused(reason),
             None => MigrateError::Stream(m),
         }),
         other => other,
     };
-    let outcome = match result {
-        Ok((bytes, res, sent_at)) if res.running => Ok((bytes, res, sent_at)),
-        Ok((_, res, _)) => Err(MigrateError::Restore(res.error.unwrap_or_else(|| "unknown error".into()))),
+    match committed {
+        Ok(c) if c.result.running => Ok(c),
+        Ok(c) => Err(MigrateError::Restore(c.result.error.unwrap_or_else(|| "unknown error".into()))),
         Err(e @ MigrateError::Transfer(_)) => {
             // The manifest may have reached the destination: ask before thawing,
             // so the workload never runs in two places.
-            if destination_runs(&cfg, to, &migration_id).await {
+            if destination_runs(&ctx.cfg, to, migration_id).await {
                 tracing::warn!(error = %e, "connection lost, but the destination runs the workload");
-                Ok((
-                    0,
-                    MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 },
-                    t_freeze.elapsed(),
-                ))
+                let result = MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 };
+                Ok(Committed { bytes: 0, result, sent_at: t_freeze.elapsed(), diff_ms: 0.0 })
             } else {
                 Err(e)
             }
         }
         Err(e) => Err(e),
-    };
-    drop(tx);
-    let (bytes, res, sent_at) = match outcome {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::warn!(error = %e, "migration failed; thawing the workload here");
-            if let (Some(d), Some(at)) = (lazy.take(), lazy_at) {
-                end_lazy_dump(d, link.take(), at).await;
-            }
-            thaw(ctx.clone(), n.clone()).await;
-            ctx.publisher.direct();
-            writer_task.abort();
-            drop(cleanup_dir);
-            return Err(e);
-        }
-    };
-    let frozen = t_freeze.elapsed();
-    // ---- post-migration: the destination runs it. Clients go there; the
-    // frozen copy here is ended by `Finish`, outside the reported time.
-    match tokio::net::lookup_host(to).await.ok().and_then(|mut a| a.next()) {
-        Some(sa) => ctx.publisher.forward_to(sa.ip()),
-        None => ctx.publisher.close(),
     }
-    // Post-copy: the frozen copy here holds memory the destination still
-    // fetches; it ends only once the destination has every page.
-    let pages_at_running = pages.load(std::sync::atomic::Ordering::Relaxed);
-    let mut last_page = frozen;
-    if let (Some(d), Some(at), Some(l)) = (lazy.take(), lazy_at, link.take()) {
-        match post_copy(&cfg, to, &migration_id, &mut r, l, d, at).await {
-            Ok(()) => last_page = t_freeze.elapsed(),
-            Err((e, thaw_here)) => {
-                writer_task.abort();
-                if thaw_here {
-                    tracing::warn!(error = %e, "post-copy failed and the destination ended its copy; thawing here");
-                    thaw(ctx.clone(), n.clone()).await;
-                    ctx.publisher.direct();
-                } else {
-                    tracing::error!(error = %e, "post-copy failed; the destination's state is unknown: the workload \
-                                                stays frozen here");
-                }
-                drop(cleanup_dir);
-                return Err(e);
-            }
-        }
-    }
-    let page_bytes = pages.load(std::sync::atomic::Ordering::Relaxed);
-    let wire_bytes = writer_task.await.ok().and_then(|r| r.ok()).unwrap_or(bytes);
-    let total = t_start.elapsed();
-    // Transfer: until the last byte was handed to the socket, counted from the
-    // start of the dump when streaming (they overlap), from its end otherwise.
-    let transfer_from = if live { Duration::ZERO } else { dump_end };
-    let transfer_s = (sent_at.saturating_sub(transfer_from)).as_secs_f64().max(1e-6);
-    let report = json!({
-        "migration_id": migration_id,
-        "mode": mode.as_str(),
-        "downtime_ms": ms(frozen),
-        "last_page_ms": ms(last_page),
-        "bytes_before_running": bytes + pages_at_running,
-        "bytes_after_running": page_bytes - pages_at_running,
-        "peer": peer_addr,
-        "streaming": live,
-        "pre_migration_ms": pre_ms,
-        "freeze_ms": timings.freeze_ms,
-        "checkpoint_ms": timings.dump_ms,
-        "checkpoint_end_ms": ms(dump_end),
-        "rootfs_diff_ms": timings.diff_ms,
-        "transfer_ms": ms(Duration::from_secs_f64(transfer_s)),
-        "verify_ms": res.verify_ms,
-        "restore_ms": res.restore_ms,
-        "frozen_ms": ms(frozen),
-        "total_ms": ms(total),
-        "bytes": bytes,
-        "wire_bytes": wire_bytes,
-        "blob_bytes": blob_bytes,
-        "throughput_mib_s": (bytes as f64 / 1048576.0) / transfer_s,
-    });
-    tracing::info!(total_ms = ms(total), frozen_ms = ms(frozen), bytes, "migration done");
-    Ok((report, Finish { ctx: ctx.clone(), n: n.clone(), images: cleanup_dir }))
 }
 
 /// What is left of a migration once the destination runs the workload: the

@@ -3,7 +3,7 @@
 //! authentication and encryption live in one place.
 //!
 //! By default every peer connection is mutual TLS 1.3 (rustls, ring): both
-//! sides present a member certificate of the group's key set (`crate::keys`)
+//! sides present a member certificate of the group's key set (`crate::migration::keys`)
 //! and check the other's against the group CA, with the fixed name
 //! `ums-peer` in place of the address. A peer without such a certificate is
 //! refused in the handshake, before a single frame is read. The key set is
@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::config::Config;
-use crate::keys::{self, KeySet, KeysError};
+use crate::migration::keys::{self, KeySet, KeysError};
 
 pub type PeerRead = Box<dyn AsyncRead + Unpin + Send>;
 pub type PeerWrite = Box<dyn AsyncWrite + Unpin + Send>;

@@ -1013,7 +1013,7 @@ impl TreeWriter {
                 tracing::debug!(path = %full.display(), xattr = %name, "ignoring overlay xattr in entry");
                 continue;
             }
-            if let Err(e) = crate::upper_diff::set_xattr(full, name, value) {
+            if let Err(e) = crate::image::upper_diff::set_xattr(full, name, value) {
                 tracing::debug!(path = %full.display(), xattr = %name, error = %e, "xattr not applied");
             }
         }
@@ -1112,7 +1112,7 @@ mod tests {
         let err =
             super::apply_layer_bounded(&packed[..], "application/vnd.oci.image.layer.v1.tar+gzip", dir.path(), limit)
                 .unwrap_err();
-        assert!(super::super::supervisor::describe(&err).contains("decompression bomb"), "{err}");
+        assert!(crate::supervisor::describe(&err).contains("decompression bomb"), "{err}");
     }
 
     use super::*;

@@ -6,7 +6,7 @@
 use std::io::Read;
 use std::process::{Command, Stdio};
 
-use crate::reaper::{Exit, Reaper};
+use crate::process::reaper::{Exit, Reaper};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {

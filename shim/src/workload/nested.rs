@@ -11,13 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::bundle::{Bundle, BundleError};
 use crate::config::Config;
-use crate::exec::{self, ExecError};
-use crate::oci_layout::{self, OciLayout, ResolvedImage};
-use crate::reaper::Reaper;
-use crate::runtime::{RestoreOpts, Runtime};
-use crate::spec::{self, SpecError, SpecInput};
+use crate::image::oci_layout::{self, OciLayout, ResolvedImage};
+use crate::process::exec::{self, ExecError};
+use crate::process::reaper::Reaper;
+use crate::process::runtime::{RestoreOpts, Runtime};
+use crate::workload::bundle::{Bundle, BundleError};
+use crate::workload::spec::{self, SpecError, SpecInput};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NestedError {

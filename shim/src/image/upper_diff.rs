@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use crate::oci_layout::{
+use crate::image::oci_layout::{
     entry_components, read_node, EntryError, Node, NodeKind, NodeMeta, ParentPolicy, TreeWriter, OPAQUE_MARKER,
     WHITEOUT_PREFIX,
 };

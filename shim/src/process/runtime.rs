@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::config::RuntimeKind;
-use crate::exec::{self, ExecError};
-use crate::reaper::Reaper;
+use crate::process::exec::{self, ExecError};
+use crate::process::reaper::Reaper;
 
 #[derive(Debug, Clone, Default)]
 pub struct CheckpointOpts {
@@ -231,7 +231,7 @@ impl Runtime {
         o: &CheckpointOpts,
         status: std::os::fd::OwnedFd,
         log: &Path,
-    ) -> Result<(i32, tokio::sync::oneshot::Receiver<crate::reaper::Exit>), ExecError> {
+    ) -> Result<(i32, tokio::sync::oneshot::Receiver<crate::process::reaper::Exit>), ExecError> {
         use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
         let program = format!("{} checkpoint --lazy-pages", self.kind.binary());

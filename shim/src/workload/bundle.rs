@@ -12,8 +12,8 @@ use std::process::Command;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
-use crate::exec;
-use crate::reaper::Reaper;
+use crate::process::exec;
+use crate::process::reaper::Reaper;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {

@@ -3,6 +3,9 @@
 //! messages; long operations (CRIU, runc, streaming) run on other tasks and
 //! report back, so the owner always answers at once: `busy` while one runs.
 
+pub mod control;
+pub mod state;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,13 +14,13 @@ use nix::sys::signal::Signal;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::checkpoint::{self, Timings};
 use crate::config::Config;
-use crate::control::{ErrorKind, Request, Response};
-use crate::nested::{self, Nested};
-use crate::reaper::{Exit, Reaper};
-use crate::runtime::Runtime;
-use crate::state::{Op, Outcome, Refusal, State};
+use crate::process::reaper::{Exit, Reaper};
+use crate::process::runtime::Runtime;
+use crate::supervisor::control::{ErrorKind, Request, Response};
+use crate::supervisor::state::{Op, Outcome, Refusal, State};
+use crate::workload::checkpoint::{self, Timings};
+use crate::workload::nested::{self, Nested};
 
 /// Everything an operation needs, cheap to clone onto a task.
 #[derive(Clone)]
@@ -25,8 +28,28 @@ pub struct Ctx {
     pub cfg: Arc<Config>,
     pub reaper: Reaper,
     pub runtime: Runtime,
-    pub publisher: crate::proxy::Publisher,
+    pub publisher: crate::net::proxy::Publisher,
+    /// Moves the workload to a peer (`ums init` passes the migration layer's
+    /// entry point, which sits above this one).
+    pub migrate_out: MigrateOut,
 }
+
+/// A boxed future, sendable to a task.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// An outgoing migration of a workload to a peer address: on success, the
+/// report and the step that ends the frozen copy here (it answers how long
+/// that took, in ms); on failure, the message for the operator.
+pub type MigrateOut = Arc<
+    dyn Fn(
+            Ctx,
+            Arc<Nested>,
+            String,
+            crate::supervisor::control::MigrationMode,
+        ) -> BoxFuture<Result<(serde_json::Value, BoxFuture<f64>), String>>
+        + Send
+        + Sync,
+>;
 
 /// The record of the last operation, for `status`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -115,7 +138,7 @@ impl Supervisor {
     fn adopt(&mut self, n: Nested) {
         self.exit_rx = Some(self.ctx.reaper.watch(n.pid));
         let mut maps = self.ctx.cfg.publish.clone();
-        maps.extend(crate::proxy::from_exposed(&n.image.exposed_ports));
+        maps.extend(crate::net::proxy::from_exposed(&n.image.exposed_ports));
         let p = self.ctx.publisher.clone();
         tokio::spawn(async move {
             if let Err(e) = p.publish(&maps).await {
@@ -412,14 +435,14 @@ impl Supervisor {
             Request::Migrate { to, mode } => {
                 let n = workload.expect("running state has a workload");
                 tokio::spawn(async move {
-                    let result = match crate::migration::migrate_out(&ctx, &n, &to, mode).await {
+                    let result = match (ctx.migrate_out)(ctx.clone(), n, to, mode).await {
                         Ok((mut report, finish)) => {
                             // Answered once this outer is a standby again, so
                             // that a migration back is never refused as busy.
-                            report["finish_ms"] = json!(finish.run().await);
+                            report["finish_ms"] = json!(finish.await);
                             Ok((report, Outcome::Gone))
                         }
-                        Err(e) => Err(describe(&e)),
+                        Err(e) => Err(e),
                     };
                     let _ =
                         inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result, new_workload: None })).await;

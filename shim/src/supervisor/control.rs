@@ -34,8 +34,29 @@ pub enum Request {
         to: String,
         /// `stop-copy` (the default) or `post-copy`.
         #[serde(default)]
-        mode: crate::migration::postcopy::Mode,
+        mode: MigrationMode,
     },
+}
+
+/// How a migration moves memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationMode {
+    /// Freeze, copy everything, then run at the destination (the default).
+    #[default]
+    StopCopy,
+    /// Freeze, copy all but the memory, run at the destination at once and
+    /// fetch the memory afterwards (CRIU lazy pages, userfaultfd).
+    PostCopy,
+}
+
+impl MigrationMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationMode::StopCopy => "stop-copy",
+            MigrationMode::PostCopy => "post-copy",
+        }
+    }
 }
 
 fn yes() -> bool {

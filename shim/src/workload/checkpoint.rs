@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::nested::{self, CheckpointDir, ImageInfo, Nested, NestedError};
-use crate::reaper::Reaper;
-use crate::runtime::{CheckpointOpts, Runtime};
-use crate::upper_diff;
+use crate::image::upper_diff;
+use crate::process::reaper::Reaper;
+use crate::process::runtime::{CheckpointOpts, Runtime};
+use crate::workload::nested::{self, CheckpointDir, ImageInfo, Nested, NestedError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -33,9 +33,9 @@ pub enum CheckpointError {
     #[error("cannot checkpoint a workload running as uid {0} without CAP_SYS_RESOURCE (CRIU reads its resource limits with prlimit); give the outer container that capability or run the workload as root")]
     NeedsSysResource(u32),
     #[error("freeze failed: {0}")]
-    Freeze(#[source] crate::exec::ExecError),
+    Freeze(#[source] crate::process::exec::ExecError),
     #[error("dump failed: {0}")]
-    Dump(#[source] crate::exec::ExecError),
+    Dump(#[source] crate::process::exec::ExecError),
     #[error("cannot pack the writable layer: {0}")]
     Diff(#[source] upper_diff::DiffError),
     #[error("{path} is not a ums checkpoint: {detail}")]
@@ -113,7 +113,7 @@ pub const LAZY_STATUS_FD: i32 = 42;
 /// exits once every page has been fetched (or the page server failed).
 pub struct LazyDump {
     pub pid: i32,
-    pub exit: tokio::sync::oneshot::Receiver<crate::reaper::Exit>,
+    pub exit: tokio::sync::oneshot::Receiver<crate::process::reaper::Exit>,
     /// The runtime's output.
     pub log: PathBuf,
     /// CRIU's work dir (its `dump.log`).
@@ -122,14 +122,14 @@ pub struct LazyDump {
 
 impl LazyDump {
     /// What went wrong, from the runtime's output and CRIU's log.
-    pub fn failure(&self, exit: crate::reaper::Exit) -> crate::exec::ExecError {
+    pub fn failure(&self, exit: crate::process::reaper::Exit) -> crate::process::exec::ExecError {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let e = crate::exec::ExecError::Failed {
+        let e = crate::process::exec::ExecError::Failed {
             program: "runc checkpoint --lazy-pages".into(),
             exit,
-            stderr: crate::runtime::last_lines(&text, 6),
+            stderr: crate::process::runtime::last_lines(&text, 6),
         };
-        crate::runtime::with_criu_log(e, &self.work.join("dump.log"))
+        crate::process::runtime::with_criu_log(e, &self.work.join("dump.log"))
     }
 }
 
@@ -170,7 +170,7 @@ pub fn freeze_and_dump_lazy(
         CheckpointError::Dump(e)
     };
     let pipe = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| fail(crate::exec::ExecError::Spawn { program: "pipe".into(), source: e.into() }));
+        .map_err(|e| fail(crate::process::exec::ExecError::Spawn { program: "pipe".into(), source: e.into() }));
     let (r, w) = pipe?;
     let log = work.join("runtime-checkpoint.log");
     let (pid, exit) = runtime.checkpoint_spawn(reaper, &n.id, &opts, w, &log).map_err(fail)?;
@@ -180,7 +180,7 @@ pub fn freeze_and_dump_lazy(
     if !ready {
         // The status pipe closed without a byte: the dump failed and ends.
         let exit_rx = std::mem::replace(&mut dump.exit, tokio::sync::oneshot::channel().1);
-        let exit = exit_rx.blocking_recv().unwrap_or(crate::reaper::Exit::Code(-1));
+        let exit = exit_rx.blocking_recv().unwrap_or(crate::process::reaper::Exit::Code(-1));
         return Err(fail(dump.failure(exit)));
     }
     if let Ok(exit) = dump.exit.try_recv() {
