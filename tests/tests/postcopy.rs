@@ -124,6 +124,10 @@ fn the_source_killed_during_post_copy_ends_the_destinations_copy() {
     assert!(!out.status.success(), "{out:?}");
     b.wait_for_line("post-copy lost", T).unwrap();
     // Back to standby, with the loss reported, and no workload left running.
+    let until = Instant::now() + T;
+    while status(&b)["state"] != "standby" && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let st = status(&b);
     assert_eq!(st["state"], "standby", "{st}");
     assert!(st["workload"].is_null(), "{st}");
@@ -137,4 +141,45 @@ fn the_source_killed_during_post_copy_ends_the_destinations_copy() {
     // No nested container is left in the destination's runtime.
     let list = b.exec("runc", &["--root", "/run/ums/runtime", "list", "-q"]).unwrap();
     assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "", "{list:?}");
+}
+
+#[test]
+fn a_page_link_cut_during_post_copy_ends_there_and_thaws_the_source() {
+    lazy_pages_host();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = counter_image(tmp.path(), "256");
+    let (ha, hb) = Host::pair("pccut", Some("1gbit")).unwrap();
+    let a = Outer::builder("pccut-a").host(&ha).layout(&img.layout).start().unwrap();
+    let b = Outer::builder("pccut-b").host(&hb).layout(&img.layout).args(&["--standby"]).start().unwrap();
+    a.wait_for_line("tick 3 ", T).unwrap();
+    b.wait_for_line("standby", T).unwrap();
+    let sum0 = a.lines().iter().find_map(|l| parse_sum(l)).unwrap();
+    // The second connection to the destination is the page link: cut it
+    // after 32 MiB of pages.
+    let target: std::net::SocketAddr = format!("127.0.0.1:{PEER_PORT}").parse().unwrap();
+    let proxy = FaultProxy::start_on(&hb.netns_path(), 7500, target, Fault::CutAfter(32 << 20), 1).unwrap();
+    let to = format!("{}:{}", hb.addr(), proxy.port());
+    let out = a.ums(&["migrate", "--mode", "post-copy", "--to", &to]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(err.contains("the destination ended its copy"), "{err}");
+    // The destination ended its copy and is a standby again.
+    let st = status(&b);
+    assert_eq!(st["state"], "standby", "{st}");
+    assert!(st["workload"].is_null(), "{st}");
+    // The source runs on from its state at the freeze: no restart, no gap in
+    // its own counter, the same memory.
+    let st = status(&a);
+    assert_eq!(st["state"], "running", "{st}");
+    let from = a.log().len();
+    let last = last_tick(&a);
+    a.log().wait_for_from(from, &format!("tick {} ", last + 3), T).expect("the workload runs on at the source");
+    let t = ticks(&a, 0);
+    for w in t.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "ticks at the source: {t:?}");
+    }
+    assert_eq!(checksum(&a), sum0, "memory checksum at the source after the cut");
+    // And a post-copy without the fault then succeeds.
+    post_copy(&a, &b, hb.addr());
+    assert_eq!(checksum(&b), sum0);
 }
