@@ -46,13 +46,14 @@ build:
 # remove the namespaces and outer containers it made.
 demo: test-deps
 	$(CARGO) build --release -p ums
-	$(CARGO) build -p ums-e2e --bin ums-demo
+	$(CARGO) build -p ums-bench --bin ums-demo
 	UMS_BIN=$(TARGET_DIR)/release/ums $(TARGET_DIR)/debug/ums-demo $(ARGS)
 
-# The end-to-end tests use target/debug/ums (or $$UMS_BIN).
+# The end-to-end tests use target/debug/ums (or $$UMS_BIN). The benchmarks
+# (crate ums-bench) are not built here.
 test: test-deps
 	$(CARGO) build -p ums
-	$(CARGO) test --workspace -- --test-threads $(TEST_THREADS)
+	$(CARGO) test -p ums -p ums-e2e -- --test-threads $(TEST_THREADS)
 
 # podman, buildah, skopeo, containerd, debootstrap (Debian) and the manifests'
 # schema validator (PyPI, in a venv under the target dir).
@@ -67,12 +68,12 @@ test-image: test-deps image-deps
 
 bench: test-deps
 	$(CARGO) build --release -p ums
-	UMS_BIN=$(TARGET_DIR)/release/ums $(CARGO) run --release -p ums-e2e --bin ums-bench -- $(ARGS)
+	UMS_BIN=$(TARGET_DIR)/release/ums $(CARGO) run --release -p ums-bench --bin ums-bench -- $(ARGS)
 
 COMPARE_ARGS ?= --runs 5 --sizes 0,64,128,256,512,1024 --procs 1,4,8 --rates 1gbit,none
 bench-compare: test-deps image-deps
 	$(CARGO) build --release -p ums
-	UMS_BIN=$(TARGET_DIR)/release/ums $(CARGO) run --release -p ums-e2e --bin ums-bench -- \
+	UMS_BIN=$(TARGET_DIR)/release/ums $(CARGO) run --release -p ums-bench --bin ums-bench -- \
 		--only compare $(COMPARE_ARGS) --out docs/bench $(ARGS)
 
 clean:

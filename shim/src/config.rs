@@ -68,6 +68,27 @@ pub struct Config {
     pub publish: Vec<crate::net::proxy::PortMap>,
     /// How published ports behave during and after a migration.
     pub hold: crate::net::proxy::HoldConfig,
+    /// Stream the images dir while CRIU writes it (the default), or dump
+    /// first and send afterwards (for comparison). `UMS_STREAMING`.
+    pub streaming: bool,
+    /// Forward published TCP ports in the kernel while the workload runs
+    /// here (the default), or leave every connection to the user-space
+    /// proxy. `UMS_KERNEL_FORWARD`.
+    pub kernel_forward: bool,
+    /// A fault to inject, for the fault tests only. `UMS_FAILPOINT`.
+    pub failpoint: Option<Failpoint>,
+}
+
+/// Faults the end-to-end tests inject into a real `ums init` (hidden flag
+/// `--failpoint`, or `UMS_FAILPOINT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Failpoint {
+    /// Every restore fails just before the runtime is called (after the
+    /// bundle is laid out, so the cleanup path runs).
+    Restore,
+    /// Every restore waits 3 s there: a window in which a test can kill
+    /// the destination mid-restore.
+    SlowRestore,
 }
 
 /// Addresses of the link between the outer container and the nested one.
@@ -153,6 +174,9 @@ impl Default for Config {
             net: NetConfig::default(),
             publish: Vec::new(),
             hold: crate::net::proxy::HoldConfig::default(),
+            streaming: true,
+            kernel_forward: true,
+            failpoint: None,
         }
     }
 }

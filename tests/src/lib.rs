@@ -9,7 +9,6 @@
 //! - [`copy`]: tar over TCP between hosts, `criu page-server` in an outer;
 //! - [`outer`]: a simulated outer container (`tests/outer.sh`) with `ums init`
 //!   as its PID 1, its output captured line by line ([`output`]);
-//! - [`plot`]: the benchmarks' PNG figures (plotters, text drawn with ab_glyph).
 //!
 //! Everything it creates on the machine is named `ums-test-...-<pid>-<random>`
 //! and removed on drop. When a tool the tests need is missing, the helpers panic
@@ -21,7 +20,6 @@ pub mod host;
 pub mod oci_layout;
 pub mod outer;
 pub mod output;
-pub mod plot;
 pub mod workload;
 
 use std::path::{Path, PathBuf};

@@ -66,6 +66,19 @@ pub struct Args {
     /// Deadline for every read from a peer, and for its TLS handshake (30s).
     #[arg(long, env = "UMS_PEER_TIMEOUT", default_value = "30s", value_parser = crate::supervisor::parse_duration)]
     pub peer_timeout: std::time::Duration,
+    /// Stream the checkpoint while CRIU writes it (on), or dump first and
+    /// send afterwards (off, for comparison).
+    #[arg(long, env = "UMS_STREAMING", default_value = "on", hide = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub streaming: bool,
+    /// Forward published TCP ports in the kernel while the workload runs
+    /// here (on), or proxy every connection in user space (off).
+    #[arg(long, env = "UMS_KERNEL_FORWARD", default_value = "on", hide = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub kernel_forward: bool,
+    /// Inject a fault (tests only).
+    #[arg(long, env = "UMS_FAILPOINT", hide = true, value_enum)]
+    pub failpoint: Option<crate::config::Failpoint>,
     /// Command to run instead of the image's Entrypoint and Cmd.
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -94,6 +107,9 @@ impl Args {
                 drain: self.drain,
                 ..Default::default()
             },
+            streaming: self.streaming,
+            kernel_forward: self.kernel_forward,
+            failpoint: self.failpoint,
             ..Config::default()
         }
     }
@@ -145,7 +161,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         let reaper = Reaper::start(sig_tx).context("start the reaper")?;
         let runtime = Runtime::new(cfg.runtime, cfg.runtime_root());
         let publisher = crate::net::proxy::Publisher::new(cfg.net.address, cfg.hold.clone());
-        if kernel_forwarding_enabled() {
+        if cfg.kernel_forward {
             let r = reaper.clone();
             // Called from async code, and the reaper that reports iptables's
             // exit is a task of this runtime: the wait runs on a thread of its
@@ -209,12 +225,4 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     })?;
     let _ = std::fs::remove_file(Config { ..Config::default() }.socket_path());
     Ok(code)
-}
-
-/// Published TCP ports are forwarded in the kernel while the workload runs
-/// here (`proxy` module docs) unless `UMS_KERNEL_FORWARD=0`, which leaves
-/// every connection to the user-space proxy (for comparison, or where
-/// iptables is not wanted).
-fn kernel_forwarding_enabled() -> bool {
-    std::env::var("UMS_KERNEL_FORWARD").map(|v| v != "0" && v != "off").unwrap_or(true)
 }

@@ -47,11 +47,6 @@ pub enum MigrateError {
 /// Frames (data chunks of up to `wire::CHUNK`) queued for the writer.
 const OUT_QUEUE: usize = 8;
 
-/// Streaming on (the default) or "dump, then send" (for comparison).
-pub fn streaming_enabled() -> bool {
-    std::env::var("UMS_STREAMING").map(|v| v != "0" && v != "off").unwrap_or(true)
-}
-
 /// The single writer of a peer connection: frames arrive on a channel, in
 /// order; data is flushed whenever the channel runs dry.
 async fn writer(mut w: BufWriter<super::transport::PeerWrite>, mut rx: mpsc::Receiver<Out>) -> Result<u64, WireError> {
@@ -356,7 +351,7 @@ async fn freeze_and_stream(
 ) -> Result<Frozen, MigrateError> {
     let images = dir.join("criu");
     std::fs::create_dir_all(&images).map_err(|e| MigrateError::Stream(format!("{}: {e}", images.display())))?;
-    let live = streaming_enabled();
+    let live = ctx.cfg.streaming;
     // Clients: new connections wait from here on; those in flight may finish.
     let still_open = ctx.publisher.hold_and_drain().await;
     if still_open > 0 {

@@ -330,7 +330,7 @@ pub fn restore(
         let uid = write_spec(cfg, &img, &bundle, &id)?;
         make_netns(cfg, reaper)?;
         let _ = std::fs::create_dir_all(work_dir);
-        failpoint_before_restore()?;
+        failpoint_before_restore(cfg)?;
         let opts = RestoreOpts {
             image_path: images_dir.into(),
             work_path: work_dir.into(),
@@ -357,19 +357,16 @@ pub fn restore(
     }
 }
 
-/// Fault injection for the fault-tolerance tests, off unless the environment
-/// of `ums init` sets `UMS_FAILPOINT`: `restore` makes every restore fail
-/// just before the runtime is called (after the bundle is laid out, so the
-/// cleanup path runs); `slow-restore` waits 3 s there, leaving a window in
-/// which a test can kill the destination mid-restore.
-fn failpoint_before_restore() -> Result<(), NestedError> {
-    match std::env::var("UMS_FAILPOINT").as_deref() {
-        Ok("restore") => Err(NestedError::Failpoint("restore")),
-        Ok("slow-restore") => {
+/// Fault injection for the fault tests (`Config::failpoint`), just before
+/// the runtime restores.
+fn failpoint_before_restore(cfg: &Config) -> Result<(), NestedError> {
+    match cfg.failpoint {
+        Some(crate::config::Failpoint::Restore) => Err(NestedError::Failpoint("restore")),
+        Some(crate::config::Failpoint::SlowRestore) => {
             std::thread::sleep(Duration::from_secs(3));
             Ok(())
         }
-        _ => Ok(()),
+        None => Ok(()),
     }
 }
 

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use ums_e2e::plot::{Panel, Series, SeriesPoint};
+use ums_bench::plot::{Panel, Series, SeriesPoint};
 
 use crate::common::*;
 use crate::compare::{Cell, Method};
@@ -368,7 +368,7 @@ pub fn plot(cells: &[Cell], path: &Path) -> anyhow::Result<bool> {
             });
         }
     }
-    ums_e2e::plot::render_panels(
+    ums_bench::plot::render_panels(
         "live migration of a memhog-like workload: ums beside the alternatives",
         &panels,
         2,

@@ -496,7 +496,7 @@ impl Timeline {
 
 mod figure {
     use plotters::prelude::*;
-    use ums_e2e::plot::{nice_step, Align, Label};
+    use ums_bench::plot::{nice_step, Align, Label};
 
     use super::Timeline;
 
@@ -669,7 +669,7 @@ mod figure {
             );
             root.present()?;
         }
-        ums_e2e::plot::finish(&mut buf, (W, H), &labels, path)
+        ums_bench::plot::finish(&mut buf, (W, H), &labels, path)
     }
 }
 
@@ -839,7 +839,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("clients.png");
         figure::render(&t, &path).expect("render");
-        let img = ums_e2e::plot::read_png(&path).expect("decode");
+        let img = ums_bench::plot::read_png(&path).expect("decode");
         assert_eq!((img.width, img.height), (1280, 820));
         assert!(img.non_white() > 10_000, "{} non-white pixels", img.non_white());
         // To look at it, or to compare renderings byte for byte across a change.
