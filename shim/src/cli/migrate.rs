@@ -60,7 +60,7 @@ pub fn table(v: &serde_json::Value) -> String {
             s("last_page_ms")
         ));
         out.push_str(&format!(
-            "memory after    {:>10.1} MiB  (moved after the destination ran; {:.1} MiB before)\n",
+            "memory after     {:>10.1} MiB  (moved after the destination ran; {:.1} MiB before)\n",
             v["bytes_after_running"].as_f64().unwrap_or(0.0) / 1048576.0,
             v["bytes_before_running"].as_f64().unwrap_or(0.0) / 1048576.0
         ));
@@ -80,4 +80,19 @@ pub fn table(v: &serde_json::Value) -> String {
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let r = request(&a.client.socket, Request::Migrate { to: a.to.clone(), mode: a.mode })?;
     finish(&a.client, r, |v| print!("{}", table(v)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_table_shows_post_copy_figures_only_for_post_copy() {
+        let mut v = serde_json::json!({
+            "peer": "p", "migration_id": "m-1", "mode": "post-copy", "frozen_ms": 500.0, "last_page_ms": 2700.0,
+            "bytes_before_running": 3145728, "bytes_after_running": 268435456,
+        });
+        let t = super::table(&v);
+        assert!(t.contains("post-copy") && t.contains("last page") && t.contains("256.0 MiB"), "{t}");
+        v["mode"] = "stop-copy".into();
+        assert!(!super::table(&v).contains("last page"));
+    }
 }
