@@ -352,6 +352,11 @@ async fn freeze_and_stream(
     let images = dir.join("criu");
     std::fs::create_dir_all(&images).map_err(|e| MigrateError::Stream(format!("{}: {e}", images.display())))?;
     let live = ctx.cfg.streaming;
+    // Post-copy: CRIU serves the memory at a loopback port after the dump.
+    let lazy_at = match mode {
+        Mode::PostCopy => Some(postcopy::free_loopback_port().map_err(|e| MigrateError::Stream(e.to_string()))?),
+        Mode::StopCopy => None,
+    };
     // Clients: new connections wait from here on; those in flight may finish.
     let still_open = ctx.publisher.hold_and_drain().await;
     if still_open > 0 {
@@ -366,11 +371,6 @@ async fn freeze_and_stream(
         }
     };
     let (c2, n2, images2, work) = (ctx.clone(), n.clone(), images.clone(), dir.join("work"));
-    // Post-copy: CRIU serves the memory at a loopback port after the dump.
-    let lazy_at = match mode {
-        Mode::PostCopy => Some(postcopy::free_loopback_port().map_err(|e| MigrateError::Stream(e.to_string()))?),
-        Mode::StopCopy => None,
-    };
     let dumped = tokio::task::spawn_blocking(move || {
         let mut t = Timings::default();
         match lazy_at {
