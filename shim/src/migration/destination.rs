@@ -37,11 +37,6 @@ pub async fn serve_peers(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let outcomes: Outcomes = Arc::default();
-    // Host facts for post-copy, read once here rather than per migration.
-    let reaper = ctx.reaper.clone();
-    tokio::task::spawn_blocking(move || {
-        postcopy::init_host_facts(&reaper);
-    });
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
     loop {
         tokio::select! {
@@ -275,7 +270,7 @@ async fn receive(
     // from now on (the source opens it right after its dump).
     let mut slot = None;
     if hello.post_copy {
-        postcopy::check_destination(postcopy::host_facts(&ctx.reaper)).map_err(InError::Refuse)?;
+        postcopy::check_destination(postcopy::host_facts()).map_err(InError::Refuse)?;
         slot = Some(postcopy::expect_link(&hello.migration_id));
     }
     let (layout, digests) = check_can_host(cfg, hello, dir)?;

@@ -1,7 +1,7 @@
 //! Post-copy migration (CRIU lazy pages), the parts that stop-copy lacks:
 //!
-//! * host facts read once at start (userfaultfd, `fs.pipe-max-size`, the
-//!   CRIU version) and the checks made on them before anything is frozen;
+//! * host facts read once (userfaultfd, `fs.pipe-max-size`, the CRIU
+//!   version) and the checks made on them before anything is frozen;
 //! * the page link: CRIU's page-server bytes between the source's CRIU (its
 //!   page server, listening on a loopback port inside the source's outer
 //!   container) and the destination's `criu lazy-pages` daemon (which
@@ -49,44 +49,27 @@ pub struct HostFacts {
     pub criu_version: String,
     /// `/proc/sys/fs/pipe-max-size`.
     pub pipe_max_size: Option<u64>,
-    /// Why userfaultfd (with CRIU's `uffd-noncoop`) cannot be used, if so.
+    /// Why userfaultfd cannot be used, if so.
     pub uffd_problem: Option<String>,
 }
 
 static FACTS: OnceLock<HostFacts> = OnceLock::new();
 
-/// Read the host facts (runs `criu`, so only under the reaper). Called once
-/// at start; later calls return the first answer.
-pub fn init_host_facts(reaper: &Reaper) -> &'static HostFacts {
-    FACTS.get_or_init(|| read_host_facts(reaper))
-}
-
-/// The host facts (read now if `init_host_facts` was not called).
-pub fn host_facts(reaper: &Reaper) -> &'static HostFacts {
-    init_host_facts(reaper)
-}
-
-fn criu_line(reaper: &Reaper, args: &[&str]) -> Result<String, String> {
-    let mut c = std::process::Command::new("criu");
-    c.args(args);
-    let out = crate::process::exec::output_blocking(reaper, c).map_err(|e| e.to_string())?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if out.exit.success() {
-        Ok(text.lines().next().unwrap_or("").trim().to_string())
-    } else {
-        Err(crate::process::runtime::last_lines(&text, 2))
-    }
-}
-
-fn read_host_facts(reaper: &Reaper) -> HostFacts {
-    let criu_version = crate::process::criu_version().to_string();
-    let pipe_max_size =
-        std::fs::read_to_string("/proc/sys/fs/pipe-max-size").ok().and_then(|s| s.trim().parse::<u64>().ok());
-    let uffd_problem = userfaultfd_problem()
-        .or_else(|| criu_line(reaper, &["check", "--feature", "uffd-noncoop"]).err().map(|e| format!("CRIU: {e}")));
-    let f = HostFacts { criu_version, pipe_max_size, uffd_problem };
-    tracing::debug!(?f, "post-copy host facts");
-    f
+/// The host facts, read on first use and kept: no child process (the CRIU
+/// version is the one `ums init` read at start), so this never waits on the
+/// reaper.
+pub fn host_facts() -> &'static HostFacts {
+    FACTS.get_or_init(|| {
+        let f = HostFacts {
+            criu_version: crate::process::criu_version().to_string(),
+            pipe_max_size: std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok()),
+            uffd_problem: userfaultfd_problem(),
+        };
+        tracing::debug!(?f, "post-copy host facts");
+        f
+    })
 }
 
 /// `None` when a userfaultfd can be opened here (the syscall, or

@@ -118,10 +118,7 @@ async fn pre_migration(
     mode: Mode,
 ) -> Result<Session, MigrateError> {
     let cfg = &ctx.cfg;
-    let reaper = ctx.reaper.clone();
-    let facts = tokio::task::spawn_blocking(move || postcopy::host_facts(&reaper))
-        .await
-        .map_err(|e| MigrateError::Refused(e.to_string()))?;
+    let facts = postcopy::host_facts();
     if mode == Mode::PostCopy {
         postcopy::check_source(facts).map_err(MigrateError::Refused)?;
     }
