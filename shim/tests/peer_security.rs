@@ -163,6 +163,7 @@ async fn dest(peer_timeout: Duration) -> Dest {
         memory_bytes: 1 << 20,
         tcp_established: true,
         cpu_features: None,
+        post_copy: false,
     };
     let before = tree(root);
     Dest { addr, tmp, events, hello, before }

@@ -1,7 +1,8 @@
 //! A TCP proxy that sits inside a test host's network namespace between a
 //! migration's source and destination, and breaks the stream on purpose: cut
-//! it after N bytes, or flip one byte. Only the first connection gets the
-//! fault; later ones (a retry, the source's status query) pass untouched.
+//! it after N bytes, or flip one byte. Only the first connection (or the nth,
+//! with `start_on`) gets the fault; the others (a retry, the source's status
+//! query) pass untouched.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -31,6 +32,18 @@ impl FaultProxy {
     /// Listen on 0.0.0.0:`port` inside the namespace at `netns` and forward
     /// to `target` (an address reachable from that namespace).
     pub fn start(netns: &Path, port: u16, target: SocketAddr, fault: Fault) -> anyhow::Result<FaultProxy> {
+        Self::start_on(netns, port, target, fault, 0)
+    }
+
+    /// [`FaultProxy::start`], with the fault on the `nth` connection (from
+    /// 0) instead of the first; the others pass untouched.
+    pub fn start_on(
+        netns: &Path,
+        port: u16,
+        target: SocketAddr,
+        fault: Fault,
+        nth: usize,
+    ) -> anyhow::Result<FaultProxy> {
         let ns = std::fs::File::open(netns)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -50,13 +63,13 @@ impl FaultProxy {
             };
             l.set_nonblocking(true).unwrap();
             let _ = ready_tx.send(Ok(()));
-            let mut first = true;
+            let mut accepted = 0usize;
             while !stop2.load(Ordering::Relaxed) {
                 match l.accept() {
                     Ok((client, _)) => {
                         client.set_nonblocking(false).unwrap();
-                        let f = if first { Some(fault) } else { None };
-                        first = false;
+                        let f = if accepted == nth { Some(fault) } else { None };
+                        accepted += 1;
                         std::thread::spawn(move || relay(client, target, f));
                     }
                     Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),

@@ -2,6 +2,7 @@
 //! per-phase table (in the manner of CloudHopper's Table III).
 
 use super::{finish, request, ClientOpts};
+use crate::migration::postcopy::Mode;
 use crate::supervisor::control::Request;
 
 #[derive(Debug, clap::Args)]
@@ -9,6 +10,12 @@ pub struct Args {
     /// The peer port of the destination outer container.
     #[arg(long)]
     pub to: String,
+    /// How memory moves: `stop-copy` (all of it while the workload is
+    /// frozen) or `post-copy` (the workload runs at the destination at once
+    /// and its memory follows; needs userfaultfd there and fs.pipe-max-size
+    /// >= 4 MiB here).
+    #[arg(long, value_enum, default_value_t = Mode::StopCopy)]
+    pub mode: Mode,
     #[command(flatten)]
     pub client: ClientOpts,
 }
@@ -20,9 +27,10 @@ pub fn table(v: &serde_json::Value) -> String {
     let mib = v["bytes"].as_f64().unwrap_or(0.0) / 1048576.0;
     let mut out = String::new();
     out.push_str(&format!(
-        "migrated to {} ({})\n",
+        "migrated to {} ({}, {})\n",
         v["peer"].as_str().unwrap_or("?"),
-        v["migration_id"].as_str().unwrap_or("")
+        v["migration_id"].as_str().unwrap_or(""),
+        v["mode"].as_str().unwrap_or("stop-copy")
     ));
     out.push_str("phase                    time\n");
     out.push_str(&format!("pre-migration    {}\n", s("pre_migration_ms")));
@@ -58,6 +66,17 @@ pub fn table(v: &serde_json::Value) -> String {
             s("in_doubt_ms")
         ));
     }
+    if v["mode"] == "post-copy" {
+        out.push_str(&format!(
+            "last page        {}   (from the freeze; the source stayed frozen until then)\n",
+            s("last_page_ms")
+        ));
+        out.push_str(&format!(
+            "memory after     {:>10.1} MiB  (moved after the destination ran; {:.1} MiB before)\n",
+            v["bytes_after_running"].as_f64().unwrap_or(0.0) / 1048576.0,
+            v["bytes_before_running"].as_f64().unwrap_or(0.0) / 1048576.0
+        ));
+    }
     if v.get("finish_ms").is_some() {
         out.push_str(&format!("then             {}   (ending the frozen copy here)\n", s("finish_ms")));
     }
@@ -71,6 +90,21 @@ pub fn table(v: &serde_json::Value) -> String {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let r = request(&a.client.socket, Request::Migrate { to: a.to.clone() })?;
+    let r = request(&a.client.socket, Request::Migrate { to: a.to.clone(), mode: a.mode })?;
     finish(&a.client, r, |v| print!("{}", table(v)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_table_shows_post_copy_figures_only_for_post_copy() {
+        let mut v = serde_json::json!({
+            "peer": "p", "migration_id": "m-1", "mode": "post-copy", "frozen_ms": 500.0, "last_page_ms": 2700.0,
+            "bytes_before_running": 3145728, "bytes_after_running": 268435456,
+        });
+        let t = super::table(&v);
+        assert!(t.contains("post-copy") && t.contains("last page") && t.contains("256.0 MiB"), "{t}");
+        v["mode"] = "stop-copy".into();
+        assert!(!super::table(&v).contains("last page"));
+    }
 }

@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::outcomes::{self, Answer, Outcomes};
+use super::postcopy::{self, DestEnd, DestPostCopy};
 use super::wire::{self, Frame, Kind, WireError};
 use super::{safe_name, FileKind, FileOpen, Hello, HelloOk, Manifest, MigrationResult, PeerState, Query, QueryAnswer};
 use crate::image::oci_layout::{self, OciLayout};
@@ -86,6 +87,13 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         wire::send_json(&mut w, Kind::QueryAnswer, &answer).await?;
         return Ok(());
     }
+    if first.kind == Kind::PageLink {
+        let h: postcopy::PageLinkHello = refuse_malformed(&mut w, first.parse()).await?;
+        let link = postcopy::Link { read: Box::new(r), write: Box::new(w) };
+        postcopy::deliver_link(&h.migration_id, link).map_err(InError::Refuse)?;
+        tracing::info!(peer = %peer, id = %h.migration_id, "page link open");
+        return Ok(());
+    }
     let hello: Hello = refuse_malformed(&mut w, first.expect(Kind::Hello)).await?;
     if hello.protocol != wire::PROTOCOL_VERSION {
         let msg =
@@ -125,7 +133,7 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     let new_dirs: Vec<PathBuf> =
         [ctx.cfg.received_layout_dir(), ctx.cfg.images_root()].into_iter().filter(|d| !d.exists()).collect();
     let r2 = receive(&ctx, &hello, &dir, &mut r, &mut w, &outcomes).await;
-    let (result, report) = match r2 {
+    let (result, report, post) = match r2 {
         Ok(v) => v,
         Err(e) => {
             outcomes.finish(&hello.migration_id, false);
@@ -139,8 +147,15 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
             return Err(InError::Refuse(msg));
         }
     };
-    let _ = std::fs::remove_dir_all(&dir);
-    outcomes.finish(&hello.migration_id, result.is_ok());
+    if post.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    // A post-copy that runs here stays `restoring` for queries until every
+    // page is here (`post_copy` finishes it): the source must not end its
+    // frozen copy, which serves the pages, before that.
+    if post.is_none() || result.is_err() {
+        outcomes.finish(&hello.migration_id, result.is_ok());
+    }
     let answer = match &result {
         Ok(_) => MigrationResult { running: true, error: None, verify_ms: report.0, restore_ms: report.1 },
         Err(e) => MigrationResult { running: false, error: Some(e.clone()), verify_ms: report.0, restore_ms: report.1 },
@@ -153,6 +168,16 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         }
         ctx.publisher.direct();
     }
+    let result = match (post, result) {
+        (Some(p), Ok(n)) => {
+            // Post-copy: the source learns at once that the workload runs
+            // here (its freeze ends); the supervisor when every page is here.
+            let t_running = Instant::now();
+            let _ = wire::send_json(&mut w, Kind::Result, &answer).await;
+            return post_copy(&ctx, &hello, &dir, n, p, t_running, (peer, report), &mut w, &inbox, &outcomes).await;
+        }
+        (_, result) => result,
+    };
     // Report to the supervisor first: the workload runs here from now on,
     // whether or not the source hears about it.
     let msg = match result {
@@ -197,7 +222,68 @@ struct Incoming {
     hash: super::FileHasher,
 }
 
-type Received = (Result<crate::workload::nested::Nested, String>, (f64, f64));
+type Received = (Result<crate::workload::nested::Nested, String>, (f64, f64), Option<DestPostCopy>);
+
+/// The rest of a post-copy at the destination, once its copy runs: wait for
+/// every page; then hand the workload to the supervisor and tell the source.
+/// If pages can no longer arrive, end the copy here (it must never run on
+/// with missing memory) and go back to standby.
+#[allow(clippy::too_many_arguments)]
+async fn post_copy(
+    ctx: &Ctx,
+    hello: &Hello,
+    dir: &Path,
+    n: crate::workload::nested::Nested,
+    mut p: DestPostCopy,
+    t_running: Instant,
+    (peer, report): (String, (f64, f64)),
+    w: &mut (impl AsyncWriteExt + Unpin),
+    inbox: &mpsc::Sender<Msg>,
+    outcomes: &Outcomes,
+) -> Result<(), InError> {
+    tracing::info!(id = %hello.migration_id, "post-copy: the workload runs here; its memory follows");
+    let end = postcopy::wait_destination(&mut p).await;
+    let id = hello.migration_id.clone();
+    let result = match end {
+        DestEnd::Complete { page_bytes } => {
+            let after_ms = ms(t_running.elapsed());
+            tracing::info!(page_bytes, last_page_after_running_ms = after_ms, "post-copy: every page is here");
+            outcomes.finish(&id, true);
+            let report = serde_json::json!({
+                "peer": peer, "verify_ms": report.0, "restore_ms": report.1, "mode": "post-copy",
+                "page_bytes": page_bytes, "last_page_after_running_ms": after_ms,
+            });
+            let _ = inbox.send(Msg::IncomingDone(Ok((n, report)))).await;
+            let done = postcopy::PostCopyDone { page_bytes, last_page_after_running_ms: after_ms };
+            wire::send_json(w, Kind::PostCopyDone, &done).await.map_err(InError::from)
+        }
+        DestEnd::Lost { reason, keep } => {
+            tracing::error!(reason = %reason, "post-copy lost: ending the copy here");
+            // Killed while its faults still wait on the daemon; only then
+            // may the daemon's connection close.
+            let (c2, n2) = (ctx.clone(), n);
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = c2.runtime.kill(&c2.reaper, &n2.id, "KILL", true);
+                crate::workload::nested::cleanup(&c2.cfg, &c2.reaper, &c2.runtime, &n2);
+            })
+            .await;
+            drop(keep);
+            postcopy::kill(p.daemon_pid);
+            p.bridge.abort();
+            ctx.publisher.close();
+            outcomes.finish(&id, false);
+            let msg = format!(
+                "migration lost during post-copy: {reason}; the copy here was ended, since it cannot run with missing \
+                 memory"
+            );
+            let _ = inbox.send(Msg::IncomingDone(Err(msg.clone()))).await;
+            let _ = wire::send_json(w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await;
+            Err(InError::Refuse(msg))
+        }
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    result
+}
 
 /// The incoming migration in its phases: can this outer host it, the blobs
 /// it lacks, the image unpacked (all before the source freezes), then the
@@ -211,6 +297,13 @@ async fn receive(
     outcomes: &Outcomes,
 ) -> Result<Received, InError> {
     let cfg = &ctx.cfg;
+    // Post-copy: lazy pages must work here, and the page link is expected
+    // from now on (the source opens it right after its dump).
+    let mut slot = None;
+    if hello.post_copy {
+        postcopy::check_destination(postcopy::host_facts()).map_err(InError::Refuse)?;
+        slot = Some(postcopy::expect_link(&hello.migration_id));
+    }
     let (layout, digests) = check_can_host(cfg, hello, dir)?;
     let missing = layout.missing_blobs(&digests);
     let criu_version = crate::process::criu_version().to_string();
@@ -239,7 +332,7 @@ async fn receive(
             hello.migration_id
         )));
     }
-    restore(ctx, hello, &manifest.meta, dir, verify_ms, w).await
+    restore(ctx, hello, &manifest.meta, dir, verify_ms, w, slot.as_mut()).await
 }
 
 /// Can this outer container host the workload: runtime, space for the
@@ -461,15 +554,24 @@ async fn restore(
     dir: &Path,
     verify_ms: f64,
     w: &mut (impl AsyncWriteExt + Unpin),
+    slot: Option<&mut postcopy::LinkSlot>,
 ) -> Result<Received, InError> {
     let cfg = &ctx.cfg;
     let (c2, images, work, diff) = (ctx.clone(), dir.join("criu"), dir.join("work"), dir.join("rootfs-diff.tar"));
     let digest = hello.image.manifest_digest.clone();
     let max = cfg.max_checkpoint_bytes;
+    let post = match slot {
+        Some(slot) => {
+            let idle = cfg.peer_read_timeout.min(Duration::from_secs(10));
+            Some(postcopy::start_destination(&ctx.reaper, slot, &images, &work, idle).await.map_err(InError::Refuse)?)
+        }
+        None => None,
+    };
+    let lazy = post.is_some();
     // The workload's own command, hostname, ports and TCP mode, not ours.
     let rcfg = crate::workload::checkpoint::restore_config(&ctx.cfg, meta);
     let restore = tokio::task::spawn_blocking(move || {
-        crate::workload::nested::restore(&rcfg, &c2.reaper, &c2.runtime, &digest, &images, &work, move |upper| {
+        crate::workload::nested::restore(&rcfg, &c2.reaper, &c2.runtime, &digest, &images, &work, lazy, move |upper| {
             let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
             crate::image::upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max)
                 .map(|_| ())
@@ -480,8 +582,14 @@ async fn restore(
     let restored =
         with_heartbeats(w, cfg.peer_read_timeout, restore).await.map_err(|e| InError::Refuse(e.to_string()))?;
     Ok(match restored {
-        Ok((n, d)) => (Ok(n), (verify_ms, ms(d))),
-        Err(e) => (Err(crate::supervisor::describe(&e)), (verify_ms, 0.0)),
+        Ok((n, d)) => (Ok(n), (verify_ms, ms(d)), post),
+        Err(e) => {
+            if let Some(p) = post {
+                postcopy::kill(p.daemon_pid);
+                p.bridge.abort();
+            }
+            (Err(crate::supervisor::describe(&e)), (verify_ms, 0.0), None)
+        }
     })
 }
 

@@ -16,6 +16,11 @@
 //!   stays frozen and asks the destination, which fences the migration if it
 //!   has not started it (`outcomes`).
 //!
+//! Post-copy (`--mode post-copy`, module `postcopy`) moves only the
+//! non-memory state during the freeze; the destination runs the workload
+//! at once and its memory follows over a second TLS connection (the page
+//! link). The source's frozen copy ends when the destination has every page.
+//!
 //! The frame format is in `wire`, the sides in `source` and `destination`.
 
 pub mod cpu;
@@ -23,6 +28,7 @@ pub mod destination;
 pub mod in_doubt;
 pub mod keys;
 pub mod outcomes;
+pub mod postcopy;
 pub mod source;
 pub mod streamer;
 pub mod transport;
@@ -36,9 +42,9 @@ pub use source::{migrate_out, Finish};
 /// The migration layer's entry point in the form the supervisor takes it
 /// (`supervisor::Ctx::migrate_out`).
 pub fn migrate_out_boxed() -> crate::supervisor::MigrateOut {
-    std::sync::Arc::new(|ctx, n, to| {
+    std::sync::Arc::new(|ctx, n, to, mode| {
         Box::pin(async move {
-            match migrate_out(&ctx, &n, &to).await {
+            match migrate_out(&ctx, &n, &to, mode).await {
                 Ok((report, finish)) => {
                     let finish: crate::supervisor::BoxFuture<f64> = Box::pin(finish.run());
                     Ok((report, finish))
@@ -67,6 +73,10 @@ pub struct Hello {
     /// refuses when it lacks one. Absent from older sources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_features: Option<Vec<String>>,
+    /// Post-copy: the memory follows after the destination runs the workload
+    /// (`postcopy`). The destination refuses it when lazy pages cannot work there.
+    #[serde(default)]
+    pub post_copy: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -10,6 +10,7 @@ use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 
 use super::in_doubt::{self, Resolution, Settled};
+use super::postcopy::{self, Mode};
 use super::streamer::{self, Out};
 use super::wire::{self, Frame, Kind, WireError};
 use super::{FileKind, Hello, HelloOk, Manifest, MigrationResult};
@@ -45,6 +46,8 @@ pub enum MigrateError {
     /// runs here again.
     #[error("{0}")]
     Resolved(String),
+    #[error("post-copy failed: {0}")]
+    PostCopy(String),
 }
 
 /// Frames (data chunks of up to `wire::CHUNK`) queued for the writer.
@@ -88,11 +91,16 @@ fn resident_bytes(pids: &[i32]) -> u64 {
 /// at the destination and the report says how it went; the frozen copy here
 /// is ended by running the returned [`Finish`]. On failure the workload runs
 /// here as before.
-pub async fn migrate_out(ctx: &Ctx, n: &Arc<Nested>, to: &str) -> Result<(serde_json::Value, Finish), MigrateError> {
+pub async fn migrate_out(
+    ctx: &Ctx,
+    n: &Arc<Nested>,
+    to: &str,
+    mode: Mode,
+) -> Result<(serde_json::Value, Finish), MigrateError> {
     use tracing::Instrument;
     let migration_id = format!("m-{:016x}", rand::random::<u64>());
-    let span = tracing::info_span!("migrate", peer = %to, workload = %n.id, id = %migration_id);
-    migrate(ctx, n, to, migration_id).instrument(span).await
+    let span = tracing::info_span!("migrate", peer = %to, workload = %n.id, id = %migration_id, mode = mode.as_str());
+    migrate(ctx, n, to, migration_id, mode).instrument(span).await
 }
 
 /// An open connection to the destination after pre-migration.
@@ -108,8 +116,18 @@ struct Session {
 /// Pre-migration (UMS III-B): connect, say hello, send the blobs the
 /// destination lacks, and wait until it has the image ready. The workload is
 /// not touched.
-async fn pre_migration(ctx: &Ctx, n: &Nested, to: &str, migration_id: &str) -> Result<Session, MigrateError> {
+async fn pre_migration(
+    ctx: &Ctx,
+    n: &Nested,
+    to: &str,
+    migration_id: &str,
+    mode: Mode,
+) -> Result<Session, MigrateError> {
     let cfg = &ctx.cfg;
+    let facts = postcopy::host_facts();
+    if mode == Mode::PostCopy {
+        postcopy::check_source(facts).map_err(MigrateError::Refused)?;
+    }
     let layout = cfg
         .layout_candidates()
         .into_iter()
@@ -149,6 +167,7 @@ async fn pre_migration(ctx: &Ctx, n: &Nested, to: &str, migration_id: &str) -> R
         memory_bytes: resident_bytes(&nested::pids(n.pid)),
         tcp_established: n.settings.tcp_established,
         cpu_features: Some(super::cpu::local(&cfg.cpu_hide).into_iter().collect()),
+        post_copy: mode == Mode::PostCopy,
     };
     send(Frame::json(Kind::Hello, &hello)).await.map_err(MigrateError::Pre)?;
     let ok: HelloOk =
@@ -157,6 +176,9 @@ async fn pre_migration(ctx: &Ctx, n: &Nested, to: &str, migration_id: &str) -> R
             Err(WireError::Peer(m)) => return Err(MigrateError::Refused(m)),
             Err(e) => return Err(MigrateError::Pre(e)),
         };
+    if mode == Mode::PostCopy {
+        postcopy::check_criu_versions(&facts.criu_version, &ok.criu_version).map_err(MigrateError::Refused)?;
+    }
     // Exactly the missing blobs, each one of ours.
     let blobs_sent: Result<u64, MigrateError> = async {
         let mut blob_bytes = 0u64;
@@ -202,9 +224,10 @@ async fn migrate(
     n: &Arc<Nested>,
     to: &str,
     migration_id: String,
+    mode: Mode,
 ) -> Result<(serde_json::Value, Finish), MigrateError> {
     let t_start = Instant::now();
-    let mut session = pre_migration(ctx, n, to, &migration_id).await?;
+    let mut session = pre_migration(ctx, n, to, &migration_id, mode).await?;
     let pre_ms = ms(t_start.elapsed());
     tracing::info!(
         pre_ms,
@@ -215,7 +238,15 @@ async fn migrate(
 
     let dir = ctx.cfg.images_root().join(&migration_id);
     let cleanup_dir = scopeguard_dir(dir.clone());
-    let frozen = freeze_and_stream(ctx, n, &dir, &session.tx).await?;
+    let mut frozen = freeze_and_stream(ctx, n, &dir, &session.tx, mode).await?;
+    // Post-copy: the page link to the destination, open while the rest of
+    // the checkpoint streams, so its lazy-pages daemon finds it.
+    let mut lazy = frozen.lazy.take();
+    let pages = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut link = lazy.as_ref().map(|(_, at)| {
+        let (cfg, to, id) = ((*ctx.cfg).clone(), to.to_string(), migration_id.clone());
+        tokio::spawn(postcopy::source_link(cfg, to, id, *at, pages.clone()))
+    });
     // From here the workload is frozen: every failure path must thaw it,
     // unless the destination may run it (settle decides).
     let mut sent = None;
@@ -234,12 +265,20 @@ async fn migrate(
     {
         Ok(c) => c,
         Err(e @ MigrateError::Resolved(_)) => {
-            // `settle` thawed it already, on the operator's word.
+            // `settle` thawed it already, on the operator's word; a lazy dump
+            // still holding it ends now, and the workload is resumed again.
+            if let Some((d, at)) = lazy.take() {
+                end_lazy_dump(d, link.take(), at).await;
+                thaw(ctx, n).await;
+            }
             session.writer_task.abort();
             return Err(e);
         }
         Err(e) => {
             tracing::warn!(error = %e, "migration failed; thawing the workload here");
+            if let Some((d, at)) = lazy.take() {
+                end_lazy_dump(d, link.take(), at).await;
+            }
             thaw(ctx, n).await;
             session.writer_task.abort();
             return Err(e);
@@ -254,6 +293,29 @@ async fn migrate(
         Some(sa) => ctx.publisher.forward_to(sa.ip()),
         None => ctx.publisher.close(),
     }
+    // Post-copy: the frozen copy here holds memory the destination still
+    // fetches; it ends only once the destination has every page.
+    let pages_at_running = pages.load(std::sync::atomic::Ordering::Relaxed);
+    let mut last_page = frozen_for;
+    if let (Some((d, at)), Some(l)) = (lazy.take(), link.take()) {
+        match post_copy(ctx, to, &migration_id, &mut session.r, l, d, at).await {
+            Ok(()) => last_page = frozen.t_freeze.elapsed(),
+            Err((e, thaw_here)) => {
+                session.writer_task.abort();
+                if thaw_here {
+                    tracing::warn!(error = %e, "post-copy failed and the destination ended its copy; thawing here");
+                    let (c2, n2) = (ctx.clone(), n.clone());
+                    let _ = tokio::task::spawn_blocking(move || checkpoint::thaw(&c2.reaper, &c2.runtime, &n2)).await;
+                    ctx.publisher.direct();
+                } else {
+                    tracing::error!(error = %e, "post-copy failed; the destination's state is unknown: the workload \
+                                                stays frozen here");
+                }
+                return Err(e);
+            }
+        }
+    }
+    let page_bytes = pages.load(std::sync::atomic::Ordering::Relaxed);
     let Session { tx, writer_task, peer, blob_bytes, .. } = session;
     drop(tx);
     // A writer stuck on a dead connection (after a doubt) is not waited for.
@@ -269,6 +331,11 @@ async fn migrate(
     let (t, res) = (&frozen.timings, &committed.result);
     let report = json!({
         "migration_id": migration_id,
+        "mode": mode.as_str(),
+        "downtime_ms": ms(frozen_for),
+        "last_page_ms": ms(last_page),
+        "bytes_before_running": committed.bytes + pages_at_running,
+        "bytes_after_running": page_bytes - pages_at_running,
         "peer": peer,
         "streaming": frozen.live,
         "pre_migration_ms": pre_ms,
@@ -305,6 +372,8 @@ struct Frozen {
     dump_end: Duration,
     /// Streaming while CRIU writes (the default), or dump first, then send.
     live: bool,
+    /// Post-copy: the lazy dump, whose CRIU serves the memory at this address.
+    lazy: Option<(checkpoint::LazyDump, std::net::SocketAddr)>,
 }
 
 /// Freeze and dump: new clients wait from here; CRIU dumps into `dir/criu`
@@ -315,10 +384,16 @@ async fn freeze_and_stream(
     n: &Arc<Nested>,
     dir: &Path,
     tx: &mpsc::Sender<Out>,
+    mode: Mode,
 ) -> Result<Frozen, MigrateError> {
     let images = dir.join("criu");
     std::fs::create_dir_all(&images).map_err(|e| MigrateError::Stream(format!("{}: {e}", images.display())))?;
     let live = ctx.cfg.streaming;
+    // Post-copy: CRIU serves the memory at a loopback port after the dump.
+    let lazy_at = match mode {
+        Mode::PostCopy => Some(postcopy::free_loopback_port().map_err(|e| MigrateError::Stream(e.to_string()))?),
+        Mode::StopCopy => None,
+    };
     // Clients: new connections wait from here on; those in flight may finish.
     let still_open = ctx.publisher.hold_and_drain().await;
     if still_open > 0 {
@@ -336,16 +411,36 @@ async fn freeze_and_stream(
     let (c2, n2, images2, work) = (ctx.clone(), n.clone(), images.clone(), dir.join("work"));
     let dumped = tokio::task::spawn_blocking(move || {
         let mut t = Timings::default();
-        checkpoint::freeze_and_dump(&c2.cfg, &c2.reaper, &c2.runtime, &n2, &images2, &work, &mut t).map(|_| t)
+        match lazy_at {
+            Some(at) => checkpoint::freeze_and_dump_lazy(
+                &c2.reaper,
+                &c2.runtime,
+                &c2.cfg,
+                &n2,
+                &images2,
+                &work,
+                &at.to_string(),
+                &mut t,
+            )
+            .map(|d| (t, Some(d))),
+            None => checkpoint::freeze_and_dump(&c2.cfg, &c2.reaper, &c2.runtime, &n2, &images2, &work, &mut t)
+                .map(|_| (t, None)),
+        }
     })
     .await
     .unwrap_or_else(|e| {
         Err(CheckpointError::Freeze(crate::process::exec::ExecError::Lost { program: format!("dump task: {e}") }))
     });
     match dumped {
-        Ok(timings) => {
-            Ok(Frozen { streamer: s, timings, t_freeze, freeze_unix_ms, dump_end: t_freeze.elapsed(), live })
-        }
+        Ok((timings, lazy)) => Ok(Frozen {
+            streamer: s,
+            timings,
+            t_freeze,
+            freeze_unix_ms,
+            dump_end: t_freeze.elapsed(),
+            live,
+            lazy: lazy.zip(lazy_at),
+        }),
         Err(e) => {
             tokio::task::spawn_blocking(move || s.abort()).await.ok();
             ctx.publisher.direct();
@@ -542,6 +637,120 @@ impl Finish {
         let took = ms(t.elapsed());
         tracing::info!(ms = took, "frozen copy ended");
         took
+    }
+}
+
+/// After the destination runs a post-copied workload: wait for its
+/// `PostCopyDone`, then for the lazy dump here to end. On failure, says
+/// whether the destination ended its copy (thaw here) or cannot be known.
+async fn post_copy(
+    ctx: &Ctx,
+    to: &str,
+    id: &str,
+    r: &mut super::transport::PeerRead,
+    mut link: tokio::task::JoinHandle<Result<(), String>>,
+    mut dump: checkpoint::LazyDump,
+    at: std::net::SocketAddr,
+) -> Result<(), (MigrateError, bool)> {
+    let mut link_done = false;
+    // One read, polled across the loop (a frame read is not cancel-safe).
+    let read = wire::read_frame(r);
+    tokio::pin!(read);
+    let done: Result<postcopy::PostCopyDone, String> = loop {
+        tokio::select! {
+            f = &mut read => break f.and_then(|f| f.expect(Kind::PostCopyDone)).map_err(|e| e.to_string()),
+            l = &mut link, if !link_done => match l.unwrap_or_else(|e| Err(e.to_string())) {
+                Ok(()) => link_done = true,
+                Err(e) => break Err(e),
+            },
+        }
+    };
+    match done {
+        Ok(d) => {
+            tracing::info!(page_bytes = d.page_bytes, "post-copy: the destination has every page");
+            // CRIU's page server ends once the destination closed: normally at once.
+            match tokio::time::timeout(Duration::from_secs(10), &mut dump.exit).await {
+                Ok(Ok(e)) if e.success() => {}
+                Ok(Ok(e)) => tracing::warn!(error = %dump.failure(e), "the lazy dump ended badly after the last page"),
+                _ => {
+                    tracing::warn!("the lazy dump did not end after the last page; ending it");
+                    postcopy::kill(dump.pid);
+                }
+            }
+            link.abort();
+            Ok(())
+        }
+        Err(reason) => {
+            tracing::warn!(%reason, "post-copy interrupted; asking the destination");
+            link.abort();
+            // The destination ends its copy when pages can no longer arrive;
+            // until it says so, or says it has them all, ours stays frozen.
+            let known = vec![
+                "the destination ran the workload, with part of its memory still here".to_string(),
+                "the workload here is frozen and holds that memory".to_string(),
+                format!("post-copy was interrupted: {reason}"),
+            ];
+            match in_doubt::settle(&ctx.cfg, &ctx.in_doubt, to, id, reason.clone(), known).await {
+                Settled::Running { .. } => {
+                    end_lazy_dump(dump, None, at).await;
+                    Ok(())
+                }
+                Settled::NotRunning => {
+                    end_lazy_dump(dump, None, at).await;
+                    Err((
+                        MigrateError::PostCopy(format!(
+                            "{reason}; the destination ended its copy, so the workload runs here again from its state \
+                             at the freeze (what it did at the destination meanwhile is lost)"
+                        )),
+                        true,
+                    ))
+                }
+                Settled::Operator(Resolution::Abandon, reply) => {
+                    end_lazy_dump(dump, None, at).await;
+                    let _ = reply.send(Response::ok(json!({
+                        "migration_id": id,
+                        "outcome": "the frozen copy here is ended; the workload runs at the destination, or nowhere",
+                    })));
+                    Ok(())
+                }
+                Settled::Operator(Resolution::Thaw, reply) => {
+                    end_lazy_dump(dump, None, at).await;
+                    in_doubt::stop_remote(ctx.cfg.clone(), ctx.in_doubt.clone(), to.to_string(), id.to_string());
+                    let _ = reply.send(Response::ok(json!({
+                        "migration_id": id,
+                        "outcome": "the workload runs here again; the destination is told to end any copy until it confirms",
+                    })));
+                    Err((
+                        MigrateError::Resolved(format!(
+                            "{reason}; in doubt during post-copy, then the operator thawed the workload here"
+                        )),
+                        true,
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// End a lazy dump that will not complete: close the page link, wake CRIU's
+/// page server if nobody connected (it then fails and leaves the tasks
+/// frozen), and wait for the runtime to exit; kill it if it does not.
+async fn end_lazy_dump(
+    mut dump: checkpoint::LazyDump,
+    link: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    at: std::net::SocketAddr,
+) {
+    if let Some(l) = link {
+        l.abort();
+        let _ = l.await;
+    }
+    if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(at)).await {
+        drop(s);
+    }
+    if tokio::time::timeout(Duration::from_secs(10), &mut dump.exit).await.is_err() {
+        tracing::warn!(pid = dump.pid, "the lazy dump does not end; killing it");
+        postcopy::kill(dump.pid);
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut dump.exit).await;
     }
 }
 

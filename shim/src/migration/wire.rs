@@ -38,6 +38,12 @@ pub enum Kind {
     /// Empty: the destination is alive and working (unpacking, verifying,
     /// restoring); it resets the source's read deadline and means nothing else.
     Heartbeat = 12,
+    /// JSON, the first frame of a second connection of a post-copy migration:
+    /// `{migration_id}`. CRIU's page-server bytes follow it, raw, both ways.
+    PageLink = 13,
+    /// JSON, destination to source after `Result { running }` in post-copy:
+    /// every page has arrived (the source may end its frozen copy).
+    PostCopyDone = 14,
 }
 
 impl Kind {
@@ -56,6 +62,8 @@ impl Kind {
             10 => Query,
             11 => QueryAnswer,
             12 => Heartbeat,
+            13 => PageLink,
+            14 => PostCopyDone,
             _ => return None,
         })
     }

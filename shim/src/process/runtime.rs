@@ -15,8 +15,14 @@ pub struct CheckpointOpts {
     pub work_path: PathBuf,
     pub leave_running: bool,
     pub tcp_established: bool,
-    /// `IP:PORT` of a CRIU page server that receives the memory pages.
+    /// `IP:PORT` of a CRIU page server that receives the memory pages; with
+    /// `lazy_pages`, the address where CRIU itself serves them after the dump.
     pub page_server: Option<String>,
+    /// Post-copy: memory stays in the frozen tasks and is served on demand.
+    pub lazy_pages: bool,
+    /// With `lazy_pages`: the fd (in the runtime's process) CRIU writes a
+    /// byte to once the dump is done and its page server listens.
+    pub status_fd: Option<i32>,
 }
 
 #[derive(Debug, Clone)]
@@ -26,6 +32,8 @@ pub struct RestoreOpts {
     pub bundle: PathBuf,
     pub pid_file: PathBuf,
     pub tcp_established: bool,
+    /// Memory comes later from a `criu lazy-pages` daemon sharing `work_path`.
+    pub lazy_pages: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +111,13 @@ impl Runtime {
             a.push("--page-server".into());
             a.push(ps.clone());
         }
+        if o.lazy_pages {
+            a.push("--lazy-pages".into());
+        }
+        if let Some(fd) = o.status_fd {
+            a.push("--status-fd".into());
+            a.push(fd.to_string());
+        }
         a.push("--file-locks".into());
         a.push(id.into());
         a
@@ -120,6 +135,9 @@ impl Runtime {
         a.push(s(&o.pid_file));
         if o.tcp_established {
             a.push("--tcp-established".into());
+        }
+        if o.lazy_pages {
+            a.push("--lazy-pages".into());
         }
         a.push("--file-locks".into());
         a.push(id.into());
@@ -202,6 +220,42 @@ impl Runtime {
     pub fn resume(&self, reaper: &Reaper, id: &str) -> Result<(), ExecError> {
         exec::check_blocking(reaper, self.command(self.resume_args(id))).map(|_| ())
     }
+    /// Start a checkpoint without waiting for it (a lazy-pages dump runs
+    /// until its pages are served). `status` becomes fd `o.status_fd` in the
+    /// runtime. Its output goes to `log`; the exit comes from the reaper.
+    pub fn checkpoint_spawn(
+        &self,
+        reaper: &Reaper,
+        id: &str,
+        o: &CheckpointOpts,
+        status: std::os::fd::OwnedFd,
+        log: &Path,
+    ) -> Result<(i32, tokio::sync::oneshot::Receiver<crate::process::reaper::Exit>), ExecError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let program = format!("{} checkpoint --lazy-pages", self.kind.binary());
+        let spawn_err = |source| ExecError::Spawn { program: program.clone(), source };
+        let out = std::fs::File::create(log).map_err(spawn_err)?;
+        let err = out.try_clone().map_err(spawn_err)?;
+        let mut c = self.command(self.checkpoint_args(id, o));
+        c.stdin(Stdio::null()).stdout(out).stderr(err);
+        let (from, to) = (status.as_raw_fd(), o.status_fd.unwrap_or(3));
+        // SAFETY: only dup2 (async-signal-safe) between fork and exec; the
+        // copy loses O_CLOEXEC, so the runtime inherits it as fd `to`.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = c.spawn().map_err(spawn_err)?;
+        let exit = reaper.watch(child.id() as i32);
+        drop(status);
+        Ok((child.id() as i32, exit))
+    }
+
     pub fn checkpoint(&self, reaper: &Reaper, id: &str, o: &CheckpointOpts) -> Result<(), ExecError> {
         exec::check_blocking(reaper, self.command(self.checkpoint_args(id, o)))
             .map(|_| ())
@@ -359,6 +413,7 @@ mod tests {
             bundle: "/b".into(),
             pid_file: "/b/pid".into(),
             tcp_established: false,
+            lazy_pages: false,
         };
         let a = rt().restore_args("w2", &o);
         assert_eq!(&a[2..4], ["restore", "--detach"]);

@@ -32,11 +32,35 @@ pub enum Request {
     },
     Migrate {
         to: String,
+        /// `stop-copy` (the default) or `post-copy`.
+        #[serde(default)]
+        mode: MigrationMode,
     },
     /// Settle a migration that is in doubt (`ums resolve`).
     Resolve {
         action: crate::supervisor::in_doubt::Resolution,
     },
+}
+
+/// How a migration moves memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationMode {
+    /// Freeze, copy everything, then run at the destination (the default).
+    #[default]
+    StopCopy,
+    /// Freeze, copy all but the memory, run at the destination at once and
+    /// fetch the memory afterwards (CRIU lazy pages, userfaultfd).
+    PostCopy,
+}
+
+impl MigrationMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationMode::StopCopy => "stop-copy",
+            MigrationMode::PostCopy => "post-copy",
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -271,7 +295,7 @@ mod tests {
         );
         assert_eq!(
             parse(r#"{"op":"migrate","to":"10.0.0.2:7411"}"#),
-            Ok(Request::Migrate { to: "10.0.0.2:7411".into() })
+            Ok(Request::Migrate { to: "10.0.0.2:7411".into(), mode: Default::default() })
         );
         use crate::supervisor::in_doubt::Resolution;
         assert_eq!(parse(r#"{"op":"resolve","action":"thaw"}"#), Ok(Request::Resolve { action: Resolution::Thaw }));
@@ -351,7 +375,7 @@ mod proptests {
             }
             let line = String::from_utf8_lossy(&b);
             match parse(&line) {
-                Ok(Request::Migrate { to }) => prop_assert!(!to.contains('\n')),
+                Ok(Request::Migrate { to, .. }) => prop_assert!(!to.contains('\n')),
                 Ok(_) => {}
                 Err(m) => prop_assert!(!m.is_empty()),
             }

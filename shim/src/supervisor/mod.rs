@@ -44,7 +44,14 @@ pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 
 /// report and the step that ends the frozen copy here (it answers how long
 /// that took, in ms); on failure, the message for the operator.
 pub type MigrateOut = Arc<
-    dyn Fn(Ctx, Arc<Nested>, String) -> BoxFuture<Result<(serde_json::Value, BoxFuture<f64>), String>> + Send + Sync,
+    dyn Fn(
+            Ctx,
+            Arc<Nested>,
+            String,
+            crate::supervisor::control::MigrationMode,
+        ) -> BoxFuture<Result<(serde_json::Value, BoxFuture<f64>), String>>
+        + Send
+        + Sync,
 >;
 
 /// The record of the last operation, for `status`.
@@ -333,7 +340,14 @@ impl Supervisor {
                     errors.push(format!("{peer}: not tried, the evacuation time is over"));
                     continue;
                 }
-                match (ctx.migrate_out)(ctx.clone(), n.clone(), peer.clone()).await {
+                match (ctx.migrate_out)(
+                    ctx.clone(),
+                    n.clone(),
+                    peer.clone(),
+                    crate::supervisor::control::MigrationMode::default(),
+                )
+                .await
+                {
                     Ok((mut report, finish)) => {
                         report["finish_ms"] = json!(finish.await);
                         report["to"] = json!(peer);
@@ -561,10 +575,10 @@ impl Supervisor {
                     let _ = inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result, new_workload })).await;
                 });
             }
-            Request::Migrate { to } => {
+            Request::Migrate { to, mode } => {
                 let n = workload.expect("running state has a workload");
                 tokio::spawn(async move {
-                    let result = match (ctx.migrate_out)(ctx.clone(), n, to).await {
+                    let result = match (ctx.migrate_out)(ctx.clone(), n, to, mode).await {
                         Ok((mut report, finish)) => {
                             // Answered once this outer is a standby again, so
                             // that a migration back is never refused as busy.

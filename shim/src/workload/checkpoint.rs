@@ -174,6 +174,7 @@ pub fn freeze_and_dump(
         leave_running: true,
         tcp_established: n.settings.tcp_established,
         page_server: None,
+        ..Default::default()
     };
     if let Err(e) = runtime.checkpoint(reaper, &n.id, &opts) {
         thaw(reaper, runtime, n);
@@ -183,6 +184,93 @@ pub fn freeze_and_dump(
     // Still frozen: what waits now was not in the dump.
     t.in_flight_skipped = pending_connections(n.pid).total();
     Ok(())
+}
+
+/// The fd number under which the runtime gets the status pipe of a
+/// lazy-pages dump: high, so the runtime's own extra files (runc hands CRIU
+/// its socket as fd 3) never land on it.
+pub const LAZY_STATUS_FD: i32 = 42;
+
+/// A lazy-pages (post-copy) dump whose non-memory part is done: CRIU now
+/// serves the memory of the frozen tasks at its page server and the runtime
+/// exits once every page has been fetched (or the page server failed).
+pub struct LazyDump {
+    pub pid: i32,
+    pub exit: tokio::sync::oneshot::Receiver<crate::process::reaper::Exit>,
+    /// The runtime's output.
+    pub log: PathBuf,
+    /// CRIU's work dir (its `dump.log`).
+    pub work: PathBuf,
+}
+
+impl LazyDump {
+    /// What went wrong, from the runtime's output and CRIU's log.
+    pub fn failure(&self, exit: crate::process::reaper::Exit) -> crate::process::exec::ExecError {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let e = crate::process::exec::ExecError::Failed {
+            program: "runc checkpoint --lazy-pages".into(),
+            exit,
+            stderr: crate::process::runtime::last_lines(&text, 6),
+        };
+        crate::process::runtime::with_criu_log(e, &self.work.join("dump.log"))
+    }
+}
+
+/// Freeze the workload and dump it with lazy pages: everything but its
+/// private memory goes into `images`; the memory stays in the frozen tasks and
+/// CRIU serves it at `page_server` (`IP:PORT`, where it listens). Returns once
+/// CRIU says it listens. On failure the workload is thawed.
+#[allow(clippy::too_many_arguments)]
+pub fn freeze_and_dump_lazy(
+    reaper: &Reaper,
+    runtime: &Runtime,
+    cfg: &Config,
+    n: &Nested,
+    images: &Path,
+    work: &Path,
+    page_server: &str,
+    t: &mut Timings,
+) -> Result<LazyDump, CheckpointError> {
+    if n.uid != 0 && !crate::sys::has_cap_sys_resource() {
+        return Err(CheckpointError::NeedsSysResource(n.uid));
+    }
+    std::fs::create_dir_all(work).map_err(|source| CheckpointError::Dir { path: work.into(), source })?;
+    let t0 = Instant::now();
+    runtime.pause(reaper, &n.id).map_err(CheckpointError::Freeze)?;
+    t.freeze_ms = ms(t0.elapsed());
+    let t1 = Instant::now();
+    let opts = CheckpointOpts {
+        image_path: images.into(),
+        work_path: work.into(),
+        leave_running: true,
+        tcp_established: cfg.tcp_established,
+        page_server: Some(page_server.into()),
+        lazy_pages: true,
+        status_fd: Some(LAZY_STATUS_FD),
+    };
+    let fail = |e| {
+        thaw(reaper, runtime, n);
+        CheckpointError::Dump(e)
+    };
+    let pipe = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| fail(crate::process::exec::ExecError::Spawn { program: "pipe".into(), source: e.into() }));
+    let (r, w) = pipe?;
+    let log = work.join("runtime-checkpoint.log");
+    let (pid, exit) = runtime.checkpoint_spawn(reaper, &n.id, &opts, w, &log).map_err(fail)?;
+    let mut dump = LazyDump { pid, exit, log, work: work.into() };
+    let mut byte = [0u8; 1];
+    let ready = matches!(nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&r), &mut byte), Ok(1));
+    if !ready {
+        // The status pipe closed without a byte: the dump failed and ends.
+        let exit_rx = std::mem::replace(&mut dump.exit, tokio::sync::oneshot::channel().1);
+        let exit = exit_rx.blocking_recv().unwrap_or(crate::process::reaper::Exit::Code(-1));
+        return Err(fail(dump.failure(exit)));
+    }
+    if let Ok(exit) = dump.exit.try_recv() {
+        return Err(fail(dump.failure(exit)));
+    }
+    t.dump_ms = ms(t1.elapsed());
+    Ok(dump)
 }
 
 /// Let a frozen workload run again (after a failed or a leave-running checkpoint).
@@ -263,6 +351,7 @@ pub fn checkpoint_to_dir(
         leave_running,
         tcp_established: n.settings.tcp_established,
         page_server: page_server.map(String::from),
+        ..Default::default()
     };
     if let Err(e) = runtime.checkpoint(reaper, &n.id, &opts) {
         thaw(reaper, runtime, n);
@@ -310,6 +399,7 @@ pub fn restore_from_dir(
         &m.image.manifest_digest,
         &cd.images(),
         &dir.join("restore-work"),
+        false,
         move |upper| {
             let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
             upper_diff::unpack(std::io::BufReader::with_capacity(1 << 20, f), upper, max)

@@ -416,6 +416,7 @@ impl CheckpointDir<'_> {
 
 /// Restore the workload from CRIU images, its writable layer laid in place
 /// by `fill_upper` first. On failure nothing of it is left behind.
+#[allow(clippy::too_many_arguments)]
 pub fn restore(
     cfg: &Config,
     reaper: &Reaper,
@@ -423,6 +424,7 @@ pub fn restore(
     image_digest: &str,
     images_dir: &Path,
     work_dir: &Path,
+    lazy_pages: bool,
     fill_upper: impl FnOnce(&Path) -> Result<(), String>,
 ) -> Result<(Nested, Duration), NestedError> {
     let t0 = Instant::now();
@@ -440,6 +442,7 @@ pub fn restore(
             bundle: bundle.dir.clone(),
             pid_file: bundle.pid_file(),
             tcp_established: cfg.tcp_established,
+            lazy_pages,
         };
         runtime
             .restore_detached(reaper, &id, &opts, stdio_pipes()?)

@@ -1,0 +1,466 @@
+//! Post-copy migration (CRIU lazy pages), the parts that stop-copy lacks:
+//!
+//! * host facts read once (userfaultfd, `fs.pipe-max-size`, the CRIU
+//!   version) and the checks made on them before anything is frozen;
+//! * the page link: CRIU's page-server bytes between the source's CRIU (its
+//!   page server, listening on a loopback port inside the source's outer
+//!   container) and the destination's `criu lazy-pages` daemon (which
+//!   connects to a loopback port of the destination's ums). Each ums bridges
+//!   its loopback side into a second mutual-TLS connection of the same
+//!   migration, opened by the source, whose first frame is `PageLink`. The
+//!   page-server protocol itself never touches the network;
+//! * the destination's end of a post-copy: the lazy-pages daemon, and what
+//!   happens when the source or the link goes away before the last page.
+//!
+//! The rule throughout: the destination never lets its copy run on once a
+//! page may be missing. Until the lazy-pages daemon has every page it keeps
+//! its connection to our loopback bridge open, so a fault waits (it is never
+//! served a zero page); if the source cannot deliver any more, the
+//! destination kills its copy first and only then lets the daemon go.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use super::transport::PeerWrite;
+use super::wire::{self, Kind};
+use crate::config::Config;
+use crate::process::reaper::{Exit, Reaper};
+
+/// How a migration moves memory (`ums migrate --mode`).
+pub use crate::supervisor::control::MigrationMode as Mode;
+
+/// Lazy dumps with a smaller `fs.pipe-max-size` fail in CRIU's page pipes
+/// (`page-pipe: splice: -1: Bad file descriptor`).
+pub const MIN_PIPE_MAX_SIZE: u64 = 4 << 20;
+
+/// What this host offers post-copy, read once when ums starts.
+#[derive(Debug, Clone)]
+pub struct HostFacts {
+    /// `criu --version`'s first line, e.g. `Version: 4.2.1`.
+    pub criu_version: String,
+    /// `/proc/sys/fs/pipe-max-size`.
+    pub pipe_max_size: Option<u64>,
+    /// Why userfaultfd cannot be used, if so.
+    pub uffd_problem: Option<String>,
+}
+
+static FACTS: OnceLock<HostFacts> = OnceLock::new();
+
+/// The host facts, read on first use and kept: no child process (the CRIU
+/// version is the one `ums init` read at start), so this never waits on the
+/// reaper.
+pub fn host_facts() -> &'static HostFacts {
+    FACTS.get_or_init(|| {
+        let f = HostFacts {
+            criu_version: crate::process::criu_version().to_string(),
+            pipe_max_size: std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok()),
+            uffd_problem: userfaultfd_problem(),
+        };
+        tracing::debug!(?f, "post-copy host facts");
+        f
+    })
+}
+
+/// `None` when a userfaultfd can be opened here (the syscall, or
+/// `/dev/userfaultfd`); otherwise why not.
+fn userfaultfd_problem() -> Option<String> {
+    // SAFETY: a plain syscall; the fd it returns is closed at once.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd >= 0 {
+        // SAFETY: fd was just returned by the kernel and is ours.
+        unsafe { libc::close(fd as i32) };
+        return None;
+    }
+    let err = std::io::Error::last_os_error();
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
+        Ok(_) => None,
+        Err(e) => Some(format!("userfaultfd is not usable: the syscall says {err}, /dev/userfaultfd says {e}")),
+    }
+}
+
+/// The source's own check, before it connects: can CRIU dump lazily here?
+pub fn check_source(f: &HostFacts) -> Result<(), String> {
+    match f.pipe_max_size {
+        Some(n) if n >= MIN_PIPE_MAX_SIZE => Ok(()),
+        n => Err(format!(
+            "post-copy is not possible on this host: fs.pipe-max-size is {} bytes, CRIU's lazy dump needs at least \
+             {MIN_PIPE_MAX_SIZE} (raise it on the host: sysctl -w fs.pipe-max-size={MIN_PIPE_MAX_SIZE})",
+            n.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into())
+        )),
+    }
+}
+
+/// The destination's check, answered to the source's `Hello` before it
+/// freezes anything: can lazy pages be restored here?
+pub fn check_destination(f: &HostFacts) -> Result<(), String> {
+    match &f.uffd_problem {
+        None => Ok(()),
+        Some(p) => Err(format!("post-copy is not possible at this destination: {p}")),
+    }
+}
+
+/// `major.minor` of a `criu --version` line.
+fn criu_major_minor(v: &str) -> Option<(u32, u32)> {
+    let num = v.split_whitespace().find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))?;
+    let mut it = num.split('.').map(|x| x.parse::<u32>().ok());
+    Some((it.next()??, it.next()??))
+}
+
+/// CRIU's page-server protocol changed between minor versions (4.1 to 4.2:
+/// the page header's `nr_pages` grew to 64 bits): both ends must agree.
+pub fn check_criu_versions(ours: &str, theirs: &str) -> Result<(), String> {
+    match (criu_major_minor(ours), criu_major_minor(theirs)) {
+        (Some(a), Some(b)) if a == b => Ok(()),
+        _ => Err(format!(
+            "post-copy needs the same CRIU page-server protocol on both sides: here {ours:?}, at the destination \
+             {theirs:?}"
+        )),
+    }
+}
+
+// ---------------------------------------------------------------- page link
+
+/// The TLS connection of a page link, after its `PageLink` frame.
+pub struct Link {
+    pub read: Box<dyn AsyncRead + Unpin + Send>,
+    pub write: PeerWrite,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageLinkHello {
+    pub migration_id: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostCopyDone {
+    /// Page-server bytes that reached the lazy-pages daemon.
+    pub page_bytes: u64,
+    /// From the workload running here until the last page arrived.
+    pub last_page_after_running_ms: f64,
+}
+
+type Waiting = Mutex<HashMap<String, oneshot::Sender<Link>>>;
+static WAITING: OnceLock<Waiting> = OnceLock::new();
+
+fn waiting() -> &'static Waiting {
+    WAITING.get_or_init(Default::default)
+}
+
+/// A destination waiting for the page link of migration `id`; forgotten
+/// when dropped.
+pub struct LinkSlot {
+    id: String,
+    pub rx: Option<oneshot::Receiver<Link>>,
+}
+
+impl Drop for LinkSlot {
+    fn drop(&mut self) {
+        waiting().lock().expect("page links").remove(&self.id);
+    }
+}
+
+/// Expect a page link for migration `id` (registered before the source can
+/// open it).
+pub fn expect_link(id: &str) -> LinkSlot {
+    let (tx, rx) = oneshot::channel();
+    waiting().lock().expect("page links").insert(id.to_string(), tx);
+    LinkSlot { id: id.to_string(), rx: Some(rx) }
+}
+
+/// A page link arrived: hand it to the migration waiting for it. Unknown
+/// ids are refused (only a running post-copy migration takes one).
+pub fn deliver_link(id: &str, link: Link) -> Result<(), String> {
+    let tx = waiting().lock().expect("page links").remove(id);
+    match tx {
+        Some(tx) => tx.send(link).map_err(|_| format!("migration {id} no longer waits for its page link")),
+        None => Err(format!("no post-copy migration {id} waits for a page link here")),
+    }
+}
+
+const PUMP_BUF: usize = 256 << 10;
+
+/// Copy `r` to `w` until `r` ends, counting bytes. With `idle`, no byte for
+/// that long is an error.
+async fn pump(
+    r: &mut (impl AsyncRead + Unpin),
+    w: &mut (impl AsyncWrite + Unpin),
+    count: &AtomicU64,
+    idle: Option<Duration>,
+) -> Result<(), String> {
+    let mut buf = vec![0u8; PUMP_BUF];
+    loop {
+        let n = match idle {
+            Some(d) => tokio::time::timeout(d, r.read(&mut buf))
+                .await
+                .map_err(|_| format!("no data for {d:?}"))?
+                .map_err(|e| e.to_string())?,
+            None => r.read(&mut buf).await.map_err(|e| e.to_string())?,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
+        w.flush().await.map_err(|e| e.to_string())?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// A free loopback port for CRIU's page server at the source (runc takes only
+/// an address, so the port is chosen here and released just before CRIU binds
+/// it).
+pub fn free_loopback_port() -> std::io::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    l.local_addr()
+}
+
+/// The source's end of the page link: CRIU's page server at `criu` (loopback)
+/// to a new TLS connection to the destination. Ends when both directions
+/// ended (the last page was served and CRIU closed), or with the first error;
+/// `pages` counts the bytes sent to the destination.
+pub async fn source_link(
+    cfg: Config,
+    to: String,
+    migration_id: String,
+    criu: SocketAddr,
+    pages: Arc<AtomicU64>,
+) -> Result<(), String> {
+    let local = TcpStream::connect(criu).await.map_err(|e| format!("CRIU's page server at {criu}: {e}"))?;
+    let _ = local.set_nodelay(true);
+    let conn = super::transport::connect(&cfg, &to, Duration::from_secs(10))
+        .await
+        .map_err(|e| format!("page link to {to}: {e}"))?;
+    let (mut tr, mut tw) = (conn.read, conn.write);
+    wire::send_json(&mut tw, Kind::PageLink, &PageLinkHello { migration_id }).await.map_err(|e| e.to_string())?;
+    let (mut lr, mut lw) = local.into_split();
+    let requests = AtomicU64::new(0);
+    let down = async {
+        // Requests of the destination's lazy-pages daemon, to CRIU.
+        pump(&mut tr, &mut lw, &requests, None).await?;
+        lw.shutdown().await.map_err(|e| e.to_string())
+    };
+    let up = async {
+        // Pages, to the destination.
+        pump(&mut lr, &mut tw, &pages, None).await?;
+        tw.shutdown().await.map_err(|e| e.to_string())
+    };
+    tokio::try_join!(down, up).map(|_| ())
+}
+
+/// What a destination's bridge leaves behind when the source side ended:
+/// the daemon's connection, still open (closing it would let the daemon
+/// give up and the workload read zero pages).
+pub struct Keep {
+    _write: tokio::net::tcp::OwnedWriteHalf,
+    up: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Keep {
+    fn drop(&mut self) {
+        self.up.abort();
+    }
+}
+
+/// The destination's end of a post-copy: the page link bridge and the
+/// lazy-pages daemon.
+pub struct DestPostCopy {
+    pub daemon_pid: i32,
+    pub daemon_exit: oneshot::Receiver<Exit>,
+    pub bridge: tokio::task::JoinHandle<(String, Option<Keep>)>,
+    pub pages: Arc<AtomicU64>,
+    pub work: PathBuf,
+}
+
+/// Start the destination's side before the restore: a loopback listener
+/// for the daemon, the bridge to the page link, and `criu lazy-pages`, which
+/// must be listening on `work/lazy-pages.socket` before `restore
+/// --lazy-pages` runs.
+pub async fn start_destination(
+    reaper: &Reaper,
+    slot: &mut LinkSlot,
+    images: &Path,
+    work: &Path,
+    idle: Duration,
+) -> Result<DestPostCopy, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("loopback listener: {e}"))?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let link = slot.rx.take().ok_or("the page link was already taken")?;
+    let pages = Arc::new(AtomicU64::new(0));
+    let bridge = tokio::spawn(dest_bridge(listener, link, idle, pages.clone()));
+    std::fs::create_dir_all(work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let mut c = std::process::Command::new("criu");
+    c.arg("lazy-pages")
+        .arg("--page-server")
+        .arg("--address")
+        .arg("127.0.0.1")
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--images-dir")
+        .arg(images)
+        .arg("--work-dir")
+        .arg(work)
+        .arg("--log-file")
+        .arg("lazy-pages.log")
+        .arg("-v4");
+    c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let child = match c.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            bridge.abort();
+            return Err(format!("cannot start criu lazy-pages: {e}"));
+        }
+    };
+    let daemon_pid = child.id() as i32;
+    let mut daemon_exit = reaper.watch(daemon_pid);
+    let sock = work.join("lazy-pages.socket");
+    let t0 = Instant::now();
+    while !sock.exists() {
+        if let Ok(exit) = daemon_exit.try_recv() {
+            bridge.abort();
+            return Err(format!("criu lazy-pages ended ({exit}): {}", daemon_log_tail(work)));
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            kill(daemon_pid);
+            bridge.abort();
+            return Err("criu lazy-pages did not start within 10 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(DestPostCopy { daemon_pid, daemon_exit, bridge, pages, work: work.to_path_buf() })
+}
+
+pub fn daemon_log_tail(work: &Path) -> String {
+    std::fs::read_to_string(work.join("lazy-pages.log"))
+        .map(|t| crate::process::runtime::last_lines(&t, 4))
+        .unwrap_or_default()
+}
+
+pub fn kill(pid: i32) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+}
+
+/// Accept the daemon's connection and the page link, then carry bytes both
+/// ways. Returns when the source's side ended (cleanly after the last page,
+/// or not), with why, and the daemon's connection still open.
+async fn dest_bridge(
+    listener: TcpListener,
+    link: oneshot::Receiver<Link>,
+    idle: Duration,
+    pages: Arc<AtomicU64>,
+) -> (String, Option<Keep>) {
+    let local = match tokio::time::timeout(Duration::from_secs(120), listener.accept()).await {
+        Ok(Ok((s, addr))) if addr.ip().is_loopback() => s,
+        Ok(Ok((_, addr))) => return (format!("unexpected connection from {addr}"), None),
+        Ok(Err(e)) => return (format!("loopback accept: {e}"), None),
+        Err(_) => return ("the lazy-pages daemon did not connect".into(), None),
+    };
+    drop(listener);
+    let _ = local.set_nodelay(true);
+    let Link { read: mut tr, write: mut tw } = match tokio::time::timeout(Duration::from_secs(30), link).await {
+        Ok(Ok(l)) => l,
+        _ => return ("the source opened no page link".into(), None),
+    };
+    let (mut lr, mut lw) = local.into_split();
+    let up = tokio::spawn(async move {
+        // Requests of the daemon, to the source.
+        let n = AtomicU64::new(0);
+        if pump(&mut lr, &mut tw, &n, None).await.is_ok() {
+            let _ = tw.shutdown().await;
+        }
+    });
+    // Pages from the source. A cut link without a reset shows as silence.
+    let why = match pump(&mut tr, &mut lw, &pages, Some(idle)).await {
+        Ok(()) => "the source closed the page link".to_string(),
+        Err(e) => format!("page link: {e}"),
+    };
+    (why, Some(Keep { _write: lw, up }))
+}
+
+/// How a post-copy ended at the destination.
+pub enum DestEnd {
+    /// Every page arrived; the daemon exited cleanly.
+    Complete { page_bytes: u64 },
+    /// Pages can no longer arrive; the caller must kill its copy before
+    /// dropping `keep`.
+    Lost { reason: String, keep: Option<Keep> },
+}
+
+/// Wait until the lazy-pages daemon has every page, or the source can no
+/// longer send any. After the source's side ends, the daemon gets a moment
+/// to finish (a clean end closes the link just before the daemon exits).
+pub async fn wait_destination(p: &mut DestPostCopy) -> DestEnd {
+    let bridge_end = tokio::select! {
+        exit = &mut p.daemon_exit => {
+            return match exit {
+                Ok(e) if e.success() => DestEnd::Complete { page_bytes: p.pages.load(Ordering::Relaxed) },
+                Ok(e) => DestEnd::Lost {
+                    reason: format!("criu lazy-pages failed ({e}): {}", daemon_log_tail(&p.work)),
+                    keep: None,
+                },
+                Err(_) => DestEnd::Lost { reason: "criu lazy-pages was not reaped".into(), keep: None },
+            };
+        }
+        b = &mut p.bridge => b.unwrap_or_else(|e| (format!("bridge task: {e}"), None)),
+    };
+    let (why, keep) = bridge_end;
+    match tokio::time::timeout(Duration::from_secs(3), &mut p.daemon_exit).await {
+        Ok(Ok(e)) if e.success() => DestEnd::Complete { page_bytes: p.pages.load(Ordering::Relaxed) },
+        Ok(Ok(e)) => {
+            DestEnd::Lost { reason: format!("{why}; criu lazy-pages failed ({e}): {}", daemon_log_tail(&p.work)), keep }
+        }
+        _ => DestEnd::Lost { reason: format!("{why} before the last page arrived"), keep },
+    }
+}
+
+// --------------------------------------------------------- source: settle
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn criu_versions_must_share_major_and_minor() {
+        assert!(check_criu_versions("Version: 4.2.1", "Version: 4.2").is_ok());
+        assert!(check_criu_versions("Version: 4.2.1", "Version: 4.1.1").is_err());
+        assert!(check_criu_versions("", "Version: 4.2.1").is_err());
+        assert_eq!(criu_major_minor("Version: 4.2.1"), Some((4, 2)));
+    }
+
+    #[test]
+    fn a_small_pipe_max_size_is_refused_with_the_fix() {
+        let f = HostFacts { criu_version: String::new(), pipe_max_size: Some(1 << 20), uffd_problem: None };
+        let e = check_source(&f).unwrap_err();
+        assert!(e.contains("fs.pipe-max-size") && e.contains("4194304"), "{e}");
+        assert!(check_source(&HostFacts { pipe_max_size: Some(4 << 20), ..f.clone() }).is_ok());
+        assert!(check_destination(&f).is_ok());
+        let no = HostFacts { uffd_problem: Some("no".into()), ..f };
+        assert!(check_destination(&no).unwrap_err().contains("post-copy is not possible"));
+    }
+
+    #[test]
+    fn a_page_link_for_an_unknown_migration_is_refused() {
+        let (a, _b) = tokio::io::duplex(64);
+        let (r, w) = tokio::io::split(a);
+        let link = Link { read: Box::new(r), write: Box::new(w) };
+        assert!(deliver_link("m-unknown", link).is_err());
+        let mut slot = expect_link("m-known");
+        let (a, _b) = tokio::io::duplex(64);
+        let (r, w) = tokio::io::split(a);
+        assert!(deliver_link("m-known", Link { read: Box::new(r), write: Box::new(w) }).is_ok());
+        assert!(slot.rx.take().unwrap().try_recv().is_ok());
+        drop(slot);
+        assert!(waiting().lock().unwrap().is_empty());
+    }
+}
