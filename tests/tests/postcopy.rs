@@ -135,9 +135,10 @@ fn the_source_killed_during_post_copy_ends_the_destinations_copy() {
     let err = st["last_op"]["error"].as_str().unwrap_or_default().to_string();
     assert!(err.contains("migration lost during post-copy"), "{st}");
     println!("destination ended its copy {:?} after the source died: {err}", t0.elapsed());
-    let last = last_tick(&b);
+    // It may have printed no tick at all (its threads waited for pages).
+    let last = ticks(&b, 0).last().copied();
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(last_tick(&b), last, "ticks at the destination after it reported the loss");
+    assert_eq!(ticks(&b, 0).last().copied(), last, "ticks at the destination after it reported the loss");
     // No nested container is left in the destination's runtime.
     let list = b.exec("runc", &["--root", "/run/ums/runtime", "list", "-q"]).unwrap();
     assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "", "{list:?}");
