@@ -138,26 +138,35 @@ fn checkpoint_restore_keeps_counting_with_128mib() {
         "{bad:?}"
     );
 
-    // A leave-running checkpoint, and a second one while it runs: busy.
+    // A leave-running checkpoint, and a second one while it runs: busy. The
+    // second is sent once status shows the first under way; a first one
+    // that ended before it was seen (a loaded machine) is tried again.
     let from = a.log().len();
-    let h = {
-        let mut cmd = a.command("/opt/ums/ums");
-        cmd.args(["checkpoint", "/run/c1"]);
-        std::thread::spawn(move || cmd.output().unwrap())
-    };
     let mut saw_busy = false;
-    for _ in 0..40 {
-        std::thread::sleep(Duration::from_millis(10));
-        let c2 = a.ums(&["checkpoint", "/run/c2"]).unwrap();
-        if c2.status.code() == Some(3) {
-            assert!(String::from_utf8_lossy(&c2.stderr).contains("busy"), "{c2:?}");
-            saw_busy = true;
+    for round in 0..5 {
+        let h = {
+            let mut cmd = a.command("/opt/ums/ums");
+            cmd.args(["checkpoint", &format!("/run/c1-{round}")]);
+            std::thread::spawn(move || cmd.output().unwrap())
+        };
+        while !h.is_finished() {
+            if status(&a)["state"]["busy"] == "checkpoint" {
+                let c2 = a.ums(&["checkpoint", &format!("/run/c2-{round}")]).unwrap();
+                if c2.status.code() == Some(3) {
+                    assert!(String::from_utf8_lossy(&c2.stderr).contains("busy"), "{c2:?}");
+                    saw_busy = true;
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let c1 = h.join().unwrap();
+        assert!(c1.status.success(), "{c1:?}");
+        if saw_busy {
             break;
         }
     }
-    let c1 = h.join().unwrap();
-    assert!(c1.status.success(), "{c1:?}");
-    assert!(saw_busy, "a second checkpoint during the first was not refused as busy");
+    assert!(saw_busy, "a second checkpoint during the first was not refused as busy (5 tries)");
     a.log().wait_for_from(a.log().len(), "tick ", T).expect("runs on after a leave-running checkpoint");
     assert_consecutive(&ticks(&a, from));
 
