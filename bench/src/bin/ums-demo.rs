@@ -6,7 +6,8 @@
 //! memory and a counter that ticks every 100 ms) as a nested runc container;
 //! outer B is a standby. The demo asks A's `ums` to live-migrate the workload
 //! to B, prints the per-phase table, shows that the counter goes on in B where
-//! it stopped in A, migrates it back, and prints `ums status` of both.
+//! it stopped in A, migrates it back with post-copy (the workload runs at A
+//! at once, its memory follows), and prints `ums status` of both.
 //!
 //!     ums-demo [--mib N] [--rate 1gbit|none] [--verbose]
 //!
@@ -140,14 +141,14 @@ fn indent(text: &str) -> String {
 /// Migrate the workload from `src` to `dst` (reached at `dst_addr`), print the
 /// table `ums migrate` prints, and show that the counter goes on in `dst`
 /// exactly where it stopped in `src`.
-fn migrate(src: &Outer, dst: &Outer, dst_addr: std::net::Ipv4Addr) -> anyhow::Result<()> {
+fn migrate(src: &Outer, dst: &Outer, dst_addr: std::net::Ipv4Addr, mode: &str) -> anyhow::Result<()> {
     check_interrupted()?;
     let from_src = src.log().len();
     let from_dst = dst.log().len();
     let to = format!("{dst_addr}:{PEER_PORT}");
-    println!("    {}$ ums migrate --to {to}", src.name());
+    println!("    {}$ ums migrate --mode {mode} --to {to}", src.name());
     let t = Instant::now();
-    let table = src.ums_ok(&["migrate", "--to", &to])?;
+    let table = src.ums_ok(&["migrate", "--mode", mode, "--to", &to])?;
     let took = t.elapsed();
     print!("{}", indent(&table));
     println!("    (the client waited {:.2} s)", took.as_secs_f64());
@@ -187,6 +188,18 @@ fn migrate(src: &Outer, dst: &Outer, dst_addr: std::net::Ipv4Addr) -> anyhow::Re
         bail!("{} still printed ticks after the migration", src.name());
     }
     println!("    the counter went on at {} with no gap, no repeat and no restart", dst.name());
+    Ok(())
+}
+
+/// CRIU's lazy dump needs pipes of 4 MiB (post-copy's pre-migration check
+/// says so otherwise); raise the host's limit if it is lower.
+fn lazy_pages_host() -> anyhow::Result<()> {
+    let p = "/proc/sys/fs/pipe-max-size";
+    let cur: u64 = std::fs::read_to_string(p).context(p)?.trim().parse().context(p)?;
+    if cur < 4 << 20 {
+        std::fs::write(p, (4u64 << 20).to_string()).with_context(|| format!("raise {p} to 4 MiB"))?;
+        println!("    raised fs.pipe-max-size from {cur} to {} for CRIU's lazy dump", 4u64 << 20);
+    }
     Ok(())
 }
 
@@ -231,15 +244,16 @@ fn run(o: &Opts) -> anyhow::Result<()> {
     print!("{}", indent(&a.ums_ok(&["status"])?));
     done(t);
 
-    let t = step(4, "live-migrate the workload A -> B");
-    migrate(&a, &b, hb.addr())?;
+    let t = step(4, "live-migrate the workload A -> B (stop-copy: frozen while its memory moves)");
+    migrate(&a, &b, hb.addr(), "stop-copy")?;
     done(t);
 
-    let t = step(5, "let it run in B for a second, then migrate it back B -> A");
+    let t = step(5, "let it run in B for a second, then migrate it back B -> A (post-copy: it runs at A at once, its memory follows)");
+    lazy_pages_host()?;
     let from = b.log().len();
     wait_line(&b, from, "tick ", CONTINUE_TIMEOUT)?;
     std::thread::sleep(Duration::from_millis(1000));
-    migrate(&b, &a, ha.addr())?;
+    migrate(&b, &a, ha.addr(), "post-copy")?;
     done(t);
 
     step(6, "ums status of both");

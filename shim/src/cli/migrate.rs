@@ -56,9 +56,11 @@ pub fn table(v: &serde_json::Value) -> String {
         ));
     }
     out.push_str(&format!("downtime         {}   (workload frozen until the destination ran it)\n", s("frozen_ms")));
+    let post_copy = v["mode"] == "post-copy";
     out.push_str(&format!(
-        "total            {}   (request until the workload ran at the destination)\n",
-        s("total_ms")
+        "total            {}   (request until {})\n",
+        s("total_ms"),
+        if post_copy { "the last page arrived" } else { "the workload ran at the destination" }
     ));
     if v["in_doubt_ms"].as_f64().unwrap_or(0.0) > 0.0 {
         out.push_str(&format!(
@@ -66,7 +68,7 @@ pub fn table(v: &serde_json::Value) -> String {
             s("in_doubt_ms")
         ));
     }
-    if v["mode"] == "post-copy" {
+    if post_copy {
         out.push_str(&format!(
             "last page        {}   (from the freeze; the source stayed frozen until then)\n",
             s("last_page_ms")
@@ -81,11 +83,15 @@ pub fn table(v: &serde_json::Value) -> String {
         out.push_str(&format!("then             {}   (ending the frozen copy here)\n", s("finish_ms")));
     }
     out.push_str(&format!(
-        "bytes            {:>10.1} MiB  (+{:.1} MiB image blobs)\n",
+        "bytes            {:>10.1} MiB  (+{:.1} MiB image blobs{})\n",
         mib,
-        v["blob_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+        v["blob_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+        if post_copy { "; the checkpoint without its memory" } else { "" }
     ));
-    out.push_str(&format!("throughput       {:>10.1} MiB/s\n", v["throughput_mib_s"].as_f64().unwrap_or(0.0)));
+    // Post-copy's memory moves after the transfer phase: no rate to show.
+    if !post_copy {
+        out.push_str(&format!("throughput       {:>10.1} MiB/s\n", v["throughput_mib_s"].as_f64().unwrap_or(0.0)));
+    }
     out
 }
 
@@ -104,7 +110,9 @@ mod tests {
         });
         let t = super::table(&v);
         assert!(t.contains("post-copy") && t.contains("last page") && t.contains("256.0 MiB"), "{t}");
+        assert!(t.contains("until the last page arrived") && !t.contains("throughput"), "{t}");
         v["mode"] = "stop-copy".into();
-        assert!(!super::table(&v).contains("last page"));
+        let t = super::table(&v);
+        assert!(!t.contains("last page") && t.contains("throughput"), "{t}");
     }
 }
