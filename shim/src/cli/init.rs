@@ -57,6 +57,12 @@ pub struct Args {
     /// After a migration, forward clients to the destination until none came for this long.
     #[arg(long, env = "UMS_DRAIN", default_value = "10s", value_parser = crate::supervisor::parse_duration)]
     pub drain: std::time::Duration,
+    /// Before a freeze, how long connections already open to the workload
+    /// may take to finish (2s); those still open then are closed once the
+    /// workload has left. Keep-alive clients never finish: a shorter wait
+    /// holds new clients for less time before the freeze.
+    #[arg(long, env = "UMS_IN_FLIGHT_WAIT", default_value = "2s", value_parser = crate::supervisor::parse_duration)]
+    pub in_flight_wait: std::time::Duration,
     /// Before a freeze, how long at most the workload may accept connections
     /// already queued on its listening sockets (500ms); any left are not
     /// dumped (CRIU's skip-in-flight) and counted as `in_flight_skipped`.
@@ -128,8 +134,8 @@ impl Args {
             hold: crate::net::proxy::HoldConfig {
                 max_held: self.hold_max,
                 max_hold: self.hold_timeout,
+                in_flight: self.in_flight_wait,
                 drain: self.drain,
-                ..Default::default()
             },
             listen_drain: self.listen_drain,
             streaming: self.streaming,
