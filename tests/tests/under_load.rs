@@ -436,6 +436,11 @@ fn a_restore_failing_inside_criu_prints_criu_s_error() {
     let (ha, _hb) = Host::pair("ufail", None).unwrap();
     let a = Outer::builder("ufail-a").host(&ha).layout(&img.layout).start().unwrap();
     a.wait_for_line("listening", T).unwrap();
+    // The workload prints before ums has ended its start operation.
+    let until = std::time::Instant::now() + T;
+    while status(&a)["state"] != "running" && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     a.ums_ok(&["checkpoint", "--stop", "/var/lib/ums/ck"]).unwrap();
     assert_eq!(status(&a)["state"], "standby");
     // A process tree CRIU cannot read.
