@@ -104,6 +104,10 @@ pub enum Failpoint {
     /// Every restore waits 3 s there: a window in which a test can kill
     /// the destination mid-restore.
     SlowRestore,
+    /// Every start waits 3 s once the workload runs, before the start ends
+    /// here: the window in which a workload already prints while `ums
+    /// status` still says `busy: start`.
+    SlowStart,
 }
 
 /// Addresses of the link between the outer container and the nested one.

@@ -202,3 +202,29 @@ fn checkpoint_restore_keeps_counting_with_128mib() {
     let f = b.exec("cat", &[&format!("/proc/{pid}/root/home/app/marker")]).unwrap();
     assert_eq!(String::from_utf8_lossy(&f.stdout).trim(), content, "file written before the checkpoint");
 }
+
+/// The workload prints before ums has ended its start operation (here held
+/// open 3 s by a fail point): `ums status` answers at once meanwhile, and a
+/// checkpoint asked for then is not refused as busy but begins once the
+/// start has ended; the workload counts on after it.
+#[test]
+fn a_checkpoint_asked_for_during_start_up_waits_for_the_start() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path(), "16", false);
+    let mut o = Outer::builder("sup-early").layout(&img.layout).env("UMS_FAILPOINT", "slow-start").start().unwrap();
+    o.wait_for_line("tick 1 ", T).expect("the workload runs");
+    let t0 = std::time::Instant::now();
+    let s = status(&o);
+    assert!(t0.elapsed() < Duration::from_secs(2), "status took {:?}", t0.elapsed());
+    assert_eq!(s["state"]["busy"], "start", "the start has not ended yet: {s}");
+    let out = o.ums_ok(&["checkpoint", "/run/early"]).expect("a checkpoint during start-up is carried out");
+    assert!(out.contains("checkpoint written"), "{out}");
+    assert_eq!(status(&o)["state"], "running");
+    let files = o.exec("ls", &["/run/early/criu"]).unwrap();
+    assert!(String::from_utf8_lossy(&files.stdout).contains("pages-"), "{files:?}");
+    let from = o.log().len();
+    o.log().wait_for_from(from, "tick ", T).expect("runs on after the checkpoint");
+    o.signal(Signal::SIGTERM).unwrap();
+    o.wait(T).unwrap();
+}

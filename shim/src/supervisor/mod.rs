@@ -105,6 +105,11 @@ pub struct Supervisor {
     kill_at: Option<tokio::time::Instant>,
     /// The migration id the running workload arrived with, if it did.
     incoming_id: Option<String>,
+    /// Checkpoints and migrations asked for while the workload was still
+    /// starting: the workload may already print before its start has ended
+    /// here, and a user acting on that output should not be told "busy".
+    /// They begin, in order, once the start has ended.
+    after_start: Vec<(Request, oneshot::Sender<Response>)>,
     inbox_tx: mpsc::Sender<Msg>,
     inbox: mpsc::Receiver<Msg>,
     signals: mpsc::UnboundedReceiver<Signal>,
@@ -137,6 +142,7 @@ impl Supervisor {
             evacuation_tried: false,
             kill_at: None,
             incoming_id: None,
+            after_start: Vec::new(),
             inbox_tx,
             inbox,
             signals,
@@ -450,6 +456,9 @@ impl Supervisor {
             tracing::error!(error = %e, "cannot start the workload");
             eprintln!("ums: cannot start the workload: {e}");
             self.state = State::Exited;
+            for (_, reply) in self.after_start.drain(..) {
+                let _ = reply.send(Response::err(ErrorKind::InvalidState, format!("the workload did not start: {e}")));
+            }
             return Some(1);
         }
         let response = match &d.result {
@@ -492,6 +501,13 @@ impl Supervisor {
         if let Some(r) = d.reply {
             let _ = r.send(response);
         }
+        if d.op == Op::Start {
+            // The first begins; any later one is refused as busy, as it
+            // would have been had it arrived after the start.
+            for (req, reply) in std::mem::take(&mut self.after_start) {
+                self.on_request(req, reply);
+            }
+        }
         self.after_op()
     }
 
@@ -512,6 +528,11 @@ impl Supervisor {
             Request::Restore { .. } => Op::Restore,
             Request::Migrate { .. } => Op::MigrateOut,
         };
+        if self.state == State::Busy(Op::Start) && matches!(op, Op::Checkpoint | Op::MigrateOut) {
+            tracing::info!(op = %op, "asked for while the workload starts: begins once the start has ended");
+            self.after_start.push((req, reply));
+            return;
+        }
         let next = match self.state.begin(op) {
             Ok(s) => s,
             Err(r) => {

@@ -380,6 +380,9 @@ pub fn start(cfg: &Config, reaper: &Reaper, runtime: &Runtime) -> Result<Nested,
         runtime
             .run_detached(reaper, &id, &bundle.dir, &bundle.pid_file(), stdio_pipes()?)
             .map_err(|source| NestedError::Runtime { op: "start", source })?;
+        if cfg.failpoint == Some(crate::config::Failpoint::SlowStart) {
+            std::thread::sleep(Duration::from_secs(3));
+        }
         Ok((read_pid(&bundle.pid_file())?, uid))
     })();
     match result {
@@ -480,7 +483,7 @@ fn failpoint_before_restore(cfg: &Config) -> Result<(), NestedError> {
             std::thread::sleep(Duration::from_secs(3));
             Ok(())
         }
-        None => Ok(()),
+        Some(crate::config::Failpoint::SlowStart) | None => Ok(()),
     }
 }
 
