@@ -92,6 +92,11 @@ pub struct Config {
     pub evacuate_to: Vec<String>,
     /// After a SIGTERM, no new evacuation attempt starts later than this.
     pub evacuate_within: Duration,
+    /// Pre-copy: the freeze the rounds aim at; they stop once the next
+    /// delta would cross the link in this time.
+    pub precopy_target_freeze: Duration,
+    /// Pre-copy: most rounds while the workload runs (then the final one).
+    pub precopy_rounds: u32,
 }
 
 /// Faults the end-to-end tests inject into a real `ums init` (hidden flag
@@ -202,6 +207,8 @@ impl Default for Config {
             seccomp: crate::workload::seccomp::Seccomp::Default,
             evacuate_to: Vec::new(),
             evacuate_within: Duration::from_secs(20),
+            precopy_target_freeze: Duration::from_millis(500),
+            precopy_rounds: 5,
         }
     }
 }

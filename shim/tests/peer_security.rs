@@ -164,6 +164,7 @@ async fn dest(peer_timeout: Duration) -> Dest {
         tcp_established: true,
         cpu_features: None,
         post_copy: false,
+        pre_copy: false,
     };
     let before = tree(root);
     Dest { addr, tmp, events, hello, before }
@@ -460,6 +461,7 @@ async fn a_symlink_escaping_the_writable_layer_is_refused() {
     wire::send_json(&mut c.write, Kind::FileOpen, &open).await.unwrap();
     wire::write_frame(&mut c.write, Kind::Data, &[&wire::data_header(1, 0), &diff]).await.unwrap();
     let manifest = ums::migration::Manifest {
+        pages: Vec::new(),
         files: vec![ums::migration::FileEntry {
             name: "rootfs-diff.tar".into(),
             kind: FileKind::UpperDiff,
@@ -516,6 +518,7 @@ async fn a_migration_fenced_by_a_query_is_never_restored() {
     wire::send_json(&mut c.write, Kind::FileOpen, &open).await.unwrap();
     wire::write_frame(&mut c.write, Kind::Data, &[&wire::data_header(1, 0), &diff]).await.unwrap();
     let manifest = ums::migration::Manifest {
+        pages: Vec::new(),
         files: vec![ums::migration::FileEntry {
             name: "rootfs-diff.tar".into(),
             kind: FileKind::UpperDiff,

@@ -6,6 +6,13 @@
  *                             (the workload is then PROCS processes in all)
  *   memctr spawn-orphans K    also fork K children that each leave an orphan
  *
+ * MEMCTR_WRITE_MIB_S=N: a writer. Every tick rewrites the next N/10 MiB of
+ * the memory (in order, wrapping around), each word with a value that
+ * depends on its index and how often it was written, so the whole memory
+ * can be recomputed from (seed, words written). On SIGUSR1 it then prints
+ * `expect <16 hex>` (the checksum the memory must have) after `sum`: equal
+ * when no page was lost or stale, e.g. across a migration.
+ *
  * Lines on stdout (each flushed at once, stdout is usually a pipe):
  *   env FOO=<value|unset>  cwd <dir>  uid <u> gid <g>
  *   sum <16 hex>           checksum of the memory (again on every SIGUSR1)
@@ -79,6 +86,34 @@ static uint64_t checksum(const uint64_t *words, size_t n)
 	uint64_t h = 0xcbf29ce484222325ULL;
 	for (size_t i = 0; i < n; i++) {
 		h ^= words[i];
+		h *= 0x100000001b3ULL;
+	}
+	return h;
+}
+
+static uint64_t splitmix(uint64_t x)
+{
+	x += 0x9e3779b97f4a7c15ULL;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+	return x ^ (x >> 31);
+}
+
+/* The value word i holds after being rewritten `times` (>= 1) times. */
+static uint64_t written(uint64_t seed, size_t i, uint64_t times)
+{
+	return splitmix(seed ^ ((uint64_t)i * 0xff51afd7ed558ccdULL) ^ (times << 40));
+}
+
+/* The checksum the memory must have after `total` words were rewritten. */
+static uint64_t expected(uint64_t seed, size_t n, uint64_t total)
+{
+	uint64_t h = 0xcbf29ce484222325ULL, state = seed;
+	uint64_t passes = n ? total / n : 0, partial = n ? total % n : 0;
+	for (size_t i = 0; i < n; i++) {
+		uint64_t initial = xorshift64(&state);
+		uint64_t times = passes + (i < partial ? 1 : 0);
+		h ^= times ? written(seed, i, times) : initial;
 		h *= 0x100000001b3ULL;
 	}
 	return h;
@@ -192,6 +227,10 @@ int main(int argc, char **argv)
 	size_t nwords = (size_t)mib * (1024 * 1024 / sizeof(uint64_t));
 	uint64_t *mem = NULL;
 	uint64_t state = random_seed();
+	const uint64_t seed = state;
+	const char *env_rate = getenv("MEMCTR_WRITE_MIB_S");
+	size_t per_tick = env_rate ? (size_t)strtol(env_rate, NULL, 10) * (1024 * 1024 / sizeof(uint64_t)) / 10 : 0;
+	uint64_t total_written = 0;
 	if (nwords) {
 		mem = mmap(NULL, nwords * sizeof *mem, PROT_READ | PROT_WRITE,
 			   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -238,6 +277,8 @@ int main(int argc, char **argv)
 		if (got_usr1) {
 			got_usr1 = 0;
 			printf("sum %016" PRIx64 "\n", checksum(mem, nwords));
+			if (per_tick)
+				printf("expect %016" PRIx64 "\n", expected(seed, nwords, total_written));
 		}
 		reaped += reap_all();
 		if (orphans > 0 && !orphans_reported && reaped >= 2 * orphans) {
@@ -248,6 +289,10 @@ int main(int argc, char **argv)
 			continue;
 
 		printf("tick %" PRIu64 " %" PRId64 "\n", ++n, now_ns(CLOCK_REALTIME) / 1000000);
+		for (size_t k = 0; nwords && k < per_tick; k++, total_written++) {
+			size_t i = total_written % nwords;
+			mem[i] = written(seed, i, total_written / nwords + 1);
+		}
 
 		int64_t now = now_ns(CLOCK_MONOTONIC);
 		deadline += TICK_NS;

@@ -109,6 +109,15 @@ pub struct Args {
     /// No evacuation attempt starts later than this after the SIGTERM (20s).
     #[arg(long, env = "UMS_EVACUATE_WITHIN", default_value = "20s", value_parser = crate::supervisor::parse_duration)]
     pub evacuate_within: std::time::Duration,
+    /// Pre-copy (`ums migrate --mode pre-copy` from here): the freeze the
+    /// rounds aim at. They stop once the next round's changed pages would
+    /// cross the link, at the rate measured so far, in this time (500ms).
+    #[arg(long, env = "UMS_PRECOPY_TARGET_FREEZE", default_value = "500ms", value_parser = crate::supervisor::parse_duration)]
+    pub precopy_target_freeze: std::time::Duration,
+    /// Pre-copy: most rounds while the workload runs before the final,
+    /// frozen one (5); fewer when rounds stop shrinking.
+    #[arg(long, env = "UMS_PRECOPY_ROUNDS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub precopy_rounds: u32,
     /// Command to run instead of the image's Entrypoint and Cmd.
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -146,6 +155,8 @@ impl Args {
             seccomp: self.seccomp,
             evacuate_to: self.evacuate_to,
             evacuate_within: self.evacuate_within,
+            precopy_target_freeze: self.precopy_target_freeze,
+            precopy_rounds: self.precopy_rounds,
             ..Config::default()
         }
     }

@@ -11,9 +11,12 @@ pub struct Args {
     #[arg(long)]
     pub to: String,
     /// How memory moves: `stop-copy` (all of it while the workload is
-    /// frozen) or `post-copy` (the workload runs at the destination at once
-    /// and its memory follows; needs userfaultfd there and fs.pipe-max-size
-    /// >= 4 MiB here).
+    /// frozen), `pre-copy` (rounds while it runs, each sending only the
+    /// pages that changed, found by content; then a short freeze for the
+    /// last changes; tuned by `ums init --precopy-target-freeze` and
+    /// `--precopy-rounds` at the source) or `post-copy` (the workload runs
+    /// at the destination at once and its memory follows; needs userfaultfd
+    /// there and fs.pipe-max-size >= 4 MiB here).
     #[arg(long, value_enum, default_value_t = Mode::StopCopy)]
     pub mode: Mode,
     #[command(flatten)]
@@ -48,6 +51,34 @@ pub fn table(v: &serde_json::Value) -> String {
             "after the dump"
         }
     ));
+    if let Some(rounds) = v["rounds"].as_array() {
+        out.push_str("pre-copy rounds  (while the workload ran)\n");
+        out.push_str("  round        sent     pages sent / in dump     pause      send\n");
+        for r in rounds {
+            out.push_str(&format!(
+                "  {:>5} {:>8.1} MiB  {:>10} / {:<10} {:>7.3} s {:>7.3} s\n",
+                r["round"].as_u64().unwrap_or(0),
+                r["bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                r["pages_sent"].as_u64().unwrap_or(0),
+                r["pages"].as_u64().unwrap_or(0),
+                r["pause_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+                r["send_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+            ));
+        }
+        let f = &v["final_round"];
+        out.push_str(&format!(
+            "  final {:>8.1} MiB  {:>10} / {:<10} {:>7.3} s   (frozen: the freeze below)\n",
+            f["bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            f["pages_sent"].as_u64().unwrap_or(0),
+            f["pages"].as_u64().unwrap_or(0),
+            f["freeze_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+        ));
+        out.push_str(&format!(
+            "  stopped by {} (link {:.1} MiB/s)\n",
+            v["stop_reason"].as_str().unwrap_or("?"),
+            v["link_rate_mib_s"].as_f64().unwrap_or(0.0)
+        ));
+    }
     out.push_str(&format!("restore          {}\n", s("restore_ms")));
     if let Some(skipped) = v["in_flight_skipped"].as_u64() {
         out.push_str(&format!(
@@ -86,7 +117,13 @@ pub fn table(v: &serde_json::Value) -> String {
         "bytes            {:>10.1} MiB  (+{:.1} MiB image blobs{})\n",
         mib,
         v["blob_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
-        if post_copy { "; the checkpoint without its memory" } else { "" }
+        if post_copy {
+            "; the checkpoint without its memory"
+        } else if v["rounds"].is_array() {
+            "; the final round only"
+        } else {
+            ""
+        }
     ));
     // Post-copy's memory moves after the transfer phase: no rate to show.
     if !post_copy {
@@ -114,5 +151,23 @@ mod tests {
         v["mode"] = "stop-copy".into();
         let t = super::table(&v);
         assert!(!t.contains("last page") && t.contains("throughput"), "{t}");
+        assert!(!t.contains("pre-copy rounds"), "{t}");
+    }
+
+    #[test]
+    fn the_table_shows_each_pre_copy_round() {
+        let v = serde_json::json!({
+            "peer": "p", "migration_id": "m-1", "mode": "pre-copy", "frozen_ms": 700.0, "bytes": 3145728,
+            "rounds": [
+                {"round": 1, "bytes": 268435456, "pages": 65536, "pages_sent": 65536, "pause_ms": 310.0, "send_ms": 2200.0},
+                {"round": 2, "bytes": 4194304, "pages": 65536, "pages_sent": 1024, "pause_ms": 290.0, "send_ms": 40.0},
+            ],
+            "final_round": {"bytes": 3145728, "pages": 65536, "pages_sent": 700, "freeze_ms": 700.0},
+            "stop_reason": "the round limit", "link_rate_mib_s": 117.0,
+        });
+        let t = super::table(&v);
+        assert!(t.contains("pre-copy rounds") && t.contains("256.0 MiB") && t.contains("1024 / 65536"), "{t}");
+        assert!(t.contains("final") && t.contains("700 / 65536") && t.contains("the round limit"), "{t}");
+        assert!(t.contains("the final round only"), "{t}");
     }
 }

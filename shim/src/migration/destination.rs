@@ -322,8 +322,16 @@ async fn receive(
     }
     prepare_image(cfg, hello, &layout, w).await?;
     wire::send_json(w, Kind::Ready, &serde_json::json!({})).await?;
-    let (manifest, files) = receive_checkpoint(cfg, dir, r, &mut total).await?;
-    let verify_ms = verify(hello, &manifest, files)?;
+    let (manifest, files) = receive_checkpoint(cfg, dir, r, w, hello.pre_copy, &mut total).await?;
+    let mut verify_ms = verify(hello, &manifest, files)?;
+    if hello.pre_copy {
+        // The final round: complete pages images from the held ones and the deltas.
+        let t = Instant::now();
+        rebuild_round(cfg, dir, &manifest.pages, w).await?;
+        let _ = std::fs::remove_dir_all(dir.join("held"));
+        let _ = std::fs::remove_dir_all(dir.join("delta"));
+        verify_ms += ms(t.elapsed());
+    }
     tracing::info!(files = manifest.files.len(), bytes = total, verify_ms, "checkpoint verified; restoring");
     // A source that asked meanwhile was told "not running": keep the promise.
     if let Err(phase) = outcomes.start_restore(&hello.migration_id) {
@@ -489,11 +497,64 @@ async fn prepare_image(
     Ok(())
 }
 
+/// Pre-copy: in `dir/criu`, rebuild the pages images of `checks` from the
+/// deltas (`dir/delta`) and the previous round's images (`dir/held`).
+async fn rebuild_round(
+    cfg: &crate::config::Config,
+    dir: &Path,
+    checks: &[super::PagesCheck],
+    w: &mut (impl AsyncWriteExt + Unpin),
+) -> Result<(), InError> {
+    let (incoming, deltas, held, checks) = (dir.join("criu"), dir.join("delta"), dir.join("held"), checks.to_vec());
+    let job = tokio::task::spawn_blocking(move || {
+        let held = held.exists().then_some(held.as_path());
+        super::precopy::rebuild_dir(&incoming, &deltas, held, &checks)
+    });
+    with_heartbeats(w, cfg.peer_read_timeout, job)
+        .await
+        .map_err(|e| InError::Refuse(e.to_string()))?
+        .map_err(|e| InError::Refuse(format!("pre-copy: cannot rebuild the pages: {e}")))
+}
+
+/// Pre-copy: a round while the workload runs has arrived: check its files,
+/// rebuild its pages images, and hold them (in `dir/held`) for the next round.
+async fn take_round(
+    cfg: &crate::config::Config,
+    dir: &Path,
+    end: super::RoundEnd,
+    files: HashMap<u32, Incoming>,
+    w: &mut (impl AsyncWriteExt + Unpin),
+) -> Result<(), InError> {
+    let t = Instant::now();
+    verify_files(&end.files, files)?;
+    rebuild_round(cfg, dir, &end.pages, w).await?;
+    let (criu, held, delta) = (dir.join("criu"), dir.join("held"), dir.join("delta"));
+    let rotate = || -> std::io::Result<()> {
+        if held.exists() {
+            std::fs::remove_dir_all(&held)?;
+        }
+        std::fs::rename(&criu, &held)?;
+        if delta.exists() {
+            std::fs::remove_dir_all(&delta)?;
+        }
+        std::fs::create_dir_all(&criu)
+    };
+    rotate().map_err(|e| InError::Refuse(format!("pre-copy: cannot keep round {}: {e}", end.round)))?;
+    let rebuild_ms = ms(t.elapsed());
+    tracing::info!(round = end.round, files = end.files.len(), rebuild_ms, "pre-copy round held");
+    wire::send_json(w, Kind::RoundOk, &super::RoundOk { round: end.round, rebuild_ms }).await?;
+    Ok(())
+}
+
 /// The checkpoint stream until the manifest: the files received, by id.
+/// Pre-copy: rounds (files, then `RoundEnd`) come first, each one rebuilt
+/// and answered with `RoundOk`.
 async fn receive_checkpoint(
     cfg: &crate::config::Config,
     dir: &Path,
     r: &mut (impl tokio::io::AsyncReadExt + Unpin),
+    w: &mut (impl AsyncWriteExt + Unpin),
+    pre_copy: bool,
     total: &mut u64,
 ) -> Result<(Manifest, HashMap<u32, Incoming>), InError> {
     let deadline = cfg.peer_read_timeout;
@@ -503,6 +564,12 @@ async fn receive_checkpoint(
         match f.kind {
             Kind::FileOpen | Kind::Data => {
                 accept_file_frame(&f, dir, &mut files, total, cfg.max_checkpoint_bytes, FileKind::Image, &[])?
+            }
+            Kind::RoundEnd if pre_copy => {
+                let end: super::RoundEnd = f.parse()?;
+                take_round(cfg, dir, end, std::mem::take(&mut files), w).await?;
+                // Each round is bounded on its own.
+                *total = 0;
             }
             Kind::Manifest => break f.parse()?,
             _ => {
@@ -518,23 +585,28 @@ async fn receive_checkpoint(
 }
 
 /// Verify: the same files, sizes and digests as the source saw. Answers the time it took, in ms.
-fn verify(hello: &Hello, manifest: &Manifest, mut files: HashMap<u32, Incoming>) -> Result<f64, InError> {
+fn verify(hello: &Hello, manifest: &Manifest, files: HashMap<u32, Incoming>) -> Result<f64, InError> {
     let t_verify = Instant::now();
     if manifest.meta.image.manifest_digest != hello.image.manifest_digest {
         return Err(InError::Refuse("the manifest names another workload image".into()));
     }
+    if !hello.pre_copy && !manifest.pages.is_empty() {
+        return Err(InError::Refuse("page deltas in a migration that is not pre-copy".into()));
+    }
+    verify_files(&manifest.files, files)?;
+    Ok(ms(t_verify.elapsed()))
+}
+
+/// The files received are exactly those listed, with their sizes and digests.
+fn verify_files(expected: &[super::FileEntry], mut files: HashMap<u32, Incoming>) -> Result<(), InError> {
     let mut got: HashMap<(FileKind, String), (u64, String)> = HashMap::new();
     for (_, inc) in files.drain() {
         got.insert((inc.kind, inc.name), (inc.len, super::hex_digest(&inc.hash)));
     }
-    if got.len() != manifest.files.len() {
-        return Err(InError::Refuse(format!(
-            "received {} files, the manifest lists {}",
-            got.len(),
-            manifest.files.len()
-        )));
+    if got.len() != expected.len() {
+        return Err(InError::Refuse(format!("received {} files, the manifest lists {}", got.len(), expected.len())));
     }
-    for e in &manifest.files {
+    for e in expected {
         match got.get(&(e.kind, e.name.clone())) {
             None => return Err(InError::Refuse(format!("{} is in the manifest but was not received", e.name))),
             Some((len, digest)) if *len != e.size || *digest != e.blake3 => {
@@ -543,7 +615,7 @@ fn verify(hello: &Hello, manifest: &Manifest, mut files: HashMap<u32, Incoming>)
             Some(_) => {}
         }
     }
-    Ok(ms(t_verify.elapsed()))
+    Ok(())
 }
 
 /// Restore the verified checkpoint: the writable layer, then CRIU through the runtime.
@@ -660,7 +732,7 @@ fn accept_file_frame(
         let o: FileOpen = f.parse()?;
         let ok_kind = match phase {
             FileKind::Blob => o.kind == FileKind::Blob && allowed_blobs.contains(&o.name),
-            _ => o.kind == FileKind::Image || o.kind == FileKind::UpperDiff,
+            _ => matches!(o.kind, FileKind::Image | FileKind::UpperDiff | FileKind::PageDelta),
         };
         if !ok_kind {
             return Err(bad(format!("unexpected {:?} file {:?} now", o.kind, o.name)));
@@ -673,6 +745,14 @@ fn accept_file_frame(
                     return Err(bad(format!("unsafe file name {:?}", o.name)));
                 }
                 dir.join("criu").join(&o.name)
+            }
+            FileKind::PageDelta => {
+                if !safe_name(&o.name) || !super::pagedelta::is_pagemap(&o.name) {
+                    return Err(bad(format!("unsafe page delta name {:?}", o.name)));
+                }
+                let d = dir.join("delta");
+                std::fs::create_dir_all(&d).map_err(|e| bad(format!("{}: {e}", d.display())))?;
+                d.join(&o.name)
             }
         };
         if o.kind == FileKind::Blob && !safe_name(&o.name.replace(':', "-")) {

@@ -28,7 +28,9 @@ pub mod destination;
 pub mod in_doubt;
 pub mod keys;
 pub mod outcomes;
+pub mod pagedelta;
 pub mod postcopy;
+pub mod precopy;
 pub mod source;
 pub mod streamer;
 pub mod transport;
@@ -77,6 +79,10 @@ pub struct Hello {
     /// (`postcopy`). The destination refuses it when lazy pages cannot work there.
     #[serde(default)]
     pub post_copy: bool,
+    /// Pre-copy: rounds of images while the workload runs, each answered
+    /// with `RoundOk`, before the final, frozen one (`precopy`).
+    #[serde(default)]
+    pub pre_copy: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,6 +102,9 @@ pub enum FileKind {
     Image,
     /// The writable layer, as a tar stream.
     UpperDiff,
+    /// Pre-copy: the pages of a pagemap (named) that the destination does
+    /// not hold yet (`pagedelta`).
+    PageDelta,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -131,6 +140,36 @@ pub fn hex_digest(h: &FileHasher) -> String {
 pub struct Manifest {
     pub files: Vec<FileEntry>,
     pub meta: crate::workload::checkpoint::Meta,
+    /// Pre-copy: the pages images the destination rebuilds, with their digests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pages: Vec<PagesCheck>,
+}
+
+/// Pre-copy: a pages image the destination rebuilds from a delta, and the
+/// combined digest of its pages as the source dumped them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PagesCheck {
+    pub pagemap: String,
+    pub pages: u64,
+    pub digest: String,
+}
+
+/// Pre-copy: the end of a round while the workload runs (`RoundEnd`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundEnd {
+    pub round: u32,
+    pub files: Vec<FileEntry>,
+    pub pages: Vec<PagesCheck>,
+}
+
+/// Pre-copy: the destination holds the complete images of this round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundOk {
+    pub round: u32,
+    pub rebuild_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! The source side of a migration: pre-migration handshake, freeze and dump
 //! with streaming, manifest, and the decision to kill or thaw.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,10 +11,12 @@ use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 
 use super::in_doubt::{self, Resolution, Settled};
+use super::pagedelta::Held;
 use super::postcopy::{self, Mode};
+use super::precopy::{self, Stop, StopRule};
 use super::streamer::{self, Out};
 use super::wire::{self, Frame, Kind, WireError};
-use super::{FileKind, Hello, HelloOk, Manifest, MigrationResult};
+use super::{FileEntry, FileKind, Hello, HelloOk, Manifest, MigrationResult, RoundEnd, RoundOk};
 use crate::image::oci_layout::OciLayout;
 use crate::supervisor::control::Response;
 use crate::supervisor::Ctx;
@@ -168,6 +171,7 @@ async fn pre_migration(
         tcp_established: n.settings.tcp_established,
         cpu_features: Some(super::cpu::local(&cfg.cpu_hide).into_iter().collect()),
         post_copy: mode == Mode::PostCopy,
+        pre_copy: mode == Mode::PreCopy,
     };
     send(Frame::json(Kind::Hello, &hello)).await.map_err(MigrateError::Pre)?;
     let ok: HelloOk =
@@ -238,6 +242,19 @@ async fn migrate(
 
     let dir = ctx.cfg.images_root().join(&migration_id);
     let cleanup_dir = scopeguard_dir(dir.clone());
+    // Pre-copy: rounds while the workload runs; any failure leaves it
+    // running here, never frozen.
+    let rounds = match mode {
+        Mode::PreCopy => match live_rounds(ctx, n, &dir, &mut session).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                session.writer_task.abort();
+                return Err(e);
+            }
+        },
+        _ => None,
+    };
+    let held = rounds.as_ref().map(|r| r.held.clone());
     let mut frozen = freeze_and_stream(ctx, n, &dir, &session.tx, mode).await?;
     // Post-copy: the page link to the destination, open while the rest of
     // the checkpoint streams, so its lazy-pages daemon finds it.
@@ -250,7 +267,7 @@ async fn migrate(
     // From here the workload is frozen: every failure path must thaw it,
     // unless the destination may run it (settle decides).
     let mut sent = None;
-    let committed = commit(ctx, n, &dir, &mut session, frozen.streamer, frozen.t_freeze, &mut sent).await;
+    let committed = commit(ctx, n, &dir, &mut session, frozen.streamer.take(), held, frozen.t_freeze, &mut sent).await;
     let committed = match settle(
         ctx,
         n,
@@ -356,13 +373,143 @@ async fn migrate(
         "blob_bytes": blob_bytes,
         "throughput_mib_s": (committed.bytes as f64 / 1048576.0) / transfer_s,
     });
+    let mut report = report;
+    if let Some(r) = &rounds {
+        let live_bytes: u64 = r.report.iter().filter_map(|l| l["bytes"].as_u64()).sum();
+        report["rounds"] = json!(r.report);
+        report["live_bytes"] = json!(live_bytes);
+        report["stop_reason"] = json!(r.stop.as_str());
+        report["link_rate_mib_s"] = json!(r.rate.map(|b| b / 1048576.0));
+        // The final round: its own figures, and the freeze it cost.
+        let mut fin = serde_json::to_value(committed.final_round).unwrap_or_default();
+        if fin.is_object() {
+            fin["round"] = json!(r.report.len() + 1);
+            fin["dump_ms"] = json!(t.dump_ms);
+            fin["freeze_ms"] = json!(ms(frozen_for));
+        }
+        report["final_round"] = fin;
+    }
     tracing::info!(total_ms = ms(total), frozen_ms = ms(frozen_for), bytes = committed.bytes, "migration done");
     Ok((report, Finish { ctx: ctx.clone(), n: n.clone(), images: cleanup_dir }))
 }
 
+/// Pre-copy: the rounds while the workload runs.
+struct Rounds {
+    /// What the destination holds after the last round, per pagemap.
+    held: HashMap<String, Held>,
+    report: Vec<serde_json::Value>,
+    stop: Stop,
+    rate: Option<f64>,
+}
+
+/// Send the files of the dump in `images` against what the destination
+/// holds (`held`): deltas for the pages it holds, the rest whole. Blocking.
+fn send_round(
+    images: &Path,
+    deltas: &Path,
+    held: &HashMap<String, Held>,
+    tx: &mpsc::Sender<Out>,
+) -> Result<(precopy::Prepared, Vec<FileEntry>), MigrateError> {
+    let p = precopy::prepare(images, deltas, held).map_err(MigrateError::Stream)?;
+    let mut files = Vec::with_capacity(p.sends.len());
+    for (i, f) in p.sends.iter().enumerate() {
+        let e = streamer::send_file(&f.path, i as u32 + 1, f.kind, &f.name, tx)
+            .map_err(|e| MigrateError::Stream(e.to_string()))?;
+        files.push(e);
+    }
+    Ok((p, files))
+}
+
+/// Pre-copy: dump with the tasks left running (CRIU freezes them only while
+/// it dumps), send what the destination lacks, wait for its `RoundOk`; again
+/// until the stop rule says the final, frozen round is due. The workload is
+/// never frozen by us here: on any failure it simply runs on.
+async fn live_rounds(ctx: &Ctx, n: &Arc<Nested>, dir: &Path, session: &mut Session) -> Result<Rounds, MigrateError> {
+    let cfg = &ctx.cfg;
+    let mut rule = StopRule::new(cfg.precopy_target_freeze, cfg.precopy_rounds);
+    let mut held: HashMap<String, Held> = HashMap::new();
+    let mut report = Vec::new();
+    for round in 1u32.. {
+        let rdir = dir.join(format!("round-{round}"));
+        let images = rdir.join("criu");
+        std::fs::create_dir_all(&images).map_err(|e| MigrateError::Stream(format!("{}: {e}", images.display())))?;
+        let t_dump = Instant::now();
+        let (c2, n2, im2, work) = (ctx.clone(), n.clone(), images.clone(), rdir.join("work"));
+        tokio::task::spawn_blocking(move || {
+            let opts = crate::process::runtime::CheckpointOpts {
+                image_path: im2,
+                work_path: work,
+                leave_running: true,
+                tcp_established: n2.settings.tcp_established,
+                ..Default::default()
+            };
+            c2.runtime.checkpoint(&c2.reaper, &n2.id, &opts)
+        })
+        .await
+        .map_err(|e| MigrateError::Stream(e.to_string()))?
+        .map_err(|e| MigrateError::Checkpoint(CheckpointError::Dump(e)))?;
+        let dump_ms = ms(t_dump.elapsed());
+        // CRIU's own count of how long the tasks were frozen.
+        let pause_ms = std::fs::read(images.join("stats-dump"))
+            .ok()
+            .and_then(|b| super::pagedelta::frozen_time_us(&b))
+            .map(|us| us as f64 / 1000.0);
+        let t_send = Instant::now();
+        let (tx, im2, d2, h2) = (session.tx.clone(), images.clone(), rdir.join("delta"), held.clone());
+        let sent = tokio::task::spawn_blocking(move || send_round(&im2, &d2, &h2, &tx))
+            .await
+            .map_err(|e| MigrateError::Stream(e.to_string()))?;
+        let (p, files) = match sent {
+            Ok(v) => v,
+            Err(e) => return Err(peer_reason(&mut session.r).await.map(MigrateError::Refused).unwrap_or(e)),
+        };
+        let bytes: u64 = files.iter().map(|f| f.size).sum();
+        let end = RoundEnd { round, files, pages: p.pages.clone() };
+        session
+            .tx
+            .send(Out::Control(Frame::json(Kind::RoundEnd, &end)))
+            .await
+            .map_err(|_| MigrateError::Transfer(WireError::Closed))?;
+        let ok: RoundOk = wire::read_frame_live(&mut session.r, cfg.peer_read_timeout)
+            .await
+            .and_then(|f| f.expect(Kind::RoundOk))
+            .map_err(|e| match e {
+                WireError::Peer(m) => MigrateError::Refused(m),
+                e => MigrateError::Transfer(e),
+            })?;
+        let took = t_send.elapsed();
+        held = p.held;
+        let _ = std::fs::remove_dir_all(&rdir);
+        let stop = rule.after_round(bytes, took);
+        let line = json!({
+            "round": round,
+            "bytes": bytes,
+            "pages": p.pages_total,
+            "pages_sent": p.pages_sent,
+            "pause_ms": pause_ms.unwrap_or(dump_ms),
+            "dump_ms": dump_ms,
+            "send_ms": ms(took),
+            "rebuild_ms": ok.rebuild_ms,
+        });
+        tracing::info!(%line, "pre-copy round done");
+        report.push(line);
+        if let Some(stop) = stop {
+            tracing::info!(
+                reason = stop.as_str(),
+                rate_mib_s = rule.rate().unwrap_or(0.0) / 1048576.0,
+                "pre-copy: the final round"
+            );
+            return Ok(Rounds { held, report, stop, rate: rule.rate() });
+        }
+    }
+    unreachable!("the stop rule ends the rounds at the limit")
+}
+
 /// The workload frozen and dumped, its images streaming to the destination.
 struct Frozen {
-    streamer: streamer::Streamer,
+    /// Stop-copy and post-copy: the images as CRIU writes them. Pre-copy
+    /// sends after the dump, against what the destination holds.
+    streamer: Option<streamer::Streamer>,
     timings: Timings,
     t_freeze: Instant,
     /// The freeze on the wall clock (Unix ms), to compare with the
@@ -392,7 +539,7 @@ async fn freeze_and_stream(
     // Post-copy: CRIU serves the memory at a loopback port after the dump.
     let lazy_at = match mode {
         Mode::PostCopy => Some(postcopy::free_loopback_port().map_err(|e| MigrateError::Stream(e.to_string()))?),
-        Mode::StopCopy => None,
+        Mode::StopCopy | Mode::PreCopy => None,
     };
     // Clients: new connections wait from here on; those in flight may finish.
     let still_open = ctx.publisher.hold_and_drain().await;
@@ -401,12 +548,15 @@ async fn freeze_and_stream(
     }
     let t_freeze = Instant::now();
     let freeze_unix_ms = super::outcomes::now_ms();
-    let s = match streamer::start(&images, 1000, tx.clone(), live) {
-        Ok(s) => s,
-        Err(e) => {
-            ctx.publisher.direct();
-            return Err(MigrateError::Stream(e.to_string()));
-        }
+    let s = match mode {
+        Mode::PreCopy => None,
+        _ => match streamer::start(&images, 1000, tx.clone(), live) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                ctx.publisher.direct();
+                return Err(MigrateError::Stream(e.to_string()));
+            }
+        },
     };
     let (c2, n2, images2, work) = (ctx.clone(), n.clone(), images.clone(), dir.join("work"));
     let dumped = tokio::task::spawn_blocking(move || {
@@ -442,7 +592,9 @@ async fn freeze_and_stream(
             lazy: lazy.zip(lazy_at),
         }),
         Err(e) => {
-            tokio::task::spawn_blocking(move || s.abort()).await.ok();
+            if let Some(s) = s {
+                tokio::task::spawn_blocking(move || s.abort()).await.ok();
+            }
             ctx.publisher.direct();
             let msg = Frame::json(Kind::Error, &wire::ErrorMsg { message: format!("source: {e}") });
             let _ = tx.send(Out::Control(msg)).await;
@@ -462,6 +614,19 @@ struct Committed {
     ran_after: Option<Duration>,
     /// Time spent in doubt.
     in_doubt_ms: f64,
+    /// Pre-copy: what the frozen round sent.
+    final_round: Option<FinalRound>,
+}
+
+/// Pre-copy: the final round, sent while the workload is frozen.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct FinalRound {
+    pages: u64,
+    pages_sent: u64,
+    bytes: u64,
+    /// From the end of the dump until its files were queued: the delta
+    /// computed and sent.
+    send_ms: f64,
 }
 
 /// The manifest handed to the connection: the destination may restore.
@@ -481,20 +646,46 @@ async fn thaw(ctx: &Ctx, n: &Arc<Nested>) {
 /// Commit: the rest of the images and the writable layer, then the
 /// manifest (the commit point: from here the destination may run the
 /// workload), then the destination's `Result`.
+#[allow(clippy::too_many_arguments)]
 async fn commit(
     ctx: &Ctx,
     n: &Arc<Nested>,
     dir: &Path,
     session: &mut Session,
-    s: streamer::Streamer,
+    s: Option<streamer::Streamer>,
+    held: Option<HashMap<String, Held>>,
     t_freeze: Instant,
     sent: &mut Option<Sent>,
 ) -> Result<Committed, MigrateError> {
     let tx = session.tx.clone();
-    let (mut files, _) = tokio::task::spawn_blocking(move || s.finish())
-        .await
-        .map_err(|e| MigrateError::Stream(e.to_string()))?
-        .map_err(|e| MigrateError::Stream(e.to_string()))?;
+    let mut final_round = None;
+    let mut pages = Vec::new();
+    let mut files = match (s, held) {
+        (Some(s), _) => {
+            tokio::task::spawn_blocking(move || s.finish())
+                .await
+                .map_err(|e| MigrateError::Stream(e.to_string()))?
+                .map_err(|e| MigrateError::Stream(e.to_string()))?
+                .0
+        }
+        (None, Some(held)) => {
+            // Pre-copy: only what changed since the last round.
+            let t = Instant::now();
+            let (images, deltas, tx2) = (dir.join("criu"), dir.join("delta"), tx.clone());
+            let (p, files) = tokio::task::spawn_blocking(move || send_round(&images, &deltas, &held, &tx2))
+                .await
+                .map_err(|e| MigrateError::Stream(e.to_string()))??;
+            pages = p.pages.clone();
+            final_round = Some(FinalRound {
+                pages: p.pages_total,
+                pages_sent: p.pages_sent,
+                bytes: files.iter().map(|f| f.size).sum(),
+                send_ms: ms(t.elapsed()),
+            });
+            files
+        }
+        (None, None) => return Err(MigrateError::Stream("nothing streams the images".into())),
+    };
     let t_diff = Instant::now();
     let diff_path = dir.join("rootfs-diff.tar");
     let (upper, dp, tx2) = (n.bundle.upper(), diff_path.clone(), tx.clone());
@@ -509,7 +700,7 @@ async fn commit(
     .map_err(MigrateError::Stream)?;
     let diff_ms = ms(t_diff.elapsed());
     files.push(diff_entry);
-    let manifest = Manifest { files, meta: checkpoint::meta(&ctx.cfg, n) };
+    let manifest = Manifest { files, meta: checkpoint::meta(&ctx.cfg, n), pages };
     let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
     // From here on the destination may restore: only its word settles it.
     *sent = Some(Sent { bytes, flushed_at: None });
@@ -528,7 +719,7 @@ async fn commit(
             WireError::Peer(m) => MigrateError::Restore(m),
             e => MigrateError::Transfer(e),
         })?;
-    Ok(Committed { bytes, result, sent_at, diff_ms, ran_after: None, in_doubt_ms: 0.0 })
+    Ok(Committed { bytes, result, sent_at, diff_ms, ran_after: None, in_doubt_ms: 0.0, final_round })
 }
 
 /// Settle: a committed migration that runs at the destination succeeds; a
@@ -577,7 +768,15 @@ async fn settle(
             tracing::warn!(error = %e, in_doubt_ms, "connection lost, but the destination runs the workload");
             let ran = Duration::from_millis(since_unix_ms.saturating_sub(freeze_unix_ms));
             let ran_after = Some(ran.min(t_freeze.elapsed()));
-            Ok(Committed { bytes: sent.bytes, result: none, sent_at: flushed_at, diff_ms: 0.0, ran_after, in_doubt_ms })
+            Ok(Committed {
+                bytes: sent.bytes,
+                result: none,
+                sent_at: flushed_at,
+                diff_ms: 0.0,
+                ran_after,
+                in_doubt_ms,
+                final_round: None,
+            })
         }
         Settled::NotRunning => Err(MigrateError::Restore(format!(
             "{e}; the destination then said the workload does not run there, and fenced the migration"
@@ -595,6 +794,7 @@ async fn settle(
                 diff_ms: 0.0,
                 ran_after: None,
                 in_doubt_ms,
+                final_round: None,
             })
         }
         Settled::Operator(Resolution::Thaw, reply) => {

@@ -7,7 +7,8 @@ use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// 2: file digests are BLAKE3 (`blake3` in the manifest) instead of SHA-256.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: pre-copy (`Hello.pre_copy`, `RoundEnd`, `RoundOk`, page deltas).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest frame accepted (a data chunk is at most `CHUNK` plus its header).
 pub const MAX_FRAME: usize = 4 << 20;
 /// Largest JSON frame accepted.
@@ -44,6 +45,11 @@ pub enum Kind {
     /// JSON, destination to source after `Result { running }` in post-copy:
     /// every page has arrived (the source may end its frozen copy).
     PostCopyDone = 14,
+    /// JSON, source to destination in pre-copy: the files of a round
+    /// while the workload runs are all sent (names, sizes, digests).
+    RoundEnd = 15,
+    /// JSON, destination to source: the round's images are rebuilt and held.
+    RoundOk = 16,
 }
 
 impl Kind {
@@ -64,6 +70,8 @@ impl Kind {
             12 => Heartbeat,
             13 => PageLink,
             14 => PostCopyDone,
+            15 => RoundEnd,
+            16 => RoundOk,
             _ => return None,
         })
     }

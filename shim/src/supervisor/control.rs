@@ -52,6 +52,10 @@ pub enum MigrationMode {
     /// Freeze, copy all but the memory, run at the destination at once and
     /// fetch the memory afterwards (CRIU lazy pages, userfaultfd).
     PostCopy,
+    /// Copy the memory in rounds while the workload runs, each round only
+    /// the pages that changed (found by content), then freeze and copy
+    /// what changed since the last round.
+    PreCopy,
 }
 
 impl MigrationMode {
@@ -59,6 +63,7 @@ impl MigrationMode {
         match self {
             MigrationMode::StopCopy => "stop-copy",
             MigrationMode::PostCopy => "post-copy",
+            MigrationMode::PreCopy => "pre-copy",
         }
     }
 }
