@@ -450,7 +450,8 @@ async fn live_rounds(ctx: &Ctx, n: &Arc<Nested>, dir: &Path, session: &mut Sessi
         .map_err(|e| MigrateError::Checkpoint(CheckpointError::Dump(e)))?;
         let dump_ms = ms(t_dump.elapsed());
         // CRIU's own count of how long the tasks were frozen.
-        let pause_ms = std::fs::read(images.join("stats-dump"))
+        let pause_ms = std::fs::read(rdir.join("work").join("stats-dump"))
+            .or_else(|_| std::fs::read(images.join("stats-dump")))
             .ok()
             .and_then(|b| super::pagedelta::frozen_time_us(&b))
             .map(|us| us as f64 / 1000.0);
