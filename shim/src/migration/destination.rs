@@ -327,9 +327,10 @@ async fn receive(
     if hello.pre_copy {
         // The final round: complete pages images from the held ones and the deltas.
         let t = Instant::now();
-        rebuild_round(cfg, dir, &manifest.pages, w).await?;
-        let _ = std::fs::remove_dir_all(dir.join("held"));
-        let _ = std::fs::remove_dir_all(dir.join("delta"));
+        rebuild_round(cfg, dir, &manifest.pages, false, w).await?;
+        for d in ["held", "delta", "digests"] {
+            let _ = std::fs::remove_dir_all(dir.join(d));
+        }
         verify_ms += ms(t.elapsed());
     }
     tracing::info!(files = manifest.files.len(), bytes = total, verify_ms, "checkpoint verified; restoring");
@@ -503,12 +504,14 @@ async fn rebuild_round(
     cfg: &crate::config::Config,
     dir: &Path,
     checks: &[super::PagesCheck],
+    keep_digests: bool,
     w: &mut (impl AsyncWriteExt + Unpin),
 ) -> Result<(), InError> {
     let (incoming, deltas, held, checks) = (dir.join("criu"), dir.join("delta"), dir.join("held"), checks.to_vec());
+    let digests = dir.join("digests");
     let job = tokio::task::spawn_blocking(move || {
         let held = held.exists().then_some(held.as_path());
-        super::precopy::rebuild_dir(&incoming, &deltas, held, &checks)
+        super::precopy::rebuild_dir(&incoming, &deltas, held, &digests, &checks, keep_digests)
     });
     with_heartbeats(w, cfg.peer_read_timeout, job)
         .await
@@ -527,7 +530,7 @@ async fn take_round(
 ) -> Result<(), InError> {
     let t = Instant::now();
     verify_files(&end.files, files)?;
-    rebuild_round(cfg, dir, &end.pages, w).await?;
+    rebuild_round(cfg, dir, &end.pages, true, w).await?;
     let (criu, held, delta) = (dir.join("criu"), dir.join("held"), dir.join("delta"));
     let rotate = || -> std::io::Result<()> {
         if held.exists() {

@@ -376,19 +376,90 @@ pub fn plan(pm: &Pagemap, delta: &HashMap<u64, u64>, old: &HashMap<u64, u64>) ->
     Ok(out)
 }
 
+/// The digest of every page of a pages image, in file order.
+pub fn page_digests(pm: &Pagemap, pages: &mut impl Read) -> Result<Vec<u128>, DeltaError> {
+    let mut out = Vec::with_capacity(pm.present_pages() as usize);
+    let mut page = vec![0u8; PAGE];
+    for _ in 0..pm.present_pages() {
+        pages.read_exact(&mut page).map_err(|_| DeltaError::Short {
+            got: (out.len() * PAGE) as u64,
+            want: pm.present_pages() * PAGE as u64,
+        })?;
+        out.push(page_digest(&page));
+    }
+    Ok(out)
+}
+
+/// [`Combined`] of page digests.
+pub fn combined(digests: &[u128]) -> String {
+    let mut c = Combined::new();
+    for d in digests {
+        c.page(*d);
+    }
+    c.hex()
+}
+
+/// Does the plan take every old page from where it already is in the new
+/// image (the mappings did not move, none appeared before it)? Then the old
+/// image can become the new one by writing only the delta's pages.
+pub fn in_place(copies: &[Copy]) -> bool {
+    let mut at = 0;
+    for c in copies {
+        if !c.from_delta && c.offset != at {
+            return false;
+        }
+        at += c.len;
+    }
+    true
+}
+
+/// Turn `file`, the old pages image, into the new one of `pm` by writing
+/// the delta's pages where the plan says (it must be [`in_place`]); the
+/// digests of the old pages are `old_digests` (by old page index). Returns
+/// the digests of the new image's pages.
+pub fn rebuild_in_place(
+    copies: &[Copy],
+    delta: &(impl ReadAt + ?Sized),
+    old_digests: &[u128],
+    file: &std::fs::File,
+) -> Result<Vec<u128>, DeltaError> {
+    let mut buf = vec![0u8; COPY_MAX];
+    let mut digests = Vec::new();
+    let mut at = 0u64;
+    for c in copies {
+        if c.from_delta {
+            let b = &mut buf[..c.len as usize];
+            delta.read_exact_at(b, c.offset)?;
+            digests.extend(b.chunks(PAGE).map(page_digest));
+            std::os::unix::fs::FileExt::write_all_at(file, b, at)?;
+        } else {
+            let first = (c.offset / PAGE as u64) as usize;
+            let n = (c.len / PAGE as u64) as usize;
+            let d = old_digests
+                .get(first..first + n)
+                .ok_or(DeltaError::Short { got: (old_digests.len() * PAGE) as u64, want: c.offset + c.len })?;
+            digests.extend_from_slice(d);
+        }
+        at += c.len;
+    }
+    file.set_len(at)?;
+    Ok(digests)
+}
+
 /// Write the new pages image of `pm` to `out` from the delta and the old
-/// image; returns its [`Combined`] digest, to compare with the source's.
+/// image; returns the digests of its pages, whose [`combined`] digest is
+/// compared with the source's.
 pub fn rebuild(
     pm: &Pagemap,
     delta: &(impl ReadAt + ?Sized),
     old: Option<(&Pagemap, &dyn ReadAt)>,
     out: &mut impl Write,
-) -> Result<String, DeltaError> {
+) -> Result<Vec<u128>, DeltaError> {
     let didx = delta_index(delta)?;
     let oidx = old.map(|(p, _)| image_index(p)).unwrap_or_default();
     let copies = plan(pm, &didx, &oidx)?;
     let mut buf = vec![0u8; COPY_MAX];
-    let mut all = Combined::new();
+    let mut all = Vec::with_capacity(pm.present_pages() as usize);
     for c in copies {
         let b = &mut buf[..c.len as usize];
         match (c.from_delta, old) {
@@ -398,12 +469,10 @@ pub fn rebuild(
                 .map_err(|_| DeltaError::Short { got: o.len().unwrap_or(0), want: c.offset + c.len })?,
             (false, None) => unreachable!("the plan takes old pages only from an old image"),
         }
-        for p in b.chunks(PAGE) {
-            all.page(page_digest(p));
-        }
+        all.extend(b.chunks(PAGE).map(page_digest));
         out.write_all(b)?;
     }
-    Ok(all.hex())
+    Ok(all)
 }
 
 /// DumpStatsEntry.frozen_time (µs) of CRIU's `stats-dump`: how long the
@@ -558,9 +627,10 @@ pub mod tests {
         assert_eq!(s2.delta_bytes, delta.len() as u64);
         assert!(delta.len() < 7 * PAGE + 8 + 4 * 16, "{}", delta.len());
         let mut out = Vec::new();
-        let digest = rebuild(&pm2, &delta[..], Some((&pm1, &img1 as &dyn ReadAt)), &mut out).unwrap();
+        let digests = rebuild(&pm2, &delta[..], Some((&pm1, &img1 as &dyn ReadAt)), &mut out).unwrap();
         assert!(out == img2, "the rebuilt image differs");
-        assert_eq!(digest, s2.digest);
+        assert_eq!(combined(&digests), s2.digest);
+        assert_eq!(digests, page_digests(&pm2, &mut &img2[..]).unwrap());
         // Round 3, nothing changed: an empty delta.
         let mut delta3 = Vec::new();
         let (s3, _) = scan(&pm2, &mut &img2[..], Some(&held2), Some(&mut delta3)).unwrap();
@@ -568,6 +638,41 @@ pub mod tests {
         let mut out3 = Vec::new();
         rebuild(&pm2, &delta3[..], Some((&pm2, &out as &dyn ReadAt)), &mut out3).unwrap();
         assert!(out3 == img2);
+    }
+
+    /// Memory that kept its layout: the old image becomes the new one by
+    /// writing the changed pages only; a moved mapping cannot.
+    #[test]
+    fn an_unmoved_layout_is_rebuilt_in_place() {
+        let mut mem: Mem = (0..40u64).map(|i| (0x20_0000 + i * PAGE as u64, page(i))).collect();
+        let (pm1, img1) = dump(&mem, 1);
+        let (_, held) = scan(&pm1, &mut &img1[..], None, None).unwrap();
+        let old_digests = page_digests(&pm1, &mut &img1[..]).unwrap();
+        mem.insert(0x20_0000 + 3 * PAGE as u64, page(503));
+        mem.insert(0x20_0000 + 39 * PAGE as u64, page(539));
+        mem.remove(&(0x20_0000 + 20 * PAGE as u64)).unwrap(); // the tail shifts: a copy
+        let (pm2, img2) = dump(&mem, 2);
+        let mut delta = Vec::new();
+        let (s2, _) = scan(&pm2, &mut &img2[..], Some(&held), Some(&mut delta)).unwrap();
+        let copies = plan(&pm2, &delta_index(&delta[..]).unwrap(), &image_index(&pm1)).unwrap();
+        assert!(!in_place(&copies), "pages after a hole moved in the image");
+        // Only rewritten pages, and the image shrank at its end.
+        let mut mem: Mem = (0..40u64).map(|i| (0x20_0000 + i * PAGE as u64, page(i))).collect();
+        mem.insert(0x20_0000 + 3 * PAGE as u64, page(503));
+        mem.remove(&(0x20_0000 + 39 * PAGE as u64));
+        let (pm2, img2) = dump(&mem, 2);
+        let mut delta = Vec::new();
+        let (s2b, _) = scan(&pm2, &mut &img2[..], Some(&held), Some(&mut delta)).unwrap();
+        let copies = plan(&pm2, &delta_index(&delta[..]).unwrap(), &image_index(&pm1)).unwrap();
+        assert!(in_place(&copies));
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("pages-1.img");
+        std::fs::write(&path, &img1).unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let digests = rebuild_in_place(&copies, &delta[..], &old_digests, &f).unwrap();
+        assert!(std::fs::read(&path).unwrap() == img2);
+        assert_eq!(combined(&digests), s2b.digest);
+        assert_ne!(s2.digest, s2b.digest);
     }
 
     #[test]

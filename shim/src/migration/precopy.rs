@@ -97,44 +97,111 @@ pub fn prepare(images: &Path, deltas: &Path, held: &HashMap<String, Held>) -> Re
 /// At the destination: in `incoming` (this round's files, pages images that
 /// came whole included), build every pages image of `checks` from its delta
 /// in `deltas` and the previous round's images in `held`, and check its
-/// digest against the source's.
-pub fn rebuild_dir(incoming: &Path, deltas: &Path, held: Option<&Path>, checks: &[PagesCheck]) -> Result<(), String> {
+/// digest against the source's. `digests` keeps the page digests of the
+/// held images (one file per pagemap, 16 bytes a page): with them, an image
+/// whose layout did not move is rebuilt in place, writing only the delta.
+/// With `keep_digests` (a round before the final one) they are written for
+/// every pagemap of this round, to serve the next.
+pub fn rebuild_dir(
+    incoming: &Path,
+    deltas: &Path,
+    held: Option<&Path>,
+    digests: &Path,
+    checks: &[PagesCheck],
+    keep_digests: bool,
+) -> Result<(), String> {
+    std::fs::create_dir_all(digests).map_err(|e| err(digests, e))?;
     for c in checks {
         if !super::safe_name(&c.pagemap) || !pagedelta::is_pagemap(&c.pagemap) {
             return Err(format!("bad pagemap name {:?}", c.pagemap));
         }
-        let pm_path = incoming.join(&c.pagemap);
-        let pm = read_pagemap(&pm_path)?;
+        let pm = read_pagemap(&incoming.join(&c.pagemap))?;
         let dpath = deltas.join(&c.pagemap);
         let delta = std::fs::File::open(&dpath).map_err(|e| err(&dpath, e))?;
-        let old: Option<(Pagemap, std::fs::File)> = match held {
+        let out_path = incoming.join(pm.pages_file());
+        if out_path.exists() {
+            return Err(format!("{}: sent whole and as a delta", out_path.display()));
+        }
+        let old: Option<(Pagemap, PathBuf)> = match held {
             Some(h) if h.join(&c.pagemap).exists() => {
                 let opm = read_pagemap(&h.join(&c.pagemap))?;
                 let p = h.join(opm.pages_file());
-                let f = match std::fs::File::open(&p) {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && opm.present_pages() == 0 => {
-                        std::fs::File::open("/dev/null").map_err(|e| err(&p, e))?
-                    }
-                    Err(e) => return Err(err(&p, e)),
-                };
-                Some((opm, f))
+                Some((opm, p))
             }
             _ => None,
         };
-        let out_path = incoming.join(pm.pages_file());
-        // Never over a file that came whole in this round.
-        let out =
-            std::fs::OpenOptions::new().write(true).create_new(true).open(&out_path).map_err(|e| err(&out_path, e))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
-        let old_ref = old.as_ref().map(|(p, f)| (p, f as &dyn pagedelta::ReadAt));
-        let digest = pagedelta::rebuild(&pm, &delta, old_ref, &mut w).map_err(|e| err(&out_path, e))?;
-        std::io::Write::flush(&mut w).map_err(|e| err(&out_path, e))?;
-        if digest != c.digest || pm.present_pages() != c.pages {
+        let sidecar = digests.join(&c.pagemap);
+        let old_digests: Option<Vec<u128>> = old.as_ref().and_then(|(opm, _)| {
+            let b = std::fs::read(&sidecar).ok()?;
+            (b.len() as u64 == opm.present_pages() * 16)
+                .then(|| b.chunks(16).map(|d| u128::from_le_bytes(d.try_into().expect("16 bytes"))).collect())
+        });
+        let didx = pagedelta::delta_index(&delta).map_err(|e| err(&dpath, e))?;
+        let oidx = old.as_ref().map(|(p, _)| pagedelta::image_index(p)).unwrap_or_default();
+        let copies = pagedelta::plan(&pm, &didx, &oidx).map_err(|e| err(&out_path, e))?;
+        let page_digests = match (&old, &old_digests) {
+            (Some((_, old_path)), Some(od)) if pagedelta::in_place(&copies) && old_path.exists() => {
+                std::fs::rename(old_path, &out_path).map_err(|e| err(old_path, e))?;
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&out_path)
+                    .map_err(|e| err(&out_path, e))?;
+                pagedelta::rebuild_in_place(&copies, &delta, od, &f).map_err(|e| err(&out_path, e))?
+            }
+            _ => {
+                let old_file = match &old {
+                    Some((opm, p)) => match std::fs::File::open(p) {
+                        Ok(f) => Some((opm, f)),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound && opm.present_pages() == 0 => None,
+                        Err(e) => return Err(err(p, e)),
+                    },
+                    None => None,
+                };
+                let out = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&out_path)
+                    .map_err(|e| err(&out_path, e))?;
+                let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
+                let old_ref = old_file.as_ref().map(|(p, f)| (*p, f as &dyn pagedelta::ReadAt));
+                let d = pagedelta::rebuild(&pm, &delta, old_ref, &mut w).map_err(|e| err(&out_path, e))?;
+                std::io::Write::flush(&mut w).map_err(|e| err(&out_path, e))?;
+                d
+            }
+        };
+        if pagedelta::combined(&page_digests) != c.digest || pm.present_pages() != c.pages {
             return Err(format!("{}: the rebuilt pages differ from the source's", out_path.display()));
+        }
+        if keep_digests {
+            write_digests(&sidecar, &page_digests)?;
+        }
+    }
+    if keep_digests {
+        // Pages images that came whole: their digests, for the next round.
+        let names: Vec<String> = std::fs::read_dir(incoming)
+            .map_err(|e| err(incoming, e))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| pagedelta::is_pagemap(n) && !checks.iter().any(|c| &c.pagemap == n))
+            .collect();
+        for n in names {
+            let pm = read_pagemap(&incoming.join(&n))?;
+            let p = incoming.join(pm.pages_file());
+            let d = match std::fs::File::open(&p) {
+                Ok(f) => pagedelta::page_digests(&pm, &mut std::io::BufReader::with_capacity(1 << 20, f))
+                    .map_err(|e| err(&p, e))?,
+                Err(_) => continue,
+            };
+            write_digests(&digests.join(&n), &d)?;
         }
     }
     Ok(())
+}
+
+fn write_digests(path: &Path, d: &[u128]) -> Result<(), String> {
+    let bytes: Vec<u8> = d.iter().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(path, bytes).map_err(|e| err(path, e))
 }
 
 fn read_pagemap(p: &Path) -> Result<Pagemap, String> {
@@ -243,7 +310,7 @@ mod tests {
             std::fs::copy(&s.path, to).unwrap();
         }
         let held = dst.join("held");
-        rebuild_dir(&incoming, &deltas, held.exists().then_some(held.as_path()), &p.pages)
+        rebuild_dir(&incoming, &deltas, held.exists().then_some(held.as_path()), &dst.join("digests"), &p.pages, true)
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
         let _ = std::fs::remove_dir_all(&held);
         std::fs::rename(&incoming, &held).unwrap();
@@ -284,7 +351,8 @@ mod tests {
         for s in &bad.sends {
             std::fs::copy(&s.path, inc.join(&s.name)).unwrap();
         }
-        let e = rebuild_dir(&inc, &src.join("d3"), Some(&dst.join("held")), &bad.pages).unwrap_err();
+        let e = rebuild_dir(&inc, &src.join("d3"), Some(&dst.join("held")), &dst.join("digests"), &bad.pages, false)
+            .unwrap_err();
         assert!(e.contains("differ"), "{e}");
     }
 
