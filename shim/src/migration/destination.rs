@@ -133,7 +133,7 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     let new_dirs: Vec<PathBuf> =
         [ctx.cfg.received_layout_dir(), ctx.cfg.images_root()].into_iter().filter(|d| !d.exists()).collect();
     let r2 = receive(&ctx, &hello, &dir, &mut r, &mut w, &outcomes).await;
-    let (result, report, post) = match r2 {
+    let (result, report, post, local) = match r2 {
         Ok(v) => v,
         Err(e) => {
             outcomes.finish(&hello.migration_id, false);
@@ -147,8 +147,15 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
             return Err(InError::Refuse(msg));
         }
     };
-    if post.is_none() {
-        let _ = std::fs::remove_dir_all(&dir);
+    match (&result, local) {
+        // The images serve the memory until every page is in.
+        (Ok(_), Some(l)) => {
+            tokio::spawn(local_pages_done(l, dir.clone()));
+        }
+        _ if post.is_none() => {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        _ => {}
     }
     // A post-copy that runs here stays `restoring` for queries until every
     // page is here (`post_copy` finishes it): the source must not end its
@@ -197,6 +204,21 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     Ok(())
 }
 
+/// Pre-copy's lazy restore from local images: once the daemon has served
+/// every page, the images go.
+async fn local_pages_done(mut l: postcopy::LocalPages, dir: PathBuf) {
+    let t = Instant::now();
+    match (&mut l.exit).await {
+        Ok(e) if e.success() => {
+            tracing::info!(after_ms = ms(t.elapsed()), "pre-copy: every page is in (served from the local images)")
+        }
+        Ok(e) => tracing::error!(exit = %e, log = %postcopy::daemon_log_tail(&l.work),
+            "pre-copy: the lazy-pages daemon serving the local images failed"),
+        Err(_) => tracing::error!("pre-copy: the lazy-pages daemon was lost"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A frame the peer got wrong (malformed JSON, an unknown field, an unknown
 /// type, an oversize length) ends the connection with an `Error` frame that
 /// names it; a connection that is gone gets none.
@@ -222,7 +244,8 @@ struct Incoming {
     hash: super::FileHasher,
 }
 
-type Received = (Result<crate::workload::nested::Nested, String>, (f64, f64), Option<DestPostCopy>);
+type Received =
+    (Result<crate::workload::nested::Nested, String>, (f64, f64), Option<DestPostCopy>, Option<postcopy::LocalPages>);
 
 /// The rest of a post-copy at the destination, once its copy runs: wait for
 /// every page; then hand the workload to the supervisor and tell the source.
@@ -642,7 +665,23 @@ async fn restore(
         }
         None => None,
     };
-    let lazy = post.is_some();
+    // Pre-copy: the memory is here already; served from these images right
+    // after the restore (when userfaultfd works here), not copied inside it.
+    let local = match (hello.pre_copy, postcopy::host_facts().uffd_problem.as_deref()) {
+        (true, None) => match postcopy::start_local_pages(&ctx.reaper, &images, &work).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "pre-copy: no lazy restore from the local images; restoring eagerly");
+                None
+            }
+        },
+        (true, Some(p)) => {
+            tracing::info!(reason = p, "pre-copy: restoring eagerly (no userfaultfd here)");
+            None
+        }
+        (false, _) => None,
+    };
+    let lazy = post.is_some() || local.is_some();
     // The workload's own command, hostname, ports and TCP mode, not ours.
     let rcfg = crate::workload::checkpoint::restore_config(&ctx.cfg, meta);
     let restore = tokio::task::spawn_blocking(move || {
@@ -657,13 +696,16 @@ async fn restore(
     let restored =
         with_heartbeats(w, cfg.peer_read_timeout, restore).await.map_err(|e| InError::Refuse(e.to_string()))?;
     Ok(match restored {
-        Ok((n, d)) => (Ok(n), (verify_ms, ms(d)), post),
+        Ok((n, d)) => (Ok(n), (verify_ms, ms(d)), post, local),
         Err(e) => {
             if let Some(p) = post {
                 postcopy::kill(p.daemon_pid);
                 p.bridge.abort();
             }
-            (Err(crate::supervisor::describe(&e)), (verify_ms, 0.0), None)
+            if let Some(l) = local {
+                postcopy::kill(l.pid);
+            }
+            (Err(crate::supervisor::describe(&e)), (verify_ms, 0.0), None, None)
         }
     })
 }

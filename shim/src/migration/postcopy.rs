@@ -299,46 +299,87 @@ pub async fn start_destination(
     let link = slot.rx.take().ok_or("the page link was already taken")?;
     let pages = Arc::new(AtomicU64::new(0));
     let bridge = tokio::spawn(dest_bridge(listener, link, idle, pages.clone()));
-    std::fs::create_dir_all(work).map_err(|e| format!("{}: {e}", work.display()))?;
-    let mut c = std::process::Command::new("criu");
-    c.arg("lazy-pages")
-        .arg("--page-server")
-        .arg("--address")
-        .arg("127.0.0.1")
-        .arg("--port")
-        .arg(port.to_string())
-        .arg("--images-dir")
-        .arg(images)
-        .arg("--work-dir")
-        .arg(work)
-        .arg("--log-file")
-        .arg("lazy-pages.log")
-        .arg("-v4");
-    c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-    let child = match c.spawn() {
-        Ok(c) => c,
+    match start_daemon(reaper, images, work, Some(port)).await {
+        Ok((daemon_pid, daemon_exit)) => {
+            Ok(DestPostCopy { daemon_pid, daemon_exit, bridge, pages, work: work.to_path_buf() })
+        }
         Err(e) => {
             bridge.abort();
-            return Err(format!("cannot start criu lazy-pages: {e}"));
+            Err(e)
         }
-    };
+    }
+}
+
+/// Start `criu lazy-pages` on `images` with its socket in `work`: fetching
+/// pages from a page server at the loopback `port`, or with none, serving
+/// them from the image files themselves. Returns once it listens.
+async fn start_daemon(
+    reaper: &Reaper,
+    images: &Path,
+    work: &Path,
+    port: Option<u16>,
+) -> Result<(i32, oneshot::Receiver<Exit>), String> {
+    std::fs::create_dir_all(work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let mut c = std::process::Command::new("criu");
+    c.arg("lazy-pages");
+    if let Some(port) = port {
+        c.arg("--page-server").arg("--address").arg("127.0.0.1").arg("--port").arg(port.to_string());
+    }
+    c.arg("--images-dir").arg(images).arg("--work-dir").arg(work).arg("--log-file").arg("lazy-pages.log").arg("-v4");
+    c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let child = c.spawn().map_err(|e| format!("cannot start criu lazy-pages: {e}"))?;
     let daemon_pid = child.id() as i32;
     let mut daemon_exit = reaper.watch(daemon_pid);
     let sock = work.join("lazy-pages.socket");
     let t0 = Instant::now();
     while !sock.exists() {
         if let Ok(exit) = daemon_exit.try_recv() {
-            bridge.abort();
             return Err(format!("criu lazy-pages ended ({exit}): {}", daemon_log_tail(work)));
         }
         if t0.elapsed() > Duration::from_secs(10) {
             kill(daemon_pid);
-            bridge.abort();
             return Err("criu lazy-pages did not start within 10 s".into());
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    Ok(DestPostCopy { daemon_pid, daemon_exit, bridge, pages, work: work.to_path_buf() })
+    Ok((daemon_pid, daemon_exit))
+}
+
+/// Pre-copy: the memory of a restore served from the destination's own
+/// images by a `criu lazy-pages` daemon without a page server, so the
+/// restore inside the freeze does not copy it (it arrives right after).
+pub struct LocalPages {
+    pub pid: i32,
+    pub exit: oneshot::Receiver<Exit>,
+    pub work: PathBuf,
+    _busy: LocalBusy,
+}
+
+/// Lazy restores from local images still paging in here.
+static LOCAL_PAGING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+struct LocalBusy;
+impl Drop for LocalBusy {
+    fn drop(&mut self) {
+        LOCAL_PAGING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Start serving the pages of `images` locally for a lazy restore.
+pub async fn start_local_pages(reaper: &Reaper, images: &Path, work: &Path) -> Result<LocalPages, String> {
+    LOCAL_PAGING.fetch_add(1, Ordering::AcqRel);
+    let busy = LocalBusy;
+    let (pid, exit) = start_daemon(reaper, images, work, None).await?;
+    Ok(LocalPages { pid, exit, work: work.to_path_buf(), _busy: busy })
+}
+
+/// Wait (at most `bound`) until no lazy restore still pages in here: a dump
+/// of a workload whose memory is still arriving is not attempted.
+pub async fn wait_local_paging(bound: Duration) {
+    let t0 = Instant::now();
+    while LOCAL_PAGING.load(Ordering::Acquire) > 0 && t0.elapsed() < bound {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 pub fn daemon_log_tail(work: &Path) -> String {
