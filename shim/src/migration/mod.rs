@@ -31,6 +31,7 @@ pub mod outcomes;
 pub mod pagedelta;
 pub mod postcopy;
 pub mod precopy;
+pub mod resumable;
 pub mod source;
 pub mod streamer;
 pub mod transport;
