@@ -389,7 +389,9 @@ fn check_can_host(cfg: &crate::config::Config, hello: &Hello, dir: &Path) -> Res
     std::fs::create_dir_all(dir.join("criu")).map_err(|e| InError::Refuse(format!("{}: {e}", dir.display())))?;
     if let Ok(st) = nix::sys::statvfs::statvfs(dir) {
         let free = st.blocks_available() * st.fragment_size();
-        let need = hello.memory_bytes + (16 << 20);
+        // Pre-copy holds the previous round's images beside the incoming ones.
+        let copies = if hello.pre_copy { 2 } else { 1 };
+        let need = hello.memory_bytes.saturating_mul(copies) + (16 << 20);
         if free < need {
             return Err(InError::Refuse(format!(
                 "not enough space for the checkpoint in {}: {free} bytes free, about {need} needed",
