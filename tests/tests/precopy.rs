@@ -183,3 +183,37 @@ fn a_link_cut_during_a_round_leaves_the_source_running_intact() {
     migrate(&a, &b, hb.addr(), "pre-copy");
     assert_memory_intact(&b, "after pre-copy");
 }
+
+/// The destination killed while a round streams: the source runs on, intact.
+#[test]
+fn a_destination_killed_during_a_round_leaves_the_source_running_intact() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = writer_image(tmp.path(), 128, 10);
+    // About 11 s for the first round: time to kill the destination in it.
+    let (ha, hb) = Host::pair("pcdkill", Some("100mbit")).unwrap();
+    let a = Outer::builder("pcdkill-a").host(&ha).layout(&img.layout).start().unwrap();
+    let mut b = Outer::builder("pcdkill-b").host(&hb).layout(&img.layout).args(&["--standby"]).start().unwrap();
+    a.wait_for_line("tick 3 ", T).unwrap();
+    b.wait_for_line("standby", T).unwrap();
+    let from = a.log().len();
+    let to = format!("{}:{PEER_PORT}", hb.addr());
+    let mut cmd = a.command("/opt/ums/ums");
+    cmd.args(["migrate", "--mode", "pre-copy", "--to", &to]);
+    let h = std::thread::spawn(move || cmd.output().unwrap());
+    b.wait_for_line("incoming migration", T).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    b.signal(Signal::SIGKILL).unwrap();
+    let out = h.join().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    println!("destination killed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    let st = status(&a);
+    assert_eq!(st["state"], "running", "{st}");
+    let last = last_tick(&a);
+    a.log().wait_for_from(from, &format!("tick {} ", last + 3), T).expect("the workload runs on at the source");
+    let t = ticks(&a, 0);
+    for w in t.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "ticks at the source: {t:?}");
+    }
+    assert_memory_intact(&a, "at the source after the destination died");
+}
