@@ -174,11 +174,25 @@ struct Load {
 
 #[test]
 fn fifty_keepalive_clients_through_ten_migrations() {
+    keepalive_clients_through_migrations("uload", "stop-copy", 10);
+}
+
+/// Pre-copy's rounds dump the workload with its established connections
+/// while clients keep talking to it.
+#[test]
+fn fifty_keepalive_clients_through_four_pre_copy_migrations() {
+    keepalive_clients_through_migrations("uloadpc", "pre-copy", 4);
+}
+
+/// 50 keep-alive clients from a third host through `moves` migrations in
+/// `mode`, A to B and back: every migration succeeds, no request is
+/// answered twice, the clients are served after each move.
+fn keepalive_clients_through_migrations(name: &str, mode: &str, moves: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let img = web_image(tmp.path());
-    let n = net("uload");
-    let a = Outer::builder("uload-a").host(&n.ha).layout(&img.layout).start().unwrap();
-    let b = Outer::builder("uload-b").host(&n.hb).layout(&img.layout).args(&["--standby"]).start().unwrap();
+    let n = net(name);
+    let a = Outer::builder(&format!("{name}-a")).host(&n.ha).layout(&img.layout).start().unwrap();
+    let b = Outer::builder(&format!("{name}-b")).host(&n.hb).layout(&img.layout).args(&["--standby"]).start().unwrap();
     a.wait_for_line("listening", T).unwrap();
     b.wait_for_line("standby", T).unwrap();
     assert_eq!(status(&a)["listen_drain_ms"], 500.0, "the bound of the accept-queue drain is shown");
@@ -220,9 +234,9 @@ fn fifty_keepalive_clients_through_ten_migrations() {
     let (t0, n0) = (Instant::now(), load.lock().unwrap().ok);
     std::thread::sleep(Duration::from_millis(1000));
     let mut rates = vec![("direct at A", (load.lock().unwrap().ok - n0) as f64 / t0.elapsed().as_secs_f64())];
-    for i in 0..10 {
+    for i in 0..moves {
         let (src, dst_addr) = if i % 2 == 0 { (&a, n.hb.addr()) } else { (&b, n.ha.addr()) };
-        let out = src.ums(&["migrate", "--json", "--to", &format!("{dst_addr}:{PEER_PORT}")]).unwrap();
+        let out = src.ums(&["migrate", "--json", "--mode", mode, "--to", &format!("{dst_addr}:{PEER_PORT}")]).unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         if !out.status.success() {
@@ -258,8 +272,8 @@ fn fifty_keepalive_clients_through_ten_migrations() {
     let l = load.lock().unwrap();
     let errors: u64 = l.errors.values().sum();
     println!(
-        "10 migrations under 50 keep-alive clients: {} failed; requests answered {}, client errors {errors}, \
-         in-flight connections skipped {skipped}, frozen ms {frozen:?}",
+        "{moves} {mode} migrations under 50 keep-alive clients: {} failed; requests answered {}, client errors \
+         {errors}, in-flight connections skipped {skipped}, frozen ms {frozen:?}",
         failed.len(),
         l.ok
     );
