@@ -125,8 +125,9 @@ pub fn table(v: &serde_json::Value) -> String {
             ""
         }
     ));
-    // Post-copy's memory moves after the transfer phase: no rate to show.
-    if !post_copy {
+    // Post-copy's memory moves after the transfer phase, pre-copy's mostly
+    // before it (its link rate is in the rounds above): no rate to show.
+    if !post_copy && !v["rounds"].is_array() {
         out.push_str(&format!("throughput       {:>10.1} MiB/s\n", v["throughput_mib_s"].as_f64().unwrap_or(0.0)));
     }
     out
@@ -168,6 +169,6 @@ mod tests {
         let t = super::table(&v);
         assert!(t.contains("pre-copy rounds") && t.contains("256.0 MiB") && t.contains("1024 / 65536"), "{t}");
         assert!(t.contains("final") && t.contains("700 / 65536") && t.contains("the round limit"), "{t}");
-        assert!(t.contains("the final round only"), "{t}");
+        assert!(t.contains("the final round only") && !t.contains("throughput"), "{t}");
     }
 }

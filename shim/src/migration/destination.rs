@@ -326,6 +326,9 @@ async fn receive(
     // Post-copy: lazy pages must work here, and the page link is expected
     // from now on (the source opens it right after its dump).
     let mut slot = None;
+    if hello.post_copy && hello.pre_copy {
+        return Err(InError::Refuse("a migration is either pre-copy or post-copy, not both".into()));
+    }
     if hello.post_copy {
         postcopy::check_destination(postcopy::host_facts()).map_err(InError::Refuse)?;
         slot = Some(postcopy::expect_link(&hello.migration_id));
