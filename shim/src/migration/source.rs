@@ -247,7 +247,7 @@ async fn migrate(
     let cleanup_dir = scopeguard_dir(dir.clone());
     // Pre-copy: rounds while the workload runs; any failure leaves it
     // running here, never frozen.
-    let rounds = match mode {
+    let mut rounds = match mode {
         Mode::PreCopy => match live_rounds(ctx, n, &dir, &mut session).await {
             Ok(r) => Some(r),
             Err(e) => {
@@ -257,7 +257,7 @@ async fn migrate(
         },
         _ => None,
     };
-    let held = rounds.as_ref().map(|r| r.held.clone());
+    let held = rounds.as_mut().map(|r| std::mem::take(&mut r.held));
     let mut frozen = freeze_and_stream(ctx, n, &dir, &session.tx, mode).await?;
     // Post-copy: the page link to the destination, open while the rest of
     // the checkpoint streams, so its lazy-pages daemon finds it.
@@ -431,6 +431,9 @@ fn send_round(
 /// never frozen by us here: on any failure it simply runs on.
 async fn live_rounds(ctx: &Ctx, n: &Arc<Nested>, dir: &Path, session: &mut Session) -> Result<Rounds, MigrateError> {
     let cfg = &ctx.cfg;
+    if n.uid != 0 && !crate::sys::has_cap_sys_resource() {
+        return Err(CheckpointError::NeedsSysResource(n.uid).into());
+    }
     let mut rule = StopRule::new(cfg.precopy_target_freeze, cfg.precopy_rounds);
     let mut held: HashMap<String, Held> = HashMap::new();
     let mut report = Vec::new();
