@@ -207,17 +207,21 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     Ok(())
 }
 
-/// Pre-copy's lazy restore from local images: once the daemon has served
-/// every page, the images go.
+/// Below this resident memory a restore copies the memory itself instead of
+/// starting a lazy-pages daemon to serve it from the local images.
+const LAZY_LOCAL_MIN: u64 = 32 << 20;
+
+/// A lazy restore from local images (pre-copy, stop-copy): once the daemon
+/// has served every page, the images go.
 async fn local_pages_done(mut l: postcopy::LocalPages, dir: PathBuf) {
     let t = Instant::now();
     match (&mut l.exit).await {
         Ok(e) if e.success() => {
-            tracing::info!(after_ms = ms(t.elapsed()), "pre-copy: every page is in (served from the local images)")
+            tracing::info!(after_ms = ms(t.elapsed()), "every page is in (served from the local images)")
         }
         Ok(e) => tracing::error!(exit = %e, log = %postcopy::daemon_log_tail(&l.work),
-            "pre-copy: the lazy-pages daemon serving the local images failed"),
-        Err(_) => tracing::error!("pre-copy: the lazy-pages daemon was lost"),
+            "the lazy-pages daemon serving the local images failed"),
+        Err(_) => tracing::error!("the lazy-pages daemon serving the local images was lost"),
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -672,18 +676,21 @@ async fn restore(
         }
         None => None,
     };
-    // Pre-copy: the memory is here already; served from these images right
-    // after the restore (when userfaultfd works here), not copied inside it.
-    let local = match (hello.pre_copy, postcopy::host_facts().uffd_problem.as_deref()) {
+    // Pre-copy and stop-copy: the memory is here already; served from these
+    // images right after the restore (when userfaultfd works here), not
+    // copied inside it.
+    // A small memory is copied faster than a daemon starts.
+    let big = hello.memory_bytes >= LAZY_LOCAL_MIN;
+    let local = match (post.is_none() && big, postcopy::host_facts().uffd_problem.as_deref()) {
         (true, None) => match postcopy::start_local_pages(&ctx.reaper, &images, &work).await {
             Ok(l) => Some(l),
             Err(e) => {
-                tracing::warn!(error = %e, "pre-copy: no lazy restore from the local images; restoring eagerly");
+                tracing::warn!(error = %e, "no lazy restore from the local images; restoring eagerly");
                 None
             }
         },
         (true, Some(p)) => {
-            tracing::info!(reason = p, "pre-copy: restoring eagerly (no userfaultfd here)");
+            tracing::info!(reason = p, "restoring eagerly (no userfaultfd here)");
             None
         }
         (false, _) => None,

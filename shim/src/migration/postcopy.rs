@@ -451,34 +451,14 @@ pub struct LocalPages {
     pub pid: i32,
     pub exit: oneshot::Receiver<Exit>,
     pub work: PathBuf,
-    _busy: LocalBusy,
-}
-
-/// Lazy restores from local images still paging in here.
-static LOCAL_PAGING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-struct LocalBusy;
-impl Drop for LocalBusy {
-    fn drop(&mut self) {
-        LOCAL_PAGING.fetch_sub(1, Ordering::AcqRel);
-    }
+    _busy: crate::workload::checkpoint::PagingIn,
 }
 
 /// Start serving the pages of `images` locally for a lazy restore.
 pub async fn start_local_pages(reaper: &Reaper, images: &Path, work: &Path) -> Result<LocalPages, String> {
-    LOCAL_PAGING.fetch_add(1, Ordering::AcqRel);
-    let busy = LocalBusy;
+    let busy = crate::workload::checkpoint::PagingIn::new();
     let (pid, exit) = start_daemon(reaper, images, work, None).await?;
     Ok(LocalPages { pid, exit, work: work.to_path_buf(), _busy: busy })
-}
-
-/// Wait (at most `bound`) until no lazy restore still pages in here: a dump
-/// of a workload whose memory is still arriving is not attempted.
-pub async fn wait_local_paging(bound: Duration) {
-    let t0 = Instant::now();
-    while LOCAL_PAGING.load(Ordering::Acquire) > 0 && t0.elapsed() < bound {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 pub fn daemon_log_tail(work: &Path) -> String {

@@ -231,9 +231,9 @@ async fn migrate(
     mode: Mode,
 ) -> Result<(serde_json::Value, Finish), MigrateError> {
     let t_start = Instant::now();
-    // A workload restored lazily here (pre-copy) may still be paging in
-    // from its local images: dump it only once its memory is all there.
-    postcopy::wait_local_paging(Duration::from_secs(30)).await;
+    // A workload restored lazily here may still be paging in from its local
+    // images: dump it only once its memory is all there.
+    let _ = tokio::task::spawn_blocking(|| checkpoint::wait_paging_in(Duration::from_secs(30))).await;
     let mut session = pre_migration(ctx, n, to, &migration_id, mode).await?;
     let pre_ms = ms(t_start.elapsed());
     tracing::info!(

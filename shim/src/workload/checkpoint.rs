@@ -145,6 +145,36 @@ pub fn drain_accept_queues(pid: i32, bound: Duration) -> Duration {
     t0.elapsed()
 }
 
+/// Lazy restores from local images still paging in here: the workload's
+/// memory is not all in its processes yet, and CRIU must not dump it then.
+static PAGING_IN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Held while a lazy restore from local images pages in.
+pub struct PagingIn(());
+
+impl PagingIn {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        PAGING_IN.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        PagingIn(())
+    }
+}
+
+impl Drop for PagingIn {
+    fn drop(&mut self) {
+        PAGING_IN.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Wait (at most `bound`) until no lazy restore still pages in here, before
+/// a dump. Blocking.
+pub fn wait_paging_in(bound: Duration) {
+    let t0 = Instant::now();
+    while PAGING_IN.load(std::sync::atomic::Ordering::Acquire) > 0 && t0.elapsed() < bound {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 pub fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
@@ -317,6 +347,8 @@ pub fn checkpoint_to_dir(
     if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(CheckpointError::NotEmpty(dir.into()));
     }
+    // A workload restored lazily from local images is dumped once its memory is all in.
+    wait_paging_in(Duration::from_secs(30));
     let cd = CheckpointDir(dir);
     std::fs::create_dir_all(cd.images()).map_err(|source| CheckpointError::Dir { path: dir.into(), source })?;
     if n.uid != 0 && !crate::sys::has_cap_sys_resource() {
