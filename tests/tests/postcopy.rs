@@ -96,6 +96,11 @@ fn post_copy_there_and_back_keeps_counter_memory_and_file() {
     assert!(r1["bytes_after_running"].as_u64().unwrap() > 200 << 20, "{r1}");
     assert!(r1["bytes_before_running"].as_u64().unwrap() < 64 << 20, "{r1}");
     assert!(r1["last_page_ms"].as_f64().unwrap() >= r1["downtime_ms"].as_f64().unwrap(), "{r1}");
+    // The daemon placed the workload's pages, nearly all of them pushed in
+    // the background (the counter touches few pages while they move).
+    let (fault, background) = (r1["pages_on_fault"].as_u64().unwrap(), r1["pages_in_background"].as_u64().unwrap());
+    assert!(fault + background > (240 << 20) / 4096, "{r1}");
+    assert!(background > fault, "{r1}");
     assert_eq!(checksum(&b), sum0, "memory checksum after A->B");
     assert_eq!(marker(&b), file0, "file written before the migration");
 
