@@ -238,3 +238,33 @@ fn a_page_link_down_longer_than_the_resume_window_ends_there_and_thaws_the_sourc
     post_copy(&a, &b, hb.addr());
     assert_eq!(checksum(&b), sum0);
 }
+
+#[test]
+fn post_copy_of_a_four_process_workload_keeps_every_process_and_its_memory() {
+    lazy_pages_host();
+    let tmp = tempfile::tempdir().unwrap();
+    // 128 MiB touched by memctr, then three children forked: they share
+    // that memory copy-on-write, each with a lazy-pages handler of its own.
+    let memctr = build_workload(tmp.path());
+    let img = ImageBuilder::new(&memctr)
+        .cmd(&["128", "4"])
+        .env("MEMCTR_FILE", "/data-marker")
+        .build(&tmp.path().join("layout"))
+        .expect("build the workload image");
+    let (ha, hb) = Host::pair("pc4p", Some("1gbit")).unwrap();
+    let a = Outer::builder("pc4p-a").host(&ha).layout(&img.layout).start().unwrap();
+    let b = Outer::builder("pc4p-b").host(&hb).layout(&img.layout).args(&["--standby"]).start().unwrap();
+    a.wait_for_line("tick 3 ", T).unwrap();
+    b.wait_for_line("standby", T).unwrap();
+    let sum0 = a.lines().iter().find_map(|l| parse_sum(l)).unwrap();
+    let pids = |o: &Outer| status(o)["workload"]["pids"].as_array().map(|p| p.len()).unwrap_or(0);
+    assert_eq!(pids(&a), 4, "{}", status(&a));
+    let r = post_copy(&a, &b, hb.addr());
+    println!("4 processes A->B: {r}");
+    assert_eq!(pids(&b), 4, "every process runs at the destination: {}", status(&b));
+    assert_eq!(checksum(&b), sum0, "memory checksum at the destination");
+    // And back, so the restored processes' memory is dumped again.
+    post_copy(&b, &a, ha.addr());
+    assert_eq!(pids(&a), 4, "{}", status(&a));
+    assert_eq!(checksum(&a), sum0, "memory checksum after the way back");
+}
