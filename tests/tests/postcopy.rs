@@ -280,8 +280,8 @@ fn redis_layer() -> Layer {
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         // "libx.so.1 => /lib/.../libx.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
         let path = line.split("=>").last().unwrap().split_whitespace().next().unwrap_or("");
-        if path.starts_with('/') {
-            layer = layer.file(&path[1..], std::fs::read(path).unwrap(), 0o755);
+        if let Some(rel) = path.strip_prefix('/') {
+            layer = layer.file(rel, std::fs::read(path).unwrap(), 0o755);
         }
     }
     layer
