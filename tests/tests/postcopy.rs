@@ -331,18 +331,6 @@ fn post_copy_of_redis_keeps_every_key_and_value() {
     let b = Outer::builder("pcrds-b").host(&hb).layout(&img.layout).args(&["--standby"]).start().unwrap();
     a.wait_for_line("Ready to accept connections", T).unwrap();
     b.wait_for_line("standby", T).unwrap();
-    // A client on the other host's side of the link, as a user's would be.
-    fn client<R: Send + 'static>(
-        netns: std::path::PathBuf,
-        f: impl FnOnce() -> R + Send + 'static,
-    ) -> std::thread::JoinHandle<R> {
-        std::thread::spawn(move || {
-            use std::os::fd::AsFd;
-            let ns = std::fs::File::open(&netns).unwrap();
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-    }
     fn connect(addr: std::net::Ipv4Addr) -> std::io::BufReader<std::net::TcpStream> {
         let until = Instant::now() + T;
         loop {
@@ -360,7 +348,8 @@ fn post_copy_of_redis_keeps_every_key_and_value() {
     // published port from B's side.
     const KEYS: usize = 50_000;
     let a_addr = ha.addr();
-    client(hb.netns_path(), move || {
+    // A client on the other host's side of the link, as a user's would be.
+    hb.spawn_in(move || {
         let mut c = connect(a_addr);
         for i in 0..KEYS {
             let (r, _) = redis(&mut c, &[b"SET", format!("key:{i}").as_bytes(), &redis_value(i)]);
@@ -378,7 +367,7 @@ fn post_copy_of_redis_keeps_every_key_and_value() {
     assert_eq!(status(&b)["state"], "running");
     // Every key and value, read at the destination from A's side.
     let b_addr = hb.addr();
-    client(ha.netns_path(), move || {
+    ha.spawn_in(move || {
         let mut c = connect(b_addr);
         assert_eq!(redis(&mut c, &[b"DBSIZE"]).0, format!(":{KEYS}"));
         for i in 0..KEYS {
