@@ -207,6 +207,20 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     Ok(())
 }
 
+/// How many processes a dump holds (their `pagemap-<pid>.img`, not shared memory's).
+fn process_pagemaps(images: &Path) -> usize {
+    std::fs::read_dir(images)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    super::pagedelta::is_pagemap(&n) && !n.starts_with("pagemap-shmem-")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// Below this resident memory a restore copies the memory itself instead of
 /// starting a lazy-pages daemon to serve it from the local images.
 const LAZY_LOCAL_MIN: u64 = 32 << 20;
@@ -275,16 +289,22 @@ async fn post_copy(
     let end = postcopy::wait_destination(&mut p).await;
     let id = hello.migration_id.clone();
     let result = match end {
-        DestEnd::Complete { page_bytes } => {
+        DestEnd::Complete { page_bytes, pages: (pages_on_fault, pages_copied) } => {
             let after_ms = ms(t_running.elapsed());
             tracing::info!(page_bytes, last_page_after_running_ms = after_ms, "post-copy: every page is here");
             outcomes.finish(&id, true);
             let report = serde_json::json!({
                 "peer": peer, "verify_ms": report.0, "restore_ms": report.1, "mode": "post-copy",
                 "page_bytes": page_bytes, "last_page_after_running_ms": after_ms,
+                "pages_on_fault": pages_on_fault, "pages_copied": pages_copied,
             });
             let _ = inbox.send(Msg::IncomingDone(Ok((n, report)))).await;
-            let done = postcopy::PostCopyDone { page_bytes, last_page_after_running_ms: after_ms };
+            let done = postcopy::PostCopyDone {
+                page_bytes,
+                last_page_after_running_ms: after_ms,
+                pages_on_fault,
+                pages_copied,
+            };
             wire::send_json(w, Kind::PostCopyDone, &done).await.map_err(InError::from)
         }
         DestEnd::Lost { reason, keep } => {
@@ -679,9 +699,12 @@ async fn restore(
     // Pre-copy and stop-copy: the memory is here already; served from these
     // images right after the restore (when userfaultfd works here), not
     // copied inside it.
-    // A small memory is copied faster than a daemon starts.
+    // A small memory is copied faster than a daemon starts; and lazy pages
+    // would give each of several processes its own copy of the memory they
+    // share copy-on-write (README, limitations), which an eager restore keeps.
     let big = hello.memory_bytes >= LAZY_LOCAL_MIN;
-    let local = match (post.is_none() && big, postcopy::host_facts().uffd_problem.as_deref()) {
+    let one_process = process_pagemaps(&images) == 1;
+    let local = match (post.is_none() && big && one_process, postcopy::host_facts().uffd_problem.as_deref()) {
         (true, None) => match postcopy::start_local_pages(&ctx.reaper, &images, &work).await {
             Ok(l) => Some(l),
             Err(e) => {
