@@ -214,25 +214,20 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         let publisher = crate::net::proxy::Publisher::new(cfg.net.address, cfg.hold.clone());
         if cfg.kernel_forward {
             let r = reaper.clone();
-            // Called from async code, and the reaper that reports iptables's
-            // exit is a task of this runtime: the wait runs on a thread of its
-            // own, and block_in_place hands this worker's other tasks to
-            // another thread meanwhile (a few ms per rule change).
+            // iptables runs on the blocking pool and its exit comes from the
+            // reaper: no async worker waits for it.
             let run: crate::net::proxy::IptablesRunner = Box::new(move |args| {
-                let (r, args) = (r.clone(), args.to_vec());
-                tokio::task::block_in_place(move || {
-                    std::thread::spawn(move || {
-                        let mut cmd = std::process::Command::new("iptables");
-                        cmd.args(&args);
-                        crate::process::exec::check_blocking(&r, cmd)
-                            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                            .map_err(|e| e.to_string())
-                    })
-                    .join()
-                    .map_err(|_| "the iptables thread panicked".to_string())?
+                let r = r.clone();
+                Box::pin(async move {
+                    let mut cmd = std::process::Command::new("iptables");
+                    cmd.args(&args);
+                    crate::process::exec::check(&r, cmd)
+                        .await
+                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                        .map_err(|e| e.to_string())
                 })
             });
-            if let Err(e) = publisher.enable_kernel_path(run, cfg.net.gateway, &cfg.net.host_if) {
+            if let Err(e) = publisher.enable_kernel_path(run, cfg.net.gateway, &cfg.net.host_if).await {
                 tracing::warn!(error = %e, "no in-kernel forwarding of published ports; the proxy serves them all");
             }
         }

@@ -169,7 +169,7 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         if let Err(e) = ctx.publisher.publish(&n.settings.publish).await {
             tracing::error!(error = %e, "cannot publish the workload's ports");
         }
-        ctx.publisher.direct();
+        ctx.publisher.direct().await;
     }
     let result = match (post, result) {
         (Some(p), Ok(n)) => {
@@ -279,7 +279,7 @@ async fn post_copy(
             drop(keep);
             postcopy::kill(p.daemon_pid);
             p.bridge.abort();
-            ctx.publisher.close();
+            ctx.publisher.close().await;
             outcomes.finish(&id, false);
             let msg = format!(
                 "migration lost during post-copy: {reason}; the copy here was ended, since it cannot run with missing \

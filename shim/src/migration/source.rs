@@ -291,8 +291,8 @@ async fn migrate(
     // ---- post-migration: the destination runs it. Clients go there; the
     // frozen copy here is ended by `Finish`, outside the reported time.
     match tokio::net::lookup_host(to).await.ok().and_then(|mut a| a.next()) {
-        Some(sa) => ctx.publisher.forward_to(sa.ip()),
-        None => ctx.publisher.close(),
+        Some(sa) => ctx.publisher.forward_to(sa.ip()).await,
+        None => ctx.publisher.close().await,
     }
     // Post-copy: the frozen copy here holds memory the destination still
     // fetches; it ends only once the destination has every page.
@@ -308,7 +308,7 @@ async fn migrate(
                     tracing::warn!(error = %e, "post-copy failed and the destination ended its copy; thawing here");
                     let (c2, n2) = (ctx.clone(), n.clone());
                     let _ = tokio::task::spawn_blocking(move || checkpoint::thaw(&c2.reaper, &c2.runtime, &n2)).await;
-                    ctx.publisher.direct();
+                    ctx.publisher.direct().await;
                 } else {
                     tracing::error!(error = %e, "post-copy failed; the destination's state is unknown: the workload \
                                                 stays frozen here");
@@ -409,7 +409,7 @@ async fn freeze_and_stream(
     let s = match streamer::start(&images, 1000, tx.clone(), live) {
         Ok(s) => s,
         Err(e) => {
-            ctx.publisher.direct();
+            ctx.publisher.direct().await;
             return Err(MigrateError::Stream(e.to_string()));
         }
     };
@@ -448,7 +448,7 @@ async fn freeze_and_stream(
         }),
         Err(e) => {
             tokio::task::spawn_blocking(move || s.abort()).await.ok();
-            ctx.publisher.direct();
+            ctx.publisher.direct().await;
             let msg = Frame::json(Kind::Error, &wire::ErrorMsg { message: format!("source: {e}") });
             let _ = tx.send(Out::Control(msg)).await;
             Err(e.into())
@@ -480,7 +480,7 @@ struct Sent {
 async fn thaw(ctx: &Ctx, n: &Arc<Nested>) {
     let (c2, n2) = (ctx.clone(), n.clone());
     let _ = tokio::task::spawn_blocking(move || checkpoint::thaw(&c2.reaper, &c2.runtime, &n2)).await;
-    ctx.publisher.direct();
+    ctx.publisher.direct().await;
 }
 
 /// Commit: the rest of the images and the writable layer, then the

@@ -164,7 +164,7 @@ impl Supervisor {
             if let Err(e) = p.publish(&maps).await {
                 tracing::error!(error = %e, "cannot publish the workload's ports");
             }
-            p.direct();
+            p.direct().await;
         });
         tracing::info!(workload = %n.id, pid = n.pid, "workload running");
         self.workload = Some(Arc::new(n));
@@ -256,7 +256,7 @@ impl Supervisor {
             };
             tokio::select! {
                 Some(msg) = self.inbox.recv() => {
-                    if let Some(code) = self.on_msg(msg) { break code; }
+                    if let Some(code) = self.on_msg(msg).await { break code; }
                 }
                 Some(sig) = self.signals.recv() => {
                     if let Some(code) = self.on_signal(sig) { break code; }
@@ -287,7 +287,7 @@ impl Supervisor {
             }
         }
         tracing::info!(%exit, "workload ended");
-        self.ctx.publisher.close();
+        self.ctx.publisher.close().await;
         if let Some(n) = self.workload.take() {
             let ctx = self.ctx.clone();
             let _ = tokio::task::spawn_blocking(move || nested::cleanup(&ctx.cfg, &ctx.reaper, &ctx.runtime, &n)).await;
@@ -385,7 +385,7 @@ impl Supervisor {
         });
     }
 
-    fn on_msg(&mut self, msg: Msg) -> Option<i32> {
+    async fn on_msg(&mut self, msg: Msg) -> Option<i32> {
         match msg {
             Msg::Control(req, reply) => self.on_request(req, reply),
             Msg::BeginIncoming(reply) => {
@@ -405,7 +405,7 @@ impl Supervisor {
                     self.record(Op::MigrateIn, Err(e));
                 }
             },
-            Msg::Done(done) => return self.on_done(done),
+            Msg::Done(done) => return self.on_done(done).await,
         }
         self.after_op()
     }
@@ -457,7 +457,7 @@ impl Supervisor {
         None
     }
 
-    fn on_done(&mut self, d: OpResult) -> Option<i32> {
+    async fn on_done(&mut self, d: OpResult) -> Option<i32> {
         if let (Op::Start, Err(e)) = (d.op, &d.result) {
             tracing::error!(error = %e, "cannot start the workload");
             eprintln!("ums: cannot start the workload: {e}");
@@ -488,7 +488,7 @@ impl Supervisor {
             self.incoming_id = None;
             if matches!(d.op, Op::Checkpoint | Op::Surrender) {
                 // Checkpointed and stopped: nothing behind the published ports.
-                self.ctx.publisher.close();
+                self.ctx.publisher.close().await;
             }
             self.workload = None;
             self.exit_rx = None;
@@ -582,7 +582,7 @@ impl Supervisor {
                     // Running here still (or after a failure): clients go to it
                     // again; stopped: `on_done` closes the ports.
                     if !matches!(r, Ok((_, Outcome::Gone))) {
-                        publisher.direct();
+                        publisher.direct().await;
                     }
                     let _ =
                         inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result: r, new_workload: None })).await;
