@@ -41,6 +41,8 @@ pub struct OuterBuilder {
     args: Vec<OsString>,
     env: Vec<(String, String)>,
     peer_keys: PeerKeys,
+    cgroup: Option<Option<u64>>,
+    state_size: Option<String>,
 }
 
 /// Which peer key set an outer container gets at [`PEER_KEYS_IN_OUTER`].
@@ -163,6 +165,20 @@ impl OuterBuilder {
         self
     }
 
+    /// Runs the outer container in a cgroup of its own, as an orchestrator
+    /// would ([`crate::OuterCgroup`]), with this memory limit if any.
+    pub fn cgroup(mut self, memory_limit: Option<u64>) -> Self {
+        self.cgroup = Some(memory_limit);
+        self
+    }
+
+    /// The size of the tmpfs on the state dir (/var/lib/ums: layers,
+    /// bundle, images dirs), as `mount -o size=` spells it (`48m`).
+    pub fn state_size(mut self, size: &str) -> Self {
+        self.state_size = Some(size.into());
+        self
+    }
+
     /// Launches outer.sh and returns once PID 1 is about to exec (its root,
     /// mounts and hostname are in place).
     pub fn start(self) -> anyhow::Result<Outer> {
@@ -217,6 +233,16 @@ impl OuterBuilder {
                 cmd.env_remove("UMS_OUTER_EXEC");
             }
         }
+        let cgroup = match self.cgroup {
+            Some(limit) => Some(crate::OuterCgroup::create(&crate::unique_name(&self.name), limit)?),
+            None => None,
+        };
+        for f in cgroup.iter().flat_map(|c| c.procs_files()) {
+            cmd.arg("--cgroup-procs").arg(f);
+        }
+        if let Some(size) = &self.state_size {
+            cmd.arg("--state-size").arg(size);
+        }
         cmd.arg("--").args(&self.args);
         cmd.env_remove("UMS_OUTER_STAGE");
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
@@ -226,8 +252,16 @@ impl OuterBuilder {
         let log = LineLog::new();
         log.capture(child.stdout.take().unwrap(), self.name.clone());
         log.capture(child.stderr.take().unwrap(), self.name.clone());
-        let mut outer =
-            Outer { name: self.name, root, unshare_pid: child.id() as i32, child, pid1: None, status: None, log };
+        let mut outer = Outer {
+            name: self.name,
+            root,
+            unshare_pid: child.id() as i32,
+            child,
+            pid1: None,
+            status: None,
+            log,
+            cgroup,
+        };
         outer.pid1 = Some(outer.find_pid1()?);
         outer
             .log
@@ -247,6 +281,8 @@ pub struct Outer {
     pid1: Option<i32>,
     status: Option<ExitStatus>,
     log: LineLog,
+    /// Its own cgroup ([`OuterBuilder::cgroup`]), removed after it ends.
+    cgroup: Option<crate::OuterCgroup>,
 }
 
 impl Outer {
@@ -262,11 +298,18 @@ impl Outer {
             args: Vec::new(),
             env: Vec::new(),
             peer_keys: PeerKeys::Default,
+            cgroup: None,
+            state_size: None,
         }
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Its own cgroup, when started with [`OuterBuilder::cgroup`].
+    pub fn cgroup(&self) -> Option<&crate::OuterCgroup> {
+        self.cgroup.as_ref()
     }
 
     /// The host directory holding the outer's root (mount points only: the
@@ -454,6 +497,9 @@ impl Drop for Outer {
             let _ = kill(Pid::from_raw(self.unshare_pid), Signal::SIGKILL);
             let _ = self.child.wait();
         }
+        // Its cgroup, once its processes are gone (runc removes an ended
+        // container's cgroup and everything below it the same way).
+        drop(self.cgroup.take());
         // The mounts live in the outer's private mount namespace, gone with
         // its processes; anything found here leaked, so detach it first.
         for m in mounts_below(&self.root) {
