@@ -7,7 +7,9 @@
 //!   workload is frozen at the source (no counter moves anywhere): never two;
 //! - the counter never repeats or restarts: the ticks printed since the
 //!   migration began, over both sides, are distinct and consecutive, and go
-//!   on from the last one before it;
+//!   on from the last one before it (ticks of a copy that has died since,
+//!   with its killed outer container, may be printed again by the live one:
+//!   counted as `rolled_back`, as that copy's work is lost with its host);
 //! - the memory checksum is the one memctr printed at its start, and the
 //!   file it wrote in its writable layer is still there;
 //! - the side without the workload is a clean standby: no process of a
@@ -39,6 +41,10 @@ pub struct Checked {
     pub longest_gap: Duration,
     /// The last tick printed so far (the next migration's `last_before`).
     pub last_tick: u64,
+    /// Ticks printed by a copy that has died since (a destination killed
+    /// after it ran the workload) and printed again by the copy that lives
+    /// on from the same state: work lost with a dead host, never two at once.
+    pub rolled_back: u64,
 }
 
 /// What was true before the migration: per side, the log index from which
@@ -74,20 +80,7 @@ fn alive(o: &mut Outer) -> bool {
 
 /// Host pids of every process below `o`'s PID 1 (its workload, helpers).
 pub fn descendants(o: &Outer) -> Vec<i32> {
-    let mut out = vec![o.pid1()];
-    let mut i = 0;
-    while i < out.len() {
-        let p = out[i];
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
-            for t in tasks.flatten() {
-                let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-                out.extend(children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
-            }
-        }
-        i += 1;
-    }
-    out.remove(0);
-    out
+    crate::outer::descendants(o.pid1())
 }
 
 /// Why a side is not a clean standby, if it is not.
@@ -190,9 +183,18 @@ pub fn check(
     }
     ticks.sort();
     let mut prev = (marks.last_before, marks.last_before_ms);
+    let mut prev_side = None;
     let mut longest = 0u64;
+    let mut rolled_back = 0;
     for &(n, ms, side) in &ticks {
         if n == prev.0 {
+            // A copy that ran and then died with its outer container (a
+            // killed destination) is gone with what it did: the frozen copy
+            // at the source goes on from the freeze. Never at the same time.
+            if prev_side.is_some_and(|p: usize| !live[p]) || !live[side] {
+                rolled_back += 1;
+                continue;
+            }
             return Err(format!("tick {n} printed twice (again by side {side}): two copies ran from one state"));
         }
         if n != prev.0 + 1 {
@@ -200,6 +202,7 @@ pub fn check(
         }
         longest = longest.max(ms.saturating_sub(prev.1));
         prev = (n, ms);
+        prev_side = Some(side);
     }
     let longest_gap = Duration::from_millis(longest.saturating_sub(100));
     if let Verdict::Runs(r) = verdict {
@@ -231,5 +234,5 @@ pub fn check(
             }
         }
     }
-    Ok(Checked { verdict, longest_gap, last_tick: prev.0 })
+    Ok(Checked { verdict, longest_gap, last_tick: prev.0, rolled_back })
 }

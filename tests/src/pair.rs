@@ -87,6 +87,26 @@ impl Pair {
         self.sides[side].wait_for_line("standby", T).unwrap();
     }
 
+    /// Replaces `side` with an outer container that starts the workload
+    /// afresh (its checksum and file are then the new ones).
+    pub fn restart_workload(&mut self, side: usize) {
+        let n = crate::unique_name("w");
+        let name = format!("{}-{}{}", self.name, ["a", "b"][side], &n[n.len() - 4..]);
+        self.kill(side);
+        let o =
+            builder(&name, &self.hosts[side], &self.img, &self.opts, false).start().unwrap_or_else(|e| panic!("{e:#}"));
+        drop(std::mem::replace(&mut self.sides[side], o));
+        let o = &self.sides[side];
+        o.wait_for_line("tick 3 ", T).unwrap();
+        self.sum0 = o.lines().iter().find_map(|l| parse_sum(l)).expect("memctr printed its checksum");
+        self.file0 = o
+            .lines()
+            .iter()
+            .find(|l| l.starts_with("file "))
+            .and_then(|l| l.split_whitespace().nth(2).map(String::from))
+            .expect("memctr printed its file");
+    }
+
     /// `ums migrate --json --to OTHER` from `side`, in the background.
     pub fn start_migrate(&self, side: usize) -> std::thread::JoinHandle<std::process::Output> {
         let mut cmd = self.sides[side].command(crate::outer::UMS_IN_OUTER);
@@ -115,11 +135,7 @@ impl Pair {
 
     /// Kills the outer container of `side` with SIGKILL (as a lost host).
     pub fn kill(&mut self, side: usize) {
-        let o = &mut self.sides[side];
-        if o.try_wait().ok().flatten().is_none() {
-            let _ = o.signal(nix::sys::signal::Signal::SIGKILL);
-            let _ = o.wait(T);
-        }
+        self.sides[side].kill();
     }
 }
 
