@@ -52,6 +52,9 @@ pub struct Checked {
 #[derive(Debug, Clone, Copy)]
 pub struct Marks {
     pub from: [usize; 2],
+    /// Each side's PID 1 then: a side replaced since (a fresh standby) is
+    /// read from its first line.
+    pub pid1: [i32; 2],
     pub last_before: u64,
     /// The unix ms of that tick (for the gap over the migration).
     pub last_before_ms: u64,
@@ -70,7 +73,12 @@ impl Marks {
                 }
             }
         }
-        Marks { from: [sides[0].log().len(), sides[1].log().len()], last_before: last.0, last_before_ms: last.1 }
+        Marks {
+            from: [sides[0].log().len(), sides[1].log().len()],
+            pid1: [sides[0].pid1(), sides[1].pid1()],
+            last_before: last.0,
+            last_before_ms: last.1,
+        }
     }
 }
 
@@ -175,7 +183,8 @@ pub fn check(
     // The counter: distinct and consecutive from last_before + 1, over both sides.
     let mut ticks: Vec<(u64, u64, usize)> = Vec::new();
     for (i, o) in sides.iter().enumerate() {
-        for l in &o.lines()[marks.from[i]..] {
+        let from = if o.pid1() == marks.pid1[i] { marks.from[i] } else { 0 };
+        for l in &o.lines()[from..] {
             if let Some(t) = parse_tick(l) {
                 ticks.push((t.n, t.unix_ms, i));
             }

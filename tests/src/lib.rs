@@ -15,6 +15,7 @@
 //! or fail with a message that names it: a missing tool is never a silent pass.
 
 pub mod cgroup;
+pub mod chaos;
 pub mod copy;
 pub mod fault;
 pub mod host;
