@@ -104,7 +104,7 @@ impl Summary {
         let mut t = String::new();
         t += &format!("seed                     {}\n", self.seed);
         t += &format!("migrations               {}\n", self.migrations);
-        let faulted: usize = self.faults.iter().filter(|(k, _)| **k != "none").map(|(_, v)| v).sum();
+        let faulted: usize = self.faults.iter().filter(|(k, _)| !k.starts_with("none")).map(|(_, v)| v).sum();
         t += &format!("faults                   {faulted}\n");
         for (k, v) in &self.faults {
             t += &format!("  {k:<26}{v}\n");
@@ -141,12 +141,13 @@ pub fn run(opts: &ChaosOpts, mut log: impl FnMut(&str)) -> Summary {
         }
         let fault =
             if rng.gen_bool(opts.fault_rate) { Fault::ALL[rng.gen_range(0..Fault::ALL.len())] } else { Fault::None };
-        *sum.faults.entry(fault.name()).or_default() += 1;
         sum.migrations = i;
         let to = 1 - at;
         let marks = Marks::now(&[&p.sides[0], &p.sides[1]]);
         let started = Instant::now();
-        let (ok, note) = inject(&mut p, &mut rng, fault, at, opts.mib);
+        let (ok, note, injected) = inject(&mut p, &mut rng, fault, at, opts.mib);
+        let label = if injected { fault.name() } else { "none (kill drawn too late)" };
+        *sum.faults.entry(label).or_default() += 1;
         let result = check(&mut p.sides, &marks, &p.sum0, &p.file0, Duration::from_secs(60));
         let line = match result {
             Ok(c) => {
@@ -223,8 +224,9 @@ pub fn run(opts: &ChaosOpts, mut log: impl FnMut(&str)) -> Summary {
 }
 
 /// Migrates the workload from side `from` with `fault`; returns whether
-/// `ums migrate` succeeded, and a note on what was done.
-fn inject(p: &mut Pair, rng: &mut StdRng, fault: Fault, from: usize, mib: u32) -> (bool, String) {
+/// `ums migrate` succeeded, a note on what was done, and whether the fault
+/// was injected (a kill drawn after the destination ran the workload is not).
+fn inject(p: &mut Pair, rng: &mut StdRng, fault: Fault, from: usize, mib: u32) -> (bool, String, bool) {
     let to = 1 - from;
     let bytes = (mib as u64) << 20;
     let mut note = String::new();
@@ -261,7 +263,7 @@ fn inject(p: &mut Pair, rng: &mut StdRng, fault: Fault, from: usize, mib: u32) -
             h.join().map(|o| o.status.success()).unwrap_or(false)
         }
         Fault::KillDestination => {
-            let after = Duration::from_millis(rng.gen_range(0..1500));
+            let after = Duration::from_millis(rng.gen_range(0..900));
             let from_log = p.sides[to].log().len();
             let h = p.start_migrate(from);
             std::thread::sleep(after);
@@ -270,7 +272,7 @@ fn inject(p: &mut Pair, rng: &mut StdRng, fault: Fault, from: usize, mib: u32) -
             let ran = p.sides[to].lines()[from_log..].iter().any(|l| l.contains("workload running"));
             if ran {
                 note = format!("after {} ms: not killed, it ran the workload already", after.as_millis());
-                return (h.join().map(|o| o.status.success()).unwrap_or(false), note);
+                return (h.join().map(|o| o.status.success()).unwrap_or(false), note, false);
             }
             p.kill(to);
             note = format!("after {} ms", after.as_millis());
@@ -291,5 +293,5 @@ fn inject(p: &mut Pair, rng: &mut StdRng, fault: Fault, from: usize, mib: u32) -
             p.start_migrate(from).join().map(|o| o.status.success()).unwrap_or(false)
         }
     };
-    (ok, note)
+    (ok, note, true)
 }
