@@ -63,10 +63,14 @@ pub struct Marks {
 impl Marks {
     /// Now, for the two sides (the workload runs at one of them).
     pub fn now(sides: &[&Outer; 2]) -> Marks {
+        // One snapshot per side: the last tick and the index after it must
+        // come from the same lines (a tick arriving between two reads would
+        // be neither before the mark nor after it).
+        let snap = [sides[0].lines(), sides[1].lines()];
         let mut last = (0, 0);
-        for o in sides {
-            for l in o.lines() {
-                if let Some(t) = parse_tick(&l) {
+        for lines in &snap {
+            for l in lines {
+                if let Some(t) = parse_tick(l) {
                     if t.n >= last.0 {
                         last = (t.n, t.unix_ms);
                     }
@@ -74,7 +78,7 @@ impl Marks {
             }
         }
         Marks {
-            from: [sides[0].log().len(), sides[1].log().len()],
+            from: [snap[0].len(), snap[1].len()],
             pid1: [sides[0].pid1(), sides[1].pid1()],
             last_before: last.0,
             last_before_ms: last.1,
