@@ -107,11 +107,11 @@ impl Summary {
         let faulted: usize = self.faults.iter().filter(|(k, _)| !k.starts_with("none")).map(|(_, v)| v).sum();
         t += &format!("faults                   {faulted}\n");
         for (k, v) in &self.faults {
-            t += &format!("  {k:<26}{v}\n");
+            t += &format!("  {k:<27}{v}\n");
         }
         t += "outcomes\n";
         for (k, v) in &self.outcomes {
-            t += &format!("  {k:<26}{v}\n");
+            t += &format!("  {k:<27}{v}\n");
         }
         t += &format!("invariant violations     {}\n", self.violations.len());
         for v in &self.violations {
