@@ -59,13 +59,7 @@ impl Pair {
         let b = tweak(1, builder(&format!("{name}-b"), &hb, &img, &opts, true)).start().unwrap();
         a.wait_for_line("tick 3 ", T).unwrap();
         b.wait_for_line("standby", T).unwrap();
-        let sum0 = a.lines().iter().find_map(|l| parse_sum(l)).expect("memctr printed its checksum");
-        let file0 = a
-            .lines()
-            .iter()
-            .find(|l| l.starts_with("file "))
-            .and_then(|l| l.split_whitespace().nth(2).map(String::from))
-            .expect("memctr printed its file");
+        let (sum0, file0) = first_sum_and_file(&a);
         Pair { name: name.into(), opts, hosts: [ha, hb], sides: [a, b], img, sum0, file0, _tmp: tmp }
     }
 
@@ -96,15 +90,8 @@ impl Pair {
         let o =
             builder(&name, &self.hosts[side], &self.img, &self.opts, false).start().unwrap_or_else(|e| panic!("{e:#}"));
         drop(std::mem::replace(&mut self.sides[side], o));
-        let o = &self.sides[side];
-        o.wait_for_line("tick 3 ", T).unwrap();
-        self.sum0 = o.lines().iter().find_map(|l| parse_sum(l)).expect("memctr printed its checksum");
-        self.file0 = o
-            .lines()
-            .iter()
-            .find(|l| l.starts_with("file "))
-            .and_then(|l| l.split_whitespace().nth(2).map(String::from))
-            .expect("memctr printed its file");
+        self.sides[side].wait_for_line("tick 3 ", T).unwrap();
+        (self.sum0, self.file0) = first_sum_and_file(&self.sides[side]);
     }
 
     /// `ums migrate --json --to OTHER` from `side`, in the background.
@@ -137,6 +124,18 @@ impl Pair {
     pub fn kill(&mut self, side: usize) {
         self.sides[side].kill();
     }
+}
+
+/// memctr's checksum and file content, as it printed them at its start.
+fn first_sum_and_file(o: &Outer) -> (String, String) {
+    let lines = o.lines();
+    let sum = lines.iter().find_map(|l| parse_sum(l)).expect("memctr printed its checksum");
+    let file = lines
+        .iter()
+        .find(|l| l.starts_with("file "))
+        .and_then(|l| l.split_whitespace().nth(2).map(String::from))
+        .expect("memctr printed its file");
+    (sum, file)
 }
 
 fn builder(name: &str, host: &Host, img: &OciImage, opts: &PairOpts, standby: bool) -> OuterBuilder {

@@ -21,6 +21,11 @@ use ums_e2e::*;
 const T: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
 
+/// A pair-builder tweak that changes only the destination (side 1).
+fn destination(f: impl Fn(OuterBuilder) -> OuterBuilder) -> impl Fn(usize, OuterBuilder) -> OuterBuilder {
+    move |side, b| if side == 1 { f(b) } else { b }
+}
+
 fn marks(p: &Pair) -> Marks {
     Marks::now(&[&p.sides[0], &p.sides[1]])
 }
@@ -44,13 +49,7 @@ fn migrate_fails(p: &Pair, what: &str) -> String {
 #[test]
 fn a_full_disk_at_the_destination_is_refused_before_anything_is_frozen() {
     // 64 MiB of workload memory; the destination's state dir holds 24 MiB.
-    let mut p = Pair::start("fdisk", PairOpts { mib: 64, ..Default::default() }, |side, b| {
-        if side == 1 {
-            b.state_size("24m")
-        } else {
-            b
-        }
-    });
+    let mut p = Pair::start("fdisk", PairOpts { mib: 64, ..Default::default() }, destination(|b| b.state_size("24m")));
     let m = marks(&p);
     migrate_fails(&p, "not enough space for the checkpoint");
     let c = verdict(&mut p, &m);
@@ -60,13 +59,8 @@ fn a_full_disk_at_the_destination_is_refused_before_anything_is_frozen() {
 
 #[test]
 fn a_destination_memory_limit_too_small_is_refused_before_anything_is_frozen() {
-    let mut p = Pair::start("fmem", PairOpts { mib: 64, ..Default::default() }, |side, b| {
-        if side == 1 {
-            b.cgroup(Some(48 * MIB))
-        } else {
-            b
-        }
-    });
+    let mut p =
+        Pair::start("fmem", PairOpts { mib: 64, ..Default::default() }, destination(|b| b.cgroup(Some(48 * MIB))));
     let m = marks(&p);
     migrate_fails(&p, "memory limit is too small for the workload");
     let c = verdict(&mut p, &m);
@@ -76,18 +70,7 @@ fn a_destination_memory_limit_too_small_is_refused_before_anything_is_frozen() {
 
 #[test]
 fn criu_failing_at_the_destination_thaws_the_source() {
-    let mut p =
-        Pair::start(
-            "fcriu",
-            PairOpts::default(),
-            |side, b| {
-                if side == 1 {
-                    b.env("UMS_FAILPOINT", "criu-fails")
-                } else {
-                    b
-                }
-            },
-        );
+    let mut p = Pair::start("fcriu", PairOpts::default(), destination(|b| b.env("UMS_FAILPOINT", "criu-fails")));
     let m = marks(&p);
     migrate_fails(&p, "restore");
     let c = verdict(&mut p, &m);
@@ -102,13 +85,11 @@ fn criu_failing_at_the_destination_thaws_the_source() {
 
 #[test]
 fn criu_hanging_at_the_destination_is_killed_after_the_restore_timeout() {
-    let mut p = Pair::start("fhang", PairOpts::default(), |side, b| {
-        if side == 1 {
-            b.env("UMS_FAILPOINT", "hang-restore").env("UMS_RESTORE_TIMEOUT", "4s")
-        } else {
-            b
-        }
-    });
+    let mut p = Pair::start(
+        "fhang",
+        PairOpts::default(),
+        destination(|b| b.env("UMS_FAILPOINT", "hang-restore").env("UMS_RESTORE_TIMEOUT", "4s")),
+    );
     let m = marks(&p);
     let t0 = std::time::Instant::now();
     migrate_fails(&p, "did not finish within 4s");
@@ -145,18 +126,7 @@ fn the_source_killed_during_the_transfer_leaves_a_clean_standby() {
 
 #[test]
 fn the_source_killed_after_the_manifest_the_destination_runs_it() {
-    let mut p =
-        Pair::start(
-            "fsrcm",
-            PairOpts::default(),
-            |side, b| {
-                if side == 1 {
-                    b.env("UMS_FAILPOINT", "slow-restore")
-                } else {
-                    b
-                }
-            },
-        );
+    let mut p = Pair::start("fsrcm", PairOpts::default(), destination(|b| b.env("UMS_FAILPOINT", "slow-restore")));
     let m = marks(&p);
     let h = p.start_migrate(0);
     p.sides[1].wait_for_line("checkpoint verified; restoring", T).unwrap();
