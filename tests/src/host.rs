@@ -140,6 +140,18 @@ impl Host {
         PathBuf::from("/run/netns").join(&self.name)
     }
 
+    /// Run `f` on a thread that lives in this host's network namespace (a
+    /// client on this host, say).
+    pub fn spawn_in<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> std::thread::JoinHandle<R> {
+        let netns = self.netns_path();
+        std::thread::spawn(move || {
+            use std::os::fd::AsFd;
+            let ns = std::fs::File::open(&netns).expect("the host's network namespace");
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+    }
+
     /// A command that runs `program` inside this host's network namespace.
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("ip");
