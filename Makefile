@@ -9,6 +9,11 @@
 #                podman: 0..1024 MiB and 1/4/8 processes, 1 Gbit/s and
 #                unlimited, 5 runs each; writes docs/bench/compare.md and
 #                compare.png (about 20 min; needs make image-deps for podman)
+#   make chaos   a bounded soak (not part of make test): 200 migrations A<->B
+#                with seeded random faults (cut, corrupt byte, partitions,
+#                killed destination, failing restore, full disk), the
+#                invariants checked after each, and a summary table
+#                (CHAOS_ARGS="--count N --seed S --time-limit SECS --mib N")
 #   make test-image  the outer image with real engines (a slower suite, about
 #                5 min, that .ci/run runs after make test): builds the outer image
 #                from the Dockerfile with podman on a debootstrap'ed bookworm,
@@ -28,7 +33,7 @@ ARGS ?=
 # Where cargo puts its output (honours CARGO_TARGET_DIR like cargo does).
 TARGET_DIR ?= $(abspath $(or $(CARGO_TARGET_DIR),target))
 
-.PHONY: all deps test-deps build demo test bench bench-compare clean test-image image-deps
+.PHONY: all deps test-deps build demo test chaos bench bench-compare clean test-image image-deps
 
 all: build
 
@@ -54,6 +59,12 @@ demo: test-deps
 test: test-deps
 	$(CARGO) build -p ums
 	$(CARGO) test -p ums -p ums-e2e -- --test-threads $(TEST_THREADS)
+
+CHAOS_ARGS ?= --count 200 --seed 2027 --time-limit 3600
+chaos: test-deps
+	$(CARGO) build -p ums
+	$(CARGO) build -p ums-e2e --bin ums-chaos
+	$(TARGET_DIR)/debug/ums-chaos $(CHAOS_ARGS)
 
 # podman, buildah, skopeo, containerd, debootstrap (Debian) and the manifests'
 # schema validator (PyPI, in a venv under the target dir).

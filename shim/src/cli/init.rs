@@ -93,6 +93,11 @@ pub struct Args {
     #[arg(long, env = "UMS_KERNEL_FORWARD", default_value = "on", hide = true, action = clap::ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new())]
     pub kernel_forward: bool,
+    /// A restore (runc and CRIU, at a migration's destination or `ums
+    /// restore`) still running after this is killed, with everything it
+    /// started, and fails (5m).
+    #[arg(long, env = "UMS_RESTORE_TIMEOUT", default_value = "5m", value_parser = crate::supervisor::parse_duration)]
+    pub restore_timeout: std::time::Duration,
     /// Inject a fault (tests only).
     #[arg(long, env = "UMS_FAILPOINT", hide = true, value_enum)]
     pub failpoint: Option<crate::config::Failpoint>,
@@ -153,6 +158,7 @@ impl Args {
             seccomp: self.seccomp,
             evacuate_to: self.evacuate_to,
             evacuate_within: self.evacuate_within,
+            restore_timeout: self.restore_timeout,
             ..Config::default()
         }
     }
@@ -183,7 +189,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     if !crate::sys::is_pid1() {
         crate::sys::become_subreaper().context("become a subreaper")?;
     }
-    let cfg = Arc::new(a.config());
+    let mut cfg = a.config();
+    // Below the outer container's own cgroup, before anything runs in it.
+    cfg.cgroup_parent = crate::workload::cgroup::setup();
+    tracing::debug!(parent = ?cfg.cgroup_parent, "workload cgroups");
+    let cfg = Arc::new(cfg);
     crate::workload::spec::check_ulimits(&cfg.ulimits).map_err(|e| anyhow::anyhow!(e))?;
     match cfg.seccomp.profile() {
         None => tracing::warn!("--seccomp unconfined: the workload runs without a seccomp filter"),

@@ -381,6 +381,26 @@ fn check_can_host(cfg: &crate::config::Config, hello: &Hello, dir: &Path) -> Res
             }
         }
     }
+    // The outer container's memory limit binds the workload (its cgroup is
+    // below ours), and the received images, on a tmpfs, count against it
+    // too until the restore ends: a workload that cannot fit is refused
+    // now, before anything is frozen, not killed by the OOM killer later.
+    if let Some(m) = crate::workload::cgroup::memory_room() {
+        let on_tmpfs = nix::sys::statfs::statfs(dir).map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+        let need = hello.memory_bytes.saturating_mul(if on_tmpfs.unwrap_or(false) { 2 } else { 1 });
+        if m.room < need {
+            return Err(InError::Refuse(format!(
+                "this outer container's memory limit is too small for the workload: the cgroup {} allows {} bytes \
+                 and {} are in use, leaving {}; the workload uses {} bytes{}",
+                m.cgroup.display(),
+                m.limit,
+                m.usage,
+                m.room,
+                hello.memory_bytes,
+                if need > hello.memory_bytes { ", twice that while its checkpoint is on a tmpfs here" } else { "" }
+            )));
+        }
+    }
     if hello.blobs.len() > 4096 {
         return Err(InError::Refuse("too many blobs".into()));
     }
