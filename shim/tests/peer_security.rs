@@ -126,6 +126,7 @@ async fn dest(peer_timeout: Duration) -> Dest {
         publisher: ums::net::proxy::Publisher::new(cfg.net.address, cfg.hold.clone()),
         migrate_out: ums::migration::migrate_out_boxed(),
         in_doubt: Default::default(),
+        metrics: Default::default(),
     };
     // The real state machine, as the supervisor runs it.
     let (inbox, mut rx) = mpsc::channel::<Msg>(16);
