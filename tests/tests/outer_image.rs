@@ -906,7 +906,7 @@ fn d_output(cmd: &mut Command) -> String {
         Ok(o) => format!(
             "{}: {}",
             o.status,
-            String::from_utf8_lossy(&o.stderr).lines().filter(|l| !l.trim().is_empty()).next_back().unwrap_or("")
+            String::from_utf8_lossy(&o.stderr).lines().rfind(|l| !l.trim().is_empty()).unwrap_or("")
         ),
         Err(e) => format!("cannot run: {e}"),
     }
