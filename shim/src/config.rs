@@ -56,6 +56,8 @@ pub struct Config {
     pub max_checkpoint_bytes: u64,
     /// Deadline for any single read from a peer.
     pub peer_read_timeout: Duration,
+    /// Post-copy: how long a cut page link may take to be reconnected.
+    pub post_copy_resume: Duration,
     /// Pass `--tcp-established` to CRIU.
     pub tcp_established: bool,
     /// The peer key set (ca.pem, peer.pem, peer-key.pem): mutual TLS with the group's peers.
@@ -187,6 +189,7 @@ impl Default for Config {
             hostname: None,
             max_checkpoint_bytes: 64 << 30,
             peer_read_timeout: Duration::from_secs(30),
+            post_copy_resume: Duration::from_secs(60),
             tcp_established: true,
             peer_keys: Self::DEFAULT_PEER_KEYS.into(),
             insecure_peer: false,

@@ -125,6 +125,7 @@ async fn dest(peer_timeout: Duration) -> Dest {
         runtime: ums::process::runtime::Runtime::new(cfg.runtime, cfg.runtime_root()),
         publisher: ums::net::proxy::Publisher::new(cfg.net.address, cfg.hold.clone()),
         migrate_out: ums::migration::migrate_out_boxed(),
+        page_links: ums::migration::postcopy::links_status,
         in_doubt: Default::default(),
         metrics: Default::default(),
     };

@@ -1,8 +1,9 @@
 //! A TCP proxy that sits inside a test host's network namespace between a
 //! migration's source and destination, and breaks the stream on purpose: cut
-//! it after N bytes, or flip one byte. Only the first connection (or the nth,
-//! with `start_on`) gets the fault; the others (a retry, the source's status
-//! query) pass untouched.
+//! it after N bytes, or flip one byte, or take the link down for a while.
+//! Only the first connection (or the nth ones, with `start_on` and
+//! `start_on_each`) gets the fault; the others (a retry, the source's status
+//! query) pass untouched, except during an outage.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -21,6 +22,9 @@ pub enum Fault {
     /// keeping the connection open (a peer that stops mid-stream); hang up
     /// once the destination has.
     StallAfter(u64),
+    /// Like `CutAfter`, and then an outage: for this long every new
+    /// connection is closed as soon as it comes (the link is down).
+    CutThenDown(u64, std::time::Duration),
 }
 
 pub struct FaultProxy {
@@ -44,6 +48,20 @@ impl FaultProxy {
         fault: Fault,
         nth: usize,
     ) -> anyhow::Result<FaultProxy> {
+        Self::start_on_each(netns, port, target, fault, &[nth])
+    }
+
+    /// [`FaultProxy::start`], with the fault on each of the connections
+    /// numbered in `nths` (from 0).
+    pub fn start_on_each(
+        netns: &Path,
+        port: u16,
+        target: SocketAddr,
+        fault: Fault,
+        nths: &[usize],
+    ) -> anyhow::Result<FaultProxy> {
+        let nths = nths.to_vec();
+        let down_until = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
         let ns = std::fs::File::open(netns)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -67,10 +85,15 @@ impl FaultProxy {
             while !stop2.load(Ordering::Relaxed) {
                 match l.accept() {
                     Ok((client, _)) => {
+                        if down_until.lock().unwrap().is_some_and(|t| std::time::Instant::now() < t) {
+                            let _ = client.shutdown(Shutdown::Both);
+                            continue;
+                        }
                         client.set_nonblocking(false).unwrap();
-                        let f = if accepted == nth { Some(fault) } else { None };
+                        let f = if nths.contains(&accepted) { Some(fault) } else { None };
                         accepted += 1;
-                        std::thread::spawn(move || relay(client, target, f));
+                        let down = down_until.clone();
+                        std::thread::spawn(move || relay(client, target, f, down));
                     }
                     Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
                 }
@@ -91,7 +114,12 @@ impl Drop for FaultProxy {
     }
 }
 
-fn relay(client: TcpStream, target: SocketAddr, fault: Option<Fault>) {
+fn relay(
+    client: TcpStream,
+    target: SocketAddr,
+    fault: Option<Fault>,
+    down_until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+) {
     let Ok(server) = TcpStream::connect(target) else { return };
     let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
     // destination -> source: plain copy
@@ -108,8 +136,17 @@ fn relay(client: TcpStream, target: SocketAddr, fault: Option<Fault>) {
             Ok(n) => n,
         };
         let chunk = &mut buf[..n];
+        let cut = match fault {
+            Some(Fault::CutAfter(limit)) => Some((limit, None)),
+            Some(Fault::CutThenDown(limit, d)) => Some((limit, Some(d))),
+            _ => None,
+        };
         match fault {
-            Some(Fault::CutAfter(limit)) if sent + n as u64 >= limit => {
+            _ if cut.is_some_and(|(limit, _)| sent + n as u64 >= limit) => {
+                let (limit, down) = cut.expect("a cut");
+                if let Some(d) = down {
+                    *down_until.lock().unwrap() = Some(std::time::Instant::now() + d);
+                }
                 let keep = (limit - sent) as usize;
                 let _ = s.write_all(&chunk[..keep]);
                 let _ = s.shutdown(Shutdown::Both);

@@ -48,9 +48,13 @@ fn marker(o: &Outer) -> String {
 /// destination with no gap, no repeat and no restart; the source is a
 /// standby that prints nothing more. Returns the report.
 fn post_copy(src: &Outer, dst: &Outer, addr: std::net::Ipv4Addr) -> serde_json::Value {
+    post_copy_to(src, dst, &format!("{addr}:{PEER_PORT}"))
+}
+
+/// [`post_copy`] to the peer address `to` (a proxy, say).
+fn post_copy_to(src: &Outer, dst: &Outer, to: &str) -> serde_json::Value {
     let from_dst = dst.log().len();
-    let to = format!("{addr}:{PEER_PORT}");
-    let out = src.ums(&["migrate", "--json", "--mode", "post-copy", "--to", &to]).unwrap();
+    let out = src.ums(&["migrate", "--json", "--mode", "post-copy", "--to", to]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "migrate failed: {text} {}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -110,7 +114,14 @@ fn the_source_killed_during_post_copy_ends_the_destinations_copy() {
     // while pages are still on their way.
     let (ha, hb) = Host::pair("pckill", Some("100mbit")).unwrap();
     let mut a = Outer::builder("pckill-a").host(&ha).layout(&img.layout).start().unwrap();
-    let b = Outer::builder("pckill-b").host(&hb).layout(&img.layout).args(&["--standby"]).start().unwrap();
+    // A dead source and a cut link look the same to the destination: it
+    // ends its copy once the link did not come back for --post-copy-resume.
+    let b = Outer::builder("pckill-b")
+        .host(&hb)
+        .layout(&img.layout)
+        .args(&["--standby", "--post-copy-resume", "3s"])
+        .start()
+        .unwrap();
     a.wait_for_line("tick 3 ", T).unwrap();
     b.wait_for_line("standby", T).unwrap();
     let to = format!("{}:{PEER_PORT}", hb.addr());
@@ -145,20 +156,57 @@ fn the_source_killed_during_post_copy_ends_the_destinations_copy() {
 }
 
 #[test]
-fn a_page_link_cut_during_post_copy_ends_there_and_thaws_the_source() {
+fn a_page_link_cut_twice_during_post_copy_resumes_and_completes() {
+    lazy_pages_host();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = counter_image(tmp.path(), "256");
+    let (ha, hb) = Host::pair("pcres", Some("1gbit")).unwrap();
+    let a = Outer::builder("pcres-a").host(&ha).layout(&img.layout).start().unwrap();
+    let b = Outer::builder("pcres-b").host(&hb).layout(&img.layout).args(&["--standby"]).start().unwrap();
+    a.wait_for_line("tick 3 ", T).unwrap();
+    b.wait_for_line("standby", T).unwrap();
+    let sum0 = a.lines().iter().find_map(|l| parse_sum(l)).unwrap();
+    let marker0 = marker(&a);
+    // Connection 0 is the migration's, 1 the page link, 2 the page link
+    // reopened after the first cut: each is cut after 32 MiB of pages.
+    let target: std::net::SocketAddr = format!("127.0.0.1:{PEER_PORT}").parse().unwrap();
+    let proxy = FaultProxy::start_on_each(&hb.netns_path(), 7500, target, Fault::CutAfter(32 << 20), &[1, 2]).unwrap();
+    let r = post_copy_to(&a, &b, &format!("{}:{}", hb.addr(), proxy.port()));
+    assert_eq!(r["page_link_resumes"], 2, "the page link was reopened after each cut: {r}");
+    assert!(r["bytes_after_running"].as_u64().unwrap() >= 200 << 20, "the memory came after running: {r}");
+    // Every page arrived intact: the pass that re-reads all memory agrees,
+    // and the file written before the move is there.
+    assert_eq!(checksum(&b), sum0, "memory checksum at the destination");
+    assert_eq!(marker(&b), marker0);
+    // No page link is left open on either side.
+    for o in [&a, &b] {
+        let st = status(o);
+        assert_eq!(st["operation"]["page_links"], serde_json::json!([]), "{st}");
+    }
+}
+
+#[test]
+fn a_page_link_down_longer_than_the_resume_window_ends_there_and_thaws_the_source() {
     lazy_pages_host();
     let tmp = tempfile::tempdir().unwrap();
     let img = counter_image(tmp.path(), "256");
     let (ha, hb) = Host::pair("pccut", Some("1gbit")).unwrap();
-    let a = Outer::builder("pccut-a").host(&ha).layout(&img.layout).start().unwrap();
-    let b = Outer::builder("pccut-b").host(&hb).layout(&img.layout).args(&["--standby"]).start().unwrap();
+    let resume = ["--post-copy-resume", "2s"];
+    let a = Outer::builder("pccut-a").host(&ha).layout(&img.layout).args(&resume).start().unwrap();
+    let b = Outer::builder("pccut-b")
+        .host(&hb)
+        .layout(&img.layout)
+        .args(&["--standby", resume[0], resume[1]])
+        .start()
+        .unwrap();
     a.wait_for_line("tick 3 ", T).unwrap();
     b.wait_for_line("standby", T).unwrap();
     let sum0 = a.lines().iter().find_map(|l| parse_sum(l)).unwrap();
-    // The second connection to the destination is the page link: cut it
-    // after 32 MiB of pages.
+    // The page link (connection 1) is cut after 32 MiB of pages, and the
+    // link stays down for 6 s: longer than either side waits to resume.
     let target: std::net::SocketAddr = format!("127.0.0.1:{PEER_PORT}").parse().unwrap();
-    let proxy = FaultProxy::start_on(&hb.netns_path(), 7500, target, Fault::CutAfter(32 << 20), 1).unwrap();
+    let fault = Fault::CutThenDown(32 << 20, Duration::from_secs(6));
+    let proxy = FaultProxy::start_on(&hb.netns_path(), 7500, target, fault, 1).unwrap();
     let to = format!("{}:{}", hb.addr(), proxy.port());
     let out = a.ums(&["migrate", "--mode", "post-copy", "--to", &to]).unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
@@ -168,6 +216,7 @@ fn a_page_link_cut_during_post_copy_ends_there_and_thaws_the_source() {
     let st = status(&b);
     assert_eq!(st["state"], "standby", "{st}");
     assert!(st["workload"].is_null(), "{st}");
+    assert!(st["last_op"]["error"].as_str().unwrap_or("").contains("did not reopen the page link"), "{st}");
     // The source runs on from its state at the freeze: no restart, no gap in
     // its own counter, the same memory.
     let st = status(&a);

@@ -77,6 +77,12 @@ pub struct Args {
     /// Deadline for every read from a peer, and for its TLS handshake (30s).
     #[arg(long, env = "UMS_PEER_TIMEOUT", default_value = "30s", value_parser = crate::supervisor::parse_duration)]
     pub peer_timeout: std::time::Duration,
+    /// Post-copy: how long a cut page link may take to come back (60s).
+    /// Meanwhile the workload at the destination waits on the pages it
+    /// lacks and the frozen copy here holds them; after it, the destination
+    /// ends its copy and the source's copy runs on.
+    #[arg(long, env = "UMS_POST_COPY_RESUME", default_value = "60s", value_parser = crate::supervisor::parse_duration)]
+    pub post_copy_resume: std::time::Duration,
     /// Stream the checkpoint while CRIU writes it (on), or dump first and
     /// send afterwards (off, for comparison).
     #[arg(long, env = "UMS_STREAMING", default_value = "on", hide = true, action = clap::ArgAction::Set,
@@ -135,6 +141,7 @@ impl Args {
             peer_keys: self.peer_keys,
             insecure_peer: self.insecure_peer,
             peer_read_timeout: self.peer_timeout,
+            post_copy_resume: self.post_copy_resume,
             publish: self.publish,
             hold: crate::net::proxy::HoldConfig {
                 max_held: self.hold_max,
@@ -241,6 +248,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             runtime,
             publisher,
             migrate_out: crate::migration::migrate_out_boxed(),
+            page_links: crate::migration::postcopy::links_status,
             in_doubt: Default::default(),
             metrics: Default::default(),
         };

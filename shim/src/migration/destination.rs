@@ -91,9 +91,12 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
     }
     if first.kind == Kind::PageLink {
         let h: postcopy::PageLinkHello = refuse_malformed(&mut w, first.parse()).await?;
-        let link = postcopy::Link { read: Box::new(r), write: Box::new(w) };
-        postcopy::deliver_link(&h.migration_id, link).map_err(InError::Refuse)?;
-        tracing::info!(peer = %peer, id = %h.migration_id, "page link open");
+        let link = postcopy::Link { read: Box::new(r), write: Box::new(w), peer_received: h.received };
+        if let Err((msg, mut link)) = postcopy::deliver_link(&h.migration_id, link) {
+            let _ = wire::send_json(&mut link.write, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await;
+            return Err(InError::Refuse(msg));
+        }
+        tracing::info!(peer = %peer, id = %h.migration_id, resumed_at = h.received, "page link open");
         return Ok(());
     }
     let hello: Hello = refuse_malformed(&mut w, first.expect(Kind::Hello)).await?;
@@ -587,8 +590,7 @@ async fn restore(
     let max = cfg.max_checkpoint_bytes;
     let post = match slot {
         Some(slot) => {
-            let idle = cfg.peer_read_timeout.min(Duration::from_secs(10));
-            Some(postcopy::start_destination(&ctx.reaper, slot, &images, &work, idle).await.map_err(InError::Refuse)?)
+            Some(postcopy::start_destination(&ctx.reaper, slot, &images, &work, cfg).await.map_err(InError::Refuse)?)
         }
         None => None,
     };

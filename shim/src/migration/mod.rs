@@ -29,6 +29,7 @@ pub mod in_doubt;
 pub mod keys;
 pub mod outcomes;
 pub mod postcopy;
+pub mod resumable;
 pub mod source;
 pub mod streamer;
 pub mod transport;

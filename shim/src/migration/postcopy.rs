@@ -26,10 +26,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncRead;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
+use super::resumable::{End, Resumable};
 use super::transport::PeerWrite;
 use super::wire::{self, Kind};
 use crate::config::Config;
@@ -131,16 +132,29 @@ pub fn check_criu_versions(ours: &str, theirs: &str) -> Result<(), String> {
 
 // ---------------------------------------------------------------- page link
 
-/// The TLS connection of a page link, after its `PageLink` frame.
+/// The TLS connection of a page link, after its `PageLink` frame, and what
+/// the source said it received of the destination's stream.
 pub struct Link {
     pub read: Box<dyn AsyncRead + Unpin + Send>,
     pub write: PeerWrite,
+    pub peer_received: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PageLinkHello {
     pub migration_id: String,
+    /// Bytes of the destination's stream (the daemon's requests) the source
+    /// holds: 0 on the first link, more on a resumed one.
+    #[serde(default)]
+    pub received: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageLinkOk {
+    /// Bytes of the source's stream (pages) the destination holds.
+    pub received: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -152,23 +166,36 @@ pub struct PostCopyDone {
     pub last_page_after_running_ms: f64,
 }
 
-type Waiting = Mutex<HashMap<String, oneshot::Sender<Link>>>;
+/// How long a page link may stay silent before it counts as cut: the peer
+/// timeout, between 1 and 5 s (both sides send an acknowledgement every
+/// quarter of it).
+pub fn link_idle(cfg: &Config) -> Duration {
+    cfg.peer_read_timeout.clamp(Duration::from_secs(1), Duration::from_secs(5))
+}
+
+type Waiting = Mutex<HashMap<String, (u64, oneshot::Sender<Link>)>>;
 static WAITING: OnceLock<Waiting> = OnceLock::new();
+static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 fn waiting() -> &'static Waiting {
     WAITING.get_or_init(Default::default)
 }
 
-/// A destination waiting for the page link of migration `id`; forgotten
-/// when dropped.
+/// A destination waiting for a page link of migration `id` (the first one,
+/// or one that replaces it); forgotten when dropped.
 pub struct LinkSlot {
     id: String,
+    generation: u64,
     pub rx: Option<oneshot::Receiver<Link>>,
 }
 
 impl Drop for LinkSlot {
     fn drop(&mut self) {
-        waiting().lock().expect("page links").remove(&self.id);
+        let mut w = waiting().lock().expect("page links");
+        // Only our own registration: a newer slot for the id may be waiting.
+        if w.get(&self.id).is_some_and(|(g, _)| *g == self.generation) {
+            w.remove(&self.id);
+        }
     }
 }
 
@@ -176,47 +203,83 @@ impl Drop for LinkSlot {
 /// open it).
 pub fn expect_link(id: &str) -> LinkSlot {
     let (tx, rx) = oneshot::channel();
-    waiting().lock().expect("page links").insert(id.to_string(), tx);
-    LinkSlot { id: id.to_string(), rx: Some(rx) }
+    let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+    waiting().lock().expect("page links").insert(id.to_string(), (generation, tx));
+    LinkSlot { id: id.to_string(), generation, rx: Some(rx) }
 }
 
 /// A page link arrived: hand it to the migration waiting for it. Unknown
-/// ids are refused (only a running post-copy migration takes one).
-pub fn deliver_link(id: &str, link: Link) -> Result<(), String> {
+/// ids are refused (only a running post-copy migration takes one), and the
+/// link is handed back for the refusal.
+pub fn deliver_link(id: &str, link: Link) -> Result<(), (String, Link)> {
     let tx = waiting().lock().expect("page links").remove(id);
     match tx {
-        Some(tx) => tx.send(link).map_err(|_| format!("migration {id} no longer waits for its page link")),
-        None => Err(format!("no post-copy migration {id} waits for a page link here")),
+        Some((_, tx)) => tx.send(link).map_err(|l| (format!("migration {id} no longer waits for its page link"), l)),
+        None => Err((format!("no post-copy migration {id} waits for a page link here"), link)),
     }
 }
 
-const PUMP_BUF: usize = 256 << 10;
+// ------------------------------------------------------- page link status
 
-/// Copy `r` to `w` until `r` ends, counting bytes. With `idle`, no byte for
-/// that long is an error.
-async fn pump(
-    r: &mut (impl AsyncRead + Unpin),
-    w: &mut (impl AsyncWrite + Unpin),
-    count: &AtomicU64,
-    idle: Option<Duration>,
-) -> Result<(), String> {
-    let mut buf = vec![0u8; PUMP_BUF];
-    loop {
-        let n = match idle {
-            Some(d) => tokio::time::timeout(d, r.read(&mut buf))
-                .await
-                .map_err(|_| format!("no data for {d:?}"))?
-                .map_err(|e| e.to_string())?,
-            None => r.read(&mut buf).await.map_err(|e| e.to_string())?,
-        };
-        if n == 0 {
-            return Ok(());
+/// A page link as `ums status` shows it (`operation.page_links`).
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkStatus {
+    pub migration_id: String,
+    /// `source` (serves pages) or `destination` (fetches them).
+    pub side: &'static str,
+    /// `streaming`, or `paused: <why>` while the link is being reopened.
+    pub state: String,
+    /// Times the link was reopened after a cut.
+    pub resumes: u32,
+    /// Page-server bytes carried: pages (source to destination) and requests.
+    pub page_bytes: u64,
+}
+
+type Links = Mutex<HashMap<(String, &'static str), LinkStatus>>;
+static LINKS: OnceLock<Links> = OnceLock::new();
+
+fn links() -> &'static Links {
+    LINKS.get_or_init(Default::default)
+}
+
+/// Every page link of this ums, for `ums status`.
+pub fn links_status() -> serde_json::Value {
+    let mut v: Vec<LinkStatus> = links().lock().expect("links").values().cloned().collect();
+    v.sort_by(|a, b| a.migration_id.cmp(&b.migration_id));
+    serde_json::to_value(v).unwrap_or_default()
+}
+
+/// One page link's line in the status, removed when dropped.
+struct LinkEntry {
+    key: (String, &'static str),
+    pages: Arc<AtomicU64>,
+}
+
+impl LinkEntry {
+    fn new(id: &str, side: &'static str, pages: Arc<AtomicU64>) -> LinkEntry {
+        let key = (id.to_string(), side);
+        let s =
+            LinkStatus { migration_id: id.to_string(), side, state: "connecting".into(), resumes: 0, page_bytes: 0 };
+        links().lock().expect("links").insert(key.clone(), s);
+        LinkEntry { key, pages }
+    }
+
+    fn set(&self, state: impl Into<String>, resumed: bool) {
+        if let Some(s) = links().lock().expect("links").get_mut(&self.key) {
+            s.state = state.into();
+            s.resumes += resumed as u32;
+            s.page_bytes = self.pages.load(Ordering::Relaxed);
         }
-        w.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
-        w.flush().await.map_err(|e| e.to_string())?;
-        count.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
+
+impl Drop for LinkEntry {
+    fn drop(&mut self) {
+        links().lock().expect("links").remove(&self.key);
+    }
+}
+
+// ----------------------------------------------------- source: page link
 
 /// A free loopback port for CRIU's page server at the source (runc takes only
 /// an address, so the port is chosen here and released just before CRIU binds
@@ -226,51 +289,86 @@ pub fn free_loopback_port() -> std::io::Result<SocketAddr> {
     l.local_addr()
 }
 
+/// Open a page link (or reopen it) to `to`: the error says whether trying
+/// again makes sense (a refusal by the destination does not).
+async fn open_link(cfg: &Config, to: &str, id: &str, received: u64, idle: Duration) -> Result<Link, (String, bool)> {
+    let conn = super::transport::connect(cfg, to, idle.max(Duration::from_secs(5)))
+        .await
+        .map_err(|e| (format!("page link to {to}: {e}"), true))?;
+    let (mut r, mut w) = (conn.read, conn.write);
+    let hello = PageLinkHello { migration_id: id.to_string(), received };
+    wire::send_json(&mut w, Kind::PageLink, &hello).await.map_err(|e| (format!("page link to {to}: {e}"), true))?;
+    let answer = wire::read_frame_within(&mut r, idle).await.and_then(|f| f.expect::<PageLinkOk>(Kind::PageLinkOk));
+    match answer {
+        Ok(ok) => Ok(Link { read: r, write: w, peer_received: ok.received }),
+        Err(wire::WireError::Peer(m)) => Err((format!("the destination refused the page link: {m}"), false)),
+        Err(e) => Err((format!("page link to {to}: {e}"), true)),
+    }
+}
+
 /// The source's end of the page link: CRIU's page server at `criu` (loopback)
-/// to a new TLS connection to the destination. Ends when both directions
-/// ended (the last page was served and CRIU closed), or with the first error;
-/// `pages` counts the bytes sent to the destination.
+/// to a TLS connection to the destination, reopened after a cut for up to
+/// `cfg.post_copy_resume`. Ends when both directions ended (the last page
+/// was served and CRIU closed), or with an error; `pages` counts the bytes
+/// sent to the destination, `resumes` the reconnections.
 pub async fn source_link(
     cfg: Config,
     to: String,
     migration_id: String,
     criu: SocketAddr,
     pages: Arc<AtomicU64>,
+    resumes: Arc<std::sync::atomic::AtomicU32>,
 ) -> Result<(), String> {
     let local = TcpStream::connect(criu).await.map_err(|e| format!("CRIU's page server at {criu}: {e}"))?;
-    let _ = local.set_nodelay(true);
-    let conn = super::transport::connect(&cfg, &to, Duration::from_secs(10))
-        .await
-        .map_err(|e| format!("page link to {to}: {e}"))?;
-    let (mut tr, mut tw) = (conn.read, conn.write);
-    wire::send_json(&mut tw, Kind::PageLink, &PageLinkHello { migration_id }).await.map_err(|e| e.to_string())?;
-    let (mut lr, mut lw) = local.into_split();
-    let requests = AtomicU64::new(0);
-    let down = async {
-        // Requests of the destination's lazy-pages daemon, to CRIU.
-        pump(&mut tr, &mut lw, &requests, None).await?;
-        lw.shutdown().await.map_err(|e| e.to_string())
-    };
-    let up = async {
-        // Pages, to the destination.
-        pump(&mut lr, &mut tw, &pages, None).await?;
-        tw.shutdown().await.map_err(|e| e.to_string())
-    };
-    tokio::try_join!(down, up).map(|_| ())
+    let mut rs = Resumable::new(local, true);
+    rs.count_out = pages.clone();
+    let entry = LinkEntry::new(&migration_id, "source", pages);
+    let idle = link_idle(&cfg);
+    // Since when, and why, there has been no link.
+    let mut lost: Option<(Instant, String)> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let link = match open_link(&cfg, &to, &migration_id, rs.received(), idle).await {
+            Ok(l) => l,
+            Err((e, false)) => return Err(e),
+            Err((e, true)) => {
+                let (since, why) = lost.get_or_insert_with(|| (Instant::now(), e.clone()));
+                if since.elapsed() >= cfg.post_copy_resume {
+                    return Err(format!(
+                        "{why}; the page link could not be reopened within {:?} (last try: {e})",
+                        cfg.post_copy_resume
+                    ));
+                }
+                entry.set(format!("paused: {why}; reconnecting"), false);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        let resumed = lost.take().is_some();
+        if resumed {
+            resumes.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(id = %migration_id, "page link reopened; the page stream resumes");
+        }
+        entry.set("streaming", resumed);
+        backoff = Duration::from_millis(100);
+        match rs.run(link.read, link.write, link.peer_received, idle, &mut std::future::pending::<()>()).await? {
+            End::Done => return Ok(()),
+            End::Lost(why) => {
+                tracing::warn!(id = %migration_id, %why, "page link cut; reconnecting");
+                entry.set(format!("paused: {why}; reconnecting"), false);
+                lost = Some((Instant::now(), why));
+            }
+            End::Superseded(()) => unreachable!("nothing supersedes the source's link"),
+        }
+    }
 }
 
 /// What a destination's bridge leaves behind when the source side ended:
 /// the daemon's connection, still open (closing it would let the daemon
 /// give up and the workload read zero pages).
 pub struct Keep {
-    _write: tokio::net::tcp::OwnedWriteHalf,
-    up: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Keep {
-    fn drop(&mut self) {
-        self.up.abort();
-    }
+    _stream: Resumable,
 }
 
 /// The destination's end of a post-copy: the page link bridge and the
@@ -292,13 +390,14 @@ pub async fn start_destination(
     slot: &mut LinkSlot,
     images: &Path,
     work: &Path,
-    idle: Duration,
+    cfg: &Config,
 ) -> Result<DestPostCopy, String> {
     let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("loopback listener: {e}"))?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     let link = slot.rx.take().ok_or("the page link was already taken")?;
     let pages = Arc::new(AtomicU64::new(0));
-    let bridge = tokio::spawn(dest_bridge(listener, link, idle, pages.clone()));
+    let timing = (link_idle(cfg), cfg.post_copy_resume);
+    let bridge = tokio::spawn(dest_bridge(listener, slot.id.clone(), link, timing, pages.clone()));
     std::fs::create_dir_all(work).map_err(|e| format!("{}: {e}", work.display()))?;
     let mut c = std::process::Command::new("criu");
     c.arg("lazy-pages")
@@ -352,12 +451,15 @@ pub fn kill(pid: i32) {
 }
 
 /// Accept the daemon's connection and the page link, then carry bytes both
-/// ways. Returns when the source's side ended (cleanly after the last page,
-/// or not), with why, and the daemon's connection still open.
+/// ways, taking a new link whenever the source opens one (after a cut, or
+/// when it found the old one dead first). Returns when the page stream is
+/// complete, or when no link came back within `resume` after a cut, with
+/// why, and the daemon's connection still open.
 async fn dest_bridge(
     listener: TcpListener,
-    link: oneshot::Receiver<Link>,
-    idle: Duration,
+    id: String,
+    first: oneshot::Receiver<Link>,
+    (idle, resume): (Duration, Duration),
     pages: Arc<AtomicU64>,
 ) -> (String, Option<Keep>) {
     let local = match tokio::time::timeout(Duration::from_secs(120), listener.accept()).await {
@@ -367,25 +469,49 @@ async fn dest_bridge(
         Err(_) => return ("the lazy-pages daemon did not connect".into(), None),
     };
     drop(listener);
-    let _ = local.set_nodelay(true);
-    let Link { read: mut tr, write: mut tw } = match tokio::time::timeout(Duration::from_secs(30), link).await {
+    let mut rs = Resumable::new(local, false);
+    rs.count_in = pages.clone();
+    let mut link = match tokio::time::timeout(Duration::from_secs(30), first).await {
         Ok(Ok(l)) => l,
-        _ => return ("the source opened no page link".into(), None),
+        _ => return ("the source opened no page link".into(), Some(Keep { _stream: rs })),
     };
-    let (mut lr, mut lw) = local.into_split();
-    let up = tokio::spawn(async move {
-        // Requests of the daemon, to the source.
-        let n = AtomicU64::new(0);
-        if pump(&mut lr, &mut tw, &n, None).await.is_ok() {
-            let _ = tw.shutdown().await;
+    let entry = LinkEntry::new(&id, "destination", pages);
+    let mut resumed = false;
+    loop {
+        // The next link may come at any moment from now on.
+        let mut slot = expect_link(&id);
+        let mut next = slot.rx.take().expect("a fresh slot");
+        let Link { read, mut write, peer_received } = link;
+        entry.set("streaming", resumed);
+        let ok = PageLinkOk { received: rs.received() };
+        let end = match wire::send_json(&mut write, Kind::PageLinkOk, &ok).await {
+            Ok(()) => rs.run(read, write, peer_received, idle, &mut next).await,
+            Err(e) => Ok(End::Lost(format!("page link: {e}"))),
+        };
+        let why = match end {
+            Ok(End::Done) => return ("the page stream is complete".into(), Some(Keep { _stream: rs })),
+            Ok(End::Superseded(Ok(l))) => {
+                tracing::info!(%id, "a newer page link replaces the current one");
+                (link, resumed) = (l, true);
+                continue;
+            }
+            Ok(End::Superseded(Err(_))) => "page link: no longer expected".to_string(),
+            Ok(End::Lost(why)) => why,
+            Err(e) => return (format!("page link: {e}"), Some(Keep { _stream: rs })),
+        };
+        tracing::warn!(%id, %why, "page link cut; faults wait until the source reconnects");
+        entry.set(format!("paused: {why}; waiting for the source to reconnect"), false);
+        match tokio::time::timeout(resume, &mut next).await {
+            Ok(Ok(l)) => (link, resumed) = (l, true),
+            _ => {
+                return (
+                    format!("{why}; the source did not reopen the page link within {resume:?}"),
+                    Some(Keep { _stream: rs }),
+                )
+            }
         }
-    });
-    // Pages from the source. A cut link without a reset shows as silence.
-    let why = match pump(&mut tr, &mut lw, &pages, Some(idle)).await {
-        Ok(()) => "the source closed the page link".to_string(),
-        Err(e) => format!("page link: {e}"),
-    };
-    (why, Some(Keep { _write: lw, up }))
+        drop(slot);
+    }
 }
 
 /// How a post-copy ended at the destination.
@@ -453,14 +579,19 @@ mod tests {
     fn a_page_link_for_an_unknown_migration_is_refused() {
         let (a, _b) = tokio::io::duplex(64);
         let (r, w) = tokio::io::split(a);
-        let link = Link { read: Box::new(r), write: Box::new(w) };
+        let link = Link { read: Box::new(r), write: Box::new(w), peer_received: 0 };
         assert!(deliver_link("m-unknown", link).is_err());
         let mut slot = expect_link("m-known");
         let (a, _b) = tokio::io::duplex(64);
         let (r, w) = tokio::io::split(a);
-        assert!(deliver_link("m-known", Link { read: Box::new(r), write: Box::new(w) }).is_ok());
-        assert!(slot.rx.take().unwrap().try_recv().is_ok());
+        assert!(deliver_link("m-known", Link { read: Box::new(r), write: Box::new(w), peer_received: 7 }).is_ok());
+        assert_eq!(slot.rx.take().unwrap().try_recv().map(|l| l.peer_received).ok(), Some(7));
         drop(slot);
-        assert!(waiting().lock().unwrap().is_empty());
+        assert!(!waiting().lock().unwrap().contains_key("m-known"));
+        // A slot dropped after a newer one for the same id leaves the newer.
+        let old = expect_link("m-again");
+        let _new = expect_link("m-again");
+        drop(old);
+        assert!(waiting().lock().unwrap().contains_key("m-again"));
     }
 }

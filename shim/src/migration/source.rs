@@ -261,9 +261,10 @@ async fn migrate(
     // the checkpoint streams, so its lazy-pages daemon finds it.
     let mut lazy = frozen.lazy.take();
     let pages = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let resumes = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let mut link = lazy.as_ref().map(|(_, at)| {
         let (cfg, to, id) = ((*ctx.cfg).clone(), to.to_string(), migration_id.clone());
-        tokio::spawn(postcopy::source_link(cfg, to, id, *at, pages.clone()))
+        tokio::spawn(postcopy::source_link(cfg, to, id, *at, pages.clone(), resumes.clone()))
     });
     // From here the workload is frozen: every failure path must thaw it,
     // unless the destination may run it (settle decides).
@@ -354,6 +355,7 @@ async fn migrate(
         "last_page_ms": ms(last_page),
         "bytes_before_running": committed.bytes + pages_at_running,
         "bytes_after_running": page_bytes - pages_at_running,
+        "page_link_resumes": resumes.load(std::sync::atomic::Ordering::Relaxed),
         "peer": peer,
         "streaming": frozen.live,
         "pre_migration_ms": pre_ms,
@@ -680,10 +682,12 @@ async fn post_copy(
     let done: Result<postcopy::PostCopyDone, String> = loop {
         tokio::select! {
             f = &mut read => break f.and_then(|f| f.expect(Kind::PostCopyDone)).map_err(|e| e.to_string()),
-            l = &mut link, if !link_done => match l.unwrap_or_else(|e| Err(e.to_string())) {
-                Ok(()) => link_done = true,
-                Err(e) => break Err(e),
-            },
+            l = &mut link, if !link_done => {
+                link_done = true;
+                if let Err(e) = l.unwrap_or_else(|e| Err(e.to_string())) {
+                    break Err(e);
+                }
+            }
         }
     };
     match done {
@@ -703,7 +707,8 @@ async fn post_copy(
         }
         Err(reason) => {
             tracing::warn!(%reason, "post-copy interrupted; asking the destination");
-            link.abort();
+            // The page link, if it still runs, keeps serving pages meanwhile:
+            // a destination that gets them all reports the workload running.
             // The destination ends its copy when pages can no longer arrive;
             // until it says so, or says it has them all, ours stays frozen.
             let known = vec![
@@ -714,11 +719,11 @@ async fn post_copy(
             ctx.metrics.migration_in_doubt(Mode::PostCopy);
             match in_doubt::settle(&ctx.cfg, &ctx.in_doubt, to, id, reason.clone(), known).await {
                 Settled::Running { .. } => {
-                    end_lazy_dump(dump, None, at).await;
+                    end_lazy_dump(dump, (!link_done).then_some(link), at).await;
                     Ok(())
                 }
                 Settled::NotRunning => {
-                    end_lazy_dump(dump, None, at).await;
+                    end_lazy_dump(dump, (!link_done).then_some(link), at).await;
                     Err((
                         MigrateError::PostCopy(format!(
                             "{reason}; the destination ended its copy, so the workload runs here again from its state \
@@ -728,7 +733,7 @@ async fn post_copy(
                     ))
                 }
                 Settled::Operator(Resolution::Abandon, reply) => {
-                    end_lazy_dump(dump, None, at).await;
+                    end_lazy_dump(dump, (!link_done).then_some(link), at).await;
                     let _ = reply.send(Response::ok(json!({
                         "migration_id": id,
                         "outcome": "the frozen copy here is ended; the workload runs at the destination, or nowhere",
@@ -736,7 +741,7 @@ async fn post_copy(
                     Ok(())
                 }
                 Settled::Operator(Resolution::Thaw, reply) => {
-                    end_lazy_dump(dump, None, at).await;
+                    end_lazy_dump(dump, (!link_done).then_some(link), at).await;
                     in_doubt::stop_remote(ctx.cfg.clone(), ctx.in_doubt.clone(), to.to_string(), id.to_string());
                     let _ = reply.send(Response::ok(json!({
                         "migration_id": id,

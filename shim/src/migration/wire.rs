@@ -7,7 +7,9 @@ use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// 2: file digests are BLAKE3 (`blake3` in the manifest) instead of SHA-256.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: the post-copy page link is framed and resumable (`PageLinkOk`,
+/// `PageAck`, offsets in its `Data` frames).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest frame accepted (a data chunk is at most `CHUNK` plus its header).
 pub const MAX_FRAME: usize = 4 << 20;
 /// Largest JSON frame accepted.
@@ -44,6 +46,12 @@ pub enum Kind {
     /// JSON, destination to source after `Result { running }` in post-copy:
     /// every page has arrived (the source may end its frozen copy).
     PostCopyDone = 14,
+    /// JSON, the destination's answer to `PageLink`: `{received}`, the bytes
+    /// of the source's page stream it holds (a resumed link sends from there).
+    PageLinkOk = 20,
+    /// Binary, on a page link, both ways: u64 bytes received and a 1-byte
+    /// "your end of stream arrived"; also the link's heartbeat.
+    PageAck = 21,
 }
 
 impl Kind {
@@ -64,6 +72,8 @@ impl Kind {
             12 => Heartbeat,
             13 => PageLink,
             14 => PostCopyDone,
+            20 => PageLinkOk,
+            21 => PageAck,
             _ => return None,
         })
     }

@@ -37,6 +37,8 @@ pub struct Ctx {
     pub in_doubt: in_doubt::Board,
     /// Counters for `ums metrics` and `--metrics-listen`.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The migration layer's page links (post-copy), for `status`.
+    pub page_links: fn() -> serde_json::Value,
 }
 
 /// A boxed future, sendable to a task.
@@ -222,7 +224,11 @@ impl Supervisor {
         let (in_doubt, stopping_remote) = self.ctx.in_doubt.status();
         json!({
             "state": self.state,
-            "operation": { "in_doubt": in_doubt, "stopping_remote": stopping_remote },
+            "operation": {
+                "in_doubt": in_doubt,
+                "stopping_remote": stopping_remote,
+                "page_links": (self.ctx.page_links)(),
+            },
             "workload": workload,
             "runtime": self.ctx.cfg.runtime,
             "peer_listen": self.ctx.cfg.peer_listen.to_string(),
