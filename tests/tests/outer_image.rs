@@ -249,7 +249,24 @@ struct Docker {
     socket: PathBuf,
     child: Child,
     log: LineLog,
+    /// Paths dockerd 20.10 and its containerd use whatever the flags say
+    /// (the trust key, the plugin and shim socket dirs) that did not exist
+    /// before: removed at the end when empty, deepest first.
+    made: Vec<PathBuf>,
 }
+
+/// What dockerd and its containerd create outside their roots.
+const DOCKER_FIXED_PATHS: [&str; 9] = [
+    "/etc/docker",
+    "/etc/docker/key.json",
+    "/run/docker",
+    "/run/docker/plugins",
+    "/run/containerd",
+    "/run/containerd/s",
+    "/run/containerd/fifo",
+    "/run/containerd/runc",
+    "/run/containerd/runc/moby",
+];
 
 /// Debian's docker.io client: newer clients (docker 23 and later) want the
 /// buildx plugin for BuildKit builds, which Debian bookworm does not have.
@@ -258,6 +275,8 @@ const DOCKER_CLIENT: &str = "/usr/bin/docker";
 impl Docker {
     fn start(dir: &Path) -> anyhow::Result<Docker> {
         std::fs::create_dir_all(dir.join("client"))?;
+        let made: Vec<PathBuf> =
+            DOCKER_FIXED_PATHS.iter().map(PathBuf::from).filter(|p| std::fs::symlink_metadata(p).is_err()).collect();
         let socket = dir.join("docker.sock");
         let config = dir.join("daemon.json");
         std::fs::write(&config, "{}\n")?;
@@ -282,7 +301,7 @@ impl Docker {
         let log = LineLog::new();
         log.capture(child.stdout.take().unwrap(), "dockerd".into());
         log.capture(child.stderr.take().unwrap(), "dockerd".into());
-        let d = Docker { dir: dir.to_path_buf(), socket, child, log };
+        let d = Docker { dir: dir.to_path_buf(), socket, child, log, made };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if d.socket.exists() && d.cmd().arg("version").output().map(|o| o.status.success()).unwrap_or(false) {
@@ -339,6 +358,14 @@ impl Drop for Docker {
             }
         }
         unmount_below(&self.dir);
+        // Only what we made, only if empty (the key file is ours if we made it).
+        for p in self.made.iter().rev() {
+            if p.ends_with("key.json") {
+                let _ = std::fs::remove_file(p);
+            } else {
+                let _ = std::fs::remove_dir(p);
+            }
+        }
     }
 }
 
