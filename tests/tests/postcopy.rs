@@ -96,6 +96,11 @@ fn post_copy_there_and_back_keeps_counter_memory_and_file() {
     assert!(r1["bytes_after_running"].as_u64().unwrap() > 200 << 20, "{r1}");
     assert!(r1["bytes_before_running"].as_u64().unwrap() < 64 << 20, "{r1}");
     assert!(r1["last_page_ms"].as_f64().unwrap() >= r1["downtime_ms"].as_f64().unwrap(), "{r1}");
+    // The daemon placed the workload's pages, nearly all of them pushed in
+    // the background (the counter touches few pages while they move).
+    let (fault, background) = (r1["pages_on_fault"].as_u64().unwrap(), r1["pages_in_background"].as_u64().unwrap());
+    assert!(fault + background > (240 << 20) / 4096, "{r1}");
+    assert!(background > fault, "{r1}");
     assert_eq!(checksum(&b), sum0, "memory checksum after A->B");
     assert_eq!(marker(&b), file0, "file written before the migration");
 
@@ -232,4 +237,157 @@ fn a_page_link_down_longer_than_the_resume_window_ends_there_and_thaws_the_sourc
     // And a post-copy without the fault then succeeds.
     post_copy(&a, &b, hb.addr());
     assert_eq!(checksum(&b), sum0);
+}
+
+#[test]
+fn post_copy_of_a_four_process_workload_keeps_every_process_and_its_memory() {
+    lazy_pages_host();
+    let tmp = tempfile::tempdir().unwrap();
+    // 128 MiB touched by memctr, then three children forked: they share
+    // that memory copy-on-write, each with a lazy-pages handler of its own.
+    let memctr = build_workload(tmp.path());
+    let img = ImageBuilder::new(&memctr)
+        .cmd(&["128", "4"])
+        .env("MEMCTR_FILE", "/data-marker")
+        .build(&tmp.path().join("layout"))
+        .expect("build the workload image");
+    let (ha, hb) = Host::pair("pc4p", Some("1gbit")).unwrap();
+    let a = Outer::builder("pc4p-a").host(&ha).layout(&img.layout).start().unwrap();
+    let b = Outer::builder("pc4p-b").host(&hb).layout(&img.layout).args(&["--standby"]).start().unwrap();
+    a.wait_for_line("tick 3 ", T).unwrap();
+    b.wait_for_line("standby", T).unwrap();
+    let sum0 = a.lines().iter().find_map(|l| parse_sum(l)).unwrap();
+    let pids = |o: &Outer| status(o)["workload"]["pids"].as_array().map(|p| p.len()).unwrap_or(0);
+    assert_eq!(pids(&a), 4, "{}", status(&a));
+    let r = post_copy(&a, &b, hb.addr());
+    println!("4 processes A->B: {r}");
+    assert_eq!(pids(&b), 4, "every process runs at the destination: {}", status(&b));
+    assert_eq!(checksum(&b), sum0, "memory checksum at the destination");
+    // And back, so the restored processes' memory is dumped again.
+    post_copy(&b, &a, ha.addr());
+    assert_eq!(pids(&a), 4, "{}", status(&a));
+    assert_eq!(checksum(&a), sum0, "memory checksum after the way back");
+}
+
+/// Debian's redis server (the `redis-check-rdb` binary of redis-tools,
+/// which is redis-server under another name) at /usr/bin/redis-server,
+/// with the shared libraries `ldd` names, at the paths it names.
+fn redis_layer() -> Layer {
+    let bin = std::path::Path::new("/usr/bin/redis-check-rdb");
+    assert!(bin.is_file(), "redis-server not found: install redis-tools (image/install-deps.sh --test)");
+    let mut layer = Layer::new(Compression::Gzip).file("usr/bin/redis-server", std::fs::read(bin).unwrap(), 0o755);
+    let out = std::process::Command::new("ldd").arg(bin).output().expect("ldd (libc-bin)");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "libx.so.1 => /lib/.../libx.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = line.split("=>").last().unwrap().split_whitespace().next().unwrap_or("");
+        if let Some(rel) = path.strip_prefix('/') {
+            layer = layer.file(rel, std::fs::read(path).unwrap(), 0o755);
+        }
+    }
+    layer
+}
+
+/// One command in redis's protocol; the reply's first line and, for a
+/// bulk string, its value.
+fn redis(s: &mut std::io::BufReader<std::net::TcpStream>, args: &[&[u8]]) -> (String, Option<Vec<u8>>) {
+    use std::io::{BufRead, Read, Write};
+    let mut req = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        req.extend_from_slice(a);
+        req.extend_from_slice(b"\r\n");
+    }
+    s.get_mut().write_all(&req).unwrap();
+    let mut line = String::new();
+    s.read_line(&mut line).unwrap();
+    let line = line.trim_end().to_string();
+    if let Some(n) = line.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+        let mut v = vec![0u8; n + 2];
+        s.read_exact(&mut v).unwrap();
+        v.truncate(n);
+        return (line, Some(v));
+    }
+    (line, None)
+}
+
+fn redis_value(i: usize) -> Vec<u8> {
+    format!("value {i} ").repeat(100).into_bytes()
+}
+
+#[test]
+fn post_copy_of_redis_keeps_every_key_and_value() {
+    lazy_pages_host();
+    let tmp = tempfile::tempdir().unwrap();
+    let memctr = build_workload(tmp.path());
+    let img = ImageBuilder::new(&memctr)
+        .layer(redis_layer())
+        .entrypoint(&["/usr/bin/redis-server"])
+        .cmd(&["--port", "6379", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "", "--appendonly", "no"])
+        .expose("6379/tcp")
+        .build(&tmp.path().join("layout"))
+        .expect("build the redis image");
+    let (ha, hb) = Host::pair("pcrds", Some("1gbit")).unwrap();
+    let a = Outer::builder("pcrds-a").host(&ha).layout(&img.layout).start().unwrap();
+    let b = Outer::builder("pcrds-b").host(&hb).layout(&img.layout).args(&["--standby"]).start().unwrap();
+    a.wait_for_line("Ready to accept connections", T).unwrap();
+    b.wait_for_line("standby", T).unwrap();
+    // A client on the other host's side of the link, as a user's would be.
+    fn client<R: Send + 'static>(
+        netns: std::path::PathBuf,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> std::thread::JoinHandle<R> {
+        std::thread::spawn(move || {
+            use std::os::fd::AsFd;
+            let ns = std::fs::File::open(&netns).unwrap();
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+    }
+    fn connect(addr: std::net::Ipv4Addr) -> std::io::BufReader<std::net::TcpStream> {
+        let until = Instant::now() + T;
+        loop {
+            match std::net::TcpStream::connect_timeout(&(addr, 6379).into(), Duration::from_secs(5)) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(T)).unwrap();
+                    return std::io::BufReader::new(s);
+                }
+                Err(e) if Instant::now() > until => panic!("redis at {addr}:6379: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+    // 50,000 keys of 1 KiB (about 60 MiB in redis), written through A's
+    // published port from B's side.
+    const KEYS: usize = 50_000;
+    let a_addr = ha.addr();
+    client(hb.netns_path(), move || {
+        let mut c = connect(a_addr);
+        for i in 0..KEYS {
+            let (r, _) = redis(&mut c, &[b"SET", format!("key:{i}").as_bytes(), &redis_value(i)]);
+            assert_eq!(r, "+OK");
+        }
+    })
+    .join()
+    .unwrap();
+    let to = format!("{}:{PEER_PORT}", hb.addr());
+    let out = a.ums(&["migrate", "--json", "--mode", "post-copy", "--to", &to]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "migrate failed: {text} {}", String::from_utf8_lossy(&out.stderr));
+    println!("redis A->B: {text}");
+    assert_eq!(status(&a)["state"], "standby");
+    assert_eq!(status(&b)["state"], "running");
+    // Every key and value, read at the destination from A's side.
+    let b_addr = hb.addr();
+    client(ha.netns_path(), move || {
+        let mut c = connect(b_addr);
+        assert_eq!(redis(&mut c, &[b"DBSIZE"]).0, format!(":{KEYS}"));
+        for i in 0..KEYS {
+            let (_, v) = redis(&mut c, &[b"GET", format!("key:{i}").as_bytes()]);
+            assert!(v.as_deref() == Some(&redis_value(i)[..]), "key:{i} after post-copy: {:?}", v.map(|v| v.len()));
+        }
+        // And it still takes writes.
+        assert_eq!(redis(&mut c, &[b"SET", b"after", b"move"]).0, "+OK");
+    })
+    .join()
+    .unwrap();
 }

@@ -78,6 +78,9 @@ pub fn table(v: &serde_json::Value) -> String {
             v["bytes_after_running"].as_f64().unwrap_or(0.0) / 1048576.0,
             v["bytes_before_running"].as_f64().unwrap_or(0.0) / 1048576.0
         ));
+        if let (Some(f), Some(b)) = (v["pages_on_fault"].as_u64(), v["pages_in_background"].as_u64()) {
+            out.push_str(&format!("pages            {f:>10} on fault, {b} pushed in the background\n"));
+        }
     }
     if v.get("finish_ms").is_some() {
         out.push_str(&format!("then             {}   (ending the frozen copy here)\n", s("finish_ms")));

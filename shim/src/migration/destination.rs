@@ -263,7 +263,7 @@ async fn post_copy(
     let end = postcopy::wait_destination(&mut p).await;
     let id = hello.migration_id.clone();
     let result = match end {
-        DestEnd::Complete { page_bytes } => {
+        DestEnd::Complete { page_bytes, pages: (pages_on_fault, pages_copied) } => {
             let after_ms = ms(t_running.elapsed());
             tracing::info!(page_bytes, last_page_after_running_ms = after_ms, "post-copy: every page is here");
             ctx.metrics.postcopy_page_bytes(Direction::In, page_bytes);
@@ -273,9 +273,15 @@ async fn post_copy(
             let report = serde_json::json!({
                 "peer": peer, "verify_ms": report.0, "restore_ms": report.1, "mode": "post-copy",
                 "page_bytes": page_bytes, "last_page_after_running_ms": after_ms,
+                "pages_on_fault": pages_on_fault, "pages_copied": pages_copied,
             });
             let _ = inbox.send(Msg::IncomingDone(Ok((n, report)))).await;
-            let done = postcopy::PostCopyDone { page_bytes, last_page_after_running_ms: after_ms };
+            let done = postcopy::PostCopyDone {
+                page_bytes,
+                last_page_after_running_ms: after_ms,
+                pages_on_fault,
+                pages_copied,
+            };
             wire::send_json(w, Kind::PostCopyDone, &done).await.map_err(InError::from)
         }
         DestEnd::Lost { reason, keep } => {

@@ -164,6 +164,27 @@ pub struct PostCopyDone {
     pub page_bytes: u64,
     /// From the workload running here until the last page arrived.
     pub last_page_after_running_ms: f64,
+    /// Page faults the daemon served (each fetched its page at once).
+    #[serde(default)]
+    pub pages_on_fault: u64,
+    /// Pages the daemon placed in all, on fault or pushed in the background.
+    #[serde(default)]
+    pub pages_copied: u64,
+}
+
+/// From the lazy-pages daemon's log (written at -v4): the page faults it
+/// served, and the pages it copied in all (its per-process summary lines).
+pub fn daemon_page_counts(log: &str) -> (u64, u64) {
+    let mut faults = 0;
+    let mut copied = 0;
+    for line in log.lines() {
+        if line.contains("#PF at 0x") {
+            faults += 1;
+        } else if let Some(rest) = line.split("UFFD transferred pages: (").nth(1) {
+            copied += rest.split('/').next().and_then(|n| n.trim().parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    (faults, copied)
 }
 
 /// How long a page link may stay silent before it counts as cut: the peer
@@ -514,10 +535,17 @@ async fn dest_bridge(
     }
 }
 
+impl DestPostCopy {
+    fn complete(&self) -> DestEnd {
+        let log = std::fs::read_to_string(self.work.join("lazy-pages.log")).unwrap_or_default();
+        DestEnd::Complete { page_bytes: self.pages.load(Ordering::Relaxed), pages: daemon_page_counts(&log) }
+    }
+}
+
 /// How a post-copy ended at the destination.
 pub enum DestEnd {
     /// Every page arrived; the daemon exited cleanly.
-    Complete { page_bytes: u64 },
+    Complete { page_bytes: u64, pages: (u64, u64) },
     /// Pages can no longer arrive; the caller must kill its copy before
     /// dropping `keep`.
     Lost { reason: String, keep: Option<Keep> },
@@ -530,7 +558,7 @@ pub async fn wait_destination(p: &mut DestPostCopy) -> DestEnd {
     let bridge_end = tokio::select! {
         exit = &mut p.daemon_exit => {
             return match exit {
-                Ok(e) if e.success() => DestEnd::Complete { page_bytes: p.pages.load(Ordering::Relaxed) },
+                Ok(e) if e.success() => p.complete(),
                 Ok(e) => DestEnd::Lost {
                     reason: format!("criu lazy-pages failed ({e}): {}", daemon_log_tail(&p.work)),
                     keep: None,
@@ -542,7 +570,7 @@ pub async fn wait_destination(p: &mut DestPostCopy) -> DestEnd {
     };
     let (why, keep) = bridge_end;
     match tokio::time::timeout(Duration::from_secs(3), &mut p.daemon_exit).await {
-        Ok(Ok(e)) if e.success() => DestEnd::Complete { page_bytes: p.pages.load(Ordering::Relaxed) },
+        Ok(Ok(e)) if e.success() => p.complete(),
         Ok(Ok(e)) => {
             DestEnd::Lost { reason: format!("{why}; criu lazy-pages failed ({e}): {}", daemon_log_tail(&p.work)), keep }
         }
@@ -555,6 +583,15 @@ pub async fn wait_destination(p: &mut DestPostCopy) -> DestEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_counts_come_from_the_daemons_log() {
+        let log = "(00.1) uffd: 75-5: #PF at 0x7f0000001000\n(00.1) uffd: 75-5: uffd_copy: 0x7f0000001000/4096\n\
+                   (00.2) uffd: 76-6: #PF at 0x7f0000009000\n(01.5) uffd: 75-5: UFFD transferred pages: (65000/65536)\n\
+                   (01.5) uffd: 76-6: UFFD transferred pages: (12/12)\n";
+        assert_eq!(daemon_page_counts(log), (2, 65012));
+        assert_eq!(daemon_page_counts(""), (0, 0));
+    }
 
     #[test]
     fn criu_versions_must_share_major_and_minor() {

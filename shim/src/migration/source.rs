@@ -316,9 +316,10 @@ async fn migrate(
     // fetches; it ends only once the destination has every page.
     let pages_at_running = pages.load(std::sync::atomic::Ordering::Relaxed);
     let mut last_page = frozen_for;
+    let mut done = None;
     if let (Some((d, at)), Some(l)) = (lazy.take(), link.take()) {
         match post_copy(ctx, to, &migration_id, &mut session.r, l, d, at).await {
-            Ok(()) => last_page = frozen.t_freeze.elapsed(),
+            Ok(d) => (last_page, done) = (frozen.t_freeze.elapsed(), d),
             Err((e, thaw_here)) => {
                 session.writer_task.abort();
                 if thaw_here {
@@ -356,6 +357,8 @@ async fn migrate(
         "bytes_before_running": committed.bytes + pages_at_running,
         "bytes_after_running": page_bytes - pages_at_running,
         "page_link_resumes": resumes.load(std::sync::atomic::Ordering::Relaxed),
+        "pages_on_fault": done.as_ref().map(|d| d.pages_on_fault),
+        "pages_in_background": done.as_ref().map(|d| d.pages_copied.saturating_sub(d.pages_on_fault)),
         "peer": peer,
         "streaming": frozen.live,
         "pre_migration_ms": pre_ms,
@@ -674,7 +677,7 @@ async fn post_copy(
     mut link: tokio::task::JoinHandle<Result<(), String>>,
     mut dump: checkpoint::LazyDump,
     at: std::net::SocketAddr,
-) -> Result<(), (MigrateError, bool)> {
+) -> Result<Option<postcopy::PostCopyDone>, (MigrateError, bool)> {
     let mut link_done = false;
     // One read, polled across the loop (a frame read is not cancel-safe).
     let read = wire::read_frame(r);
@@ -703,7 +706,7 @@ async fn post_copy(
                 }
             }
             link.abort();
-            Ok(())
+            Ok(Some(d))
         }
         Err(reason) => {
             tracing::warn!(%reason, "post-copy interrupted; asking the destination");
@@ -720,7 +723,7 @@ async fn post_copy(
             match in_doubt::settle(&ctx.cfg, &ctx.in_doubt, to, id, reason.clone(), known).await {
                 Settled::Running { .. } => {
                     end_lazy_dump(dump, (!link_done).then_some(link), at).await;
-                    Ok(())
+                    Ok(None)
                 }
                 Settled::NotRunning => {
                     end_lazy_dump(dump, (!link_done).then_some(link), at).await;
@@ -738,7 +741,7 @@ async fn post_copy(
                         "migration_id": id,
                         "outcome": "the frozen copy here is ended; the workload runs at the destination, or nowhere",
                     })));
-                    Ok(())
+                    Ok(None)
                 }
                 Settled::Operator(Resolution::Thaw, reply) => {
                     end_lazy_dump(dump, (!link_done).then_some(link), at).await;
