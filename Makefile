@@ -17,8 +17,10 @@
 #   make test-image  the outer image with real engines (a slower suite, about
 #                5 min, that .ci/run runs after make test): builds the outer image
 #                from the Dockerfile with podman on a debootstrap'ed bookworm,
-#                live-migrates a workload podman -> containerd -> podman, and
-#                validates deploy/kubernetes/ (docs/outer-image.md)
+#                live-migrates a workload podman -> containerd -> podman and
+#                Docker -> podman -> Docker, validates deploy/kubernetes/, and
+#                checks deploy/prometheus/ and deploy/grafana/ with promtool
+#                (docs/outer-image.md, docs/metrics.md)
 #
 # Everything runs as root on a Debian 12 machine; image/install-deps.sh is
 # idempotent, so running a target again only checks what is installed.
@@ -75,7 +77,7 @@ image-deps:
 # storage and temp dirs are removed at the end (docs/outer-image.md).
 test-image: test-deps image-deps
 	$(CARGO) build --release -p ums
-	UMS_BIN=$(TARGET_DIR)/release/ums $(CARGO) test -p ums-e2e --features image-tests --test outer_image -- --test-threads 1
+	UMS_BIN=$(TARGET_DIR)/release/ums $(CARGO) test -p ums-e2e --features image-tests --test outer_image --test deploy_files -- --test-threads 1
 
 bench: test-deps
 	$(CARGO) build --release -p ums

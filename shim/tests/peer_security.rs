@@ -127,6 +127,7 @@ async fn dest(peer_timeout: Duration) -> Dest {
         migrate_out: ums::migration::migrate_out_boxed(),
         page_links: ums::migration::postcopy::links_status,
         in_doubt: Default::default(),
+        metrics: Default::default(),
     };
     // The real state machine, as the supervisor runs it.
     let (inbox, mut rx) = mpsc::channel::<Msg>(16);

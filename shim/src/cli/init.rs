@@ -120,6 +120,11 @@ pub struct Args {
     /// No evacuation attempt starts later than this after the SIGTERM (20s).
     #[arg(long, env = "UMS_EVACUATE_WITHIN", default_value = "20s", value_parser = crate::supervisor::parse_duration)]
     pub evacuate_within: std::time::Duration,
+    /// Serve Prometheus metrics on this address (GET /metrics, plain HTTP;
+    /// off by default). Bind it to loopback or the pod IP: the metrics are
+    /// not secret, but nothing authenticates the scraper.
+    #[arg(long, env = "UMS_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Command to run instead of the image's Entrypoint and Cmd.
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -189,6 +194,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     if !crate::sys::is_pid1() {
         crate::sys::become_subreaper().context("become a subreaper")?;
     }
+    let metrics_listen = a.metrics_listen;
     let mut cfg = a.config();
     // Below the outer container's own cgroup, before anything runs in it.
     cfg.cgroup_parent = crate::workload::cgroup::setup();
@@ -249,6 +255,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             migrate_out: crate::migration::migrate_out_boxed(),
             page_links: crate::migration::postcopy::links_status,
             in_doubt: Default::default(),
+            metrics: Default::default(),
         };
         let mut sup = Supervisor::new(ctx.clone(), sig_rx);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -259,7 +266,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         let open_controls = crate::supervisor::control::OpenConnections::default();
         tokio::spawn(crate::supervisor::control::serve_counted(
             listener,
-            ctl_tx,
+            ctl_tx.clone(),
             shutdown_rx.clone(),
             open_controls.clone(),
         ));
@@ -271,6 +278,22 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 }
             }
         });
+        if let Some(addr) = metrics_listen {
+            let l =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind the metrics port {addr}"))?;
+            let tx = ctl_tx.clone();
+            let render = move || {
+                let tx = tx.clone();
+                async move {
+                    let (reply, rx) = tokio::sync::oneshot::channel();
+                    tx.send((crate::supervisor::control::Request::Metrics, reply)).await.ok()?;
+                    let r = rx.await.ok()?;
+                    r.result?.get("text")?.as_str().map(String::from)
+                }
+            };
+            tracing::info!(%addr, "metrics: GET /metrics");
+            tokio::spawn(crate::metrics::serve_http(l, render, shutdown_rx.clone()));
+        }
         let peer = tokio::net::TcpListener::bind(cfg.peer_listen)
             .await
             .with_context(|| format!("bind the peer port {}", cfg.peer_listen))?;

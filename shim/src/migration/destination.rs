@@ -19,6 +19,8 @@ use super::postcopy::{self, DestEnd, DestPostCopy};
 use super::wire::{self, Frame, Kind, WireError};
 use super::{safe_name, FileKind, FileOpen, Hello, HelloOk, Manifest, MigrationResult, PeerState, Query, QueryAnswer};
 use crate::image::oci_layout::{self, OciLayout};
+use crate::metrics::Direction;
+use crate::supervisor::control::MigrationMode;
 use crate::supervisor::{Ctx, Msg};
 use crate::workload::checkpoint::ms;
 
@@ -130,6 +132,9 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         return Err(InError::Refuse(msg));
     }
     tracing::info!(peer = %peer, id = %hello.migration_id, image = %hello.image.manifest_digest, "incoming migration");
+    let t_hello = Instant::now();
+    let mode = if hello.post_copy { MigrationMode::PostCopy } else { MigrationMode::StopCopy };
+    ctx.metrics.migration_started(Direction::In, mode);
     let dir = ctx.cfg.images_root().join(&hello.migration_id);
     // A refused migration leaves nothing behind: not its images dir, nor the
     // dirs it made to hold them and the blobs it never got.
@@ -140,6 +145,11 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         Ok(v) => v,
         Err(e) => {
             outcomes.finish(&hello.migration_id, false);
+            let reason = match &e {
+                InError::Wire(_) => "transfer",
+                InError::Refuse(_) => "refused",
+            };
+            ctx.metrics.migration_failed(Direction::In, mode, reason);
             let msg = e.to_string();
             let _ = wire::send_json(&mut w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await;
             let _ = std::fs::remove_dir_all(&dir);
@@ -177,12 +187,17 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
             // here (its freeze ends); the supervisor when every page is here.
             let t_running = Instant::now();
             let _ = wire::send_json(&mut w, Kind::Result, &answer).await;
-            return post_copy(&ctx, &hello, &dir, n, p, t_running, (peer, report), &mut w, &inbox, &outcomes).await;
+            let times = (t_hello, t_running);
+            return post_copy(&ctx, &hello, &dir, n, p, times, (peer, report), &mut w, &inbox, &outcomes).await;
         }
         (_, result) => result,
     };
     // Report to the supervisor first: the workload runs here from now on,
     // whether or not the source hears about it.
+    match &result {
+        Ok(_) => ctx.metrics.migration_in_succeeded(mode, t_hello.elapsed()),
+        Err(_) => ctx.metrics.migration_failed(Direction::In, mode, "restore"),
+    }
     let msg = match result {
         Ok(n) => Msg::IncomingDone(Ok((
             n,
@@ -238,7 +253,7 @@ async fn post_copy(
     dir: &Path,
     n: crate::workload::nested::Nested,
     mut p: DestPostCopy,
-    t_running: Instant,
+    (t_hello, t_running): (Instant, Instant),
     (peer, report): (String, (f64, f64)),
     w: &mut (impl AsyncWriteExt + Unpin),
     inbox: &mpsc::Sender<Msg>,
@@ -251,6 +266,9 @@ async fn post_copy(
         DestEnd::Complete { page_bytes, pages: (pages_on_fault, pages_copied) } => {
             let after_ms = ms(t_running.elapsed());
             tracing::info!(page_bytes, last_page_after_running_ms = after_ms, "post-copy: every page is here");
+            ctx.metrics.postcopy_page_bytes(Direction::In, page_bytes);
+            ctx.metrics.bytes_received(page_bytes);
+            ctx.metrics.migration_in_succeeded(MigrationMode::PostCopy, t_running.duration_since(t_hello));
             outcomes.finish(&id, true);
             let report = serde_json::json!({
                 "peer": peer, "verify_ms": report.0, "restore_ms": report.1, "mode": "post-copy",
@@ -268,6 +286,7 @@ async fn post_copy(
         }
         DestEnd::Lost { reason, keep } => {
             tracing::error!(reason = %reason, "post-copy lost: ending the copy here");
+            ctx.metrics.migration_failed(Direction::In, MigrationMode::PostCopy, "post_copy");
             // Killed while its faults still wait on the daemon; only then
             // may the daemon's connection close.
             let (c2, n2) = (ctx.clone(), n);
@@ -324,14 +343,20 @@ async fn receive(
     .await?;
 
     let mut total = 0u64;
-    receive_blobs(cfg, hello, dir, r, &layout, &missing, &mut total).await?;
-    let still = layout.missing_blobs(&digests);
-    if !still.is_empty() {
-        return Err(InError::Refuse(format!("blobs still missing after transfer: {}", still.join(", "))));
+    let received = async {
+        receive_blobs(cfg, hello, dir, r, &layout, &missing, &mut total).await?;
+        let still = layout.missing_blobs(&digests);
+        if !still.is_empty() {
+            return Err(InError::Refuse(format!("blobs still missing after transfer: {}", still.join(", "))));
+        }
+        prepare_image(cfg, hello, &layout, w).await?;
+        wire::send_json(w, Kind::Ready, &serde_json::json!({})).await?;
+        receive_checkpoint(cfg, dir, r, &mut total).await
     }
-    prepare_image(cfg, hello, &layout, w).await?;
-    wire::send_json(w, Kind::Ready, &serde_json::json!({})).await?;
-    let (manifest, files) = receive_checkpoint(cfg, dir, r, &mut total).await?;
+    .await;
+    // Every byte that arrived counts, also of a migration that failed.
+    ctx.metrics.bytes_received(total);
+    let (manifest, files) = received?;
     let verify_ms = verify(hello, &manifest, files)?;
     tracing::info!(files = manifest.files.len(), bytes = total, verify_ms, "checkpoint verified; restoring");
     // A source that asked meanwhile was told "not running": keep the promise.

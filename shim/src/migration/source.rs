@@ -50,6 +50,24 @@ pub enum MigrateError {
     PostCopy(String),
 }
 
+impl MigrateError {
+    /// A short label for the metrics (`ums_migrations_failed_total{reason}`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            MigrateError::Connect { .. } => "connect",
+            MigrateError::Pre(_) => "pre_migration",
+            MigrateError::Refused(_) => "refused",
+            MigrateError::Image(_) => "image",
+            MigrateError::Checkpoint(_) => "checkpoint",
+            MigrateError::Stream(_) => "stream",
+            MigrateError::Transfer(_) => "transfer",
+            MigrateError::Restore(_) => "restore",
+            MigrateError::Resolved(_) => "resolved",
+            MigrateError::PostCopy(_) => "post_copy",
+        }
+    }
+}
+
 /// Frames (data chunks of up to `wire::CHUNK`) queued for the writer.
 const OUT_QUEUE: usize = 8;
 
@@ -255,7 +273,7 @@ async fn migrate(
     let committed = match settle(
         ctx,
         n,
-        to,
+        (to, mode),
         &migration_id,
         &mut session.r,
         committed,
@@ -362,6 +380,8 @@ async fn migrate(
         "throughput_mib_s": (committed.bytes as f64 / 1048576.0) / transfer_s,
     });
     tracing::info!(total_ms = ms(total), frozen_ms = ms(frozen_for), bytes = committed.bytes, "migration done");
+    ctx.metrics.bytes_sent(wire_bytes + page_bytes);
+    ctx.metrics.postcopy_page_bytes(crate::metrics::Direction::Out, page_bytes);
     Ok((report, Finish { ctx: ctx.clone(), n: n.clone(), images: cleanup_dir }))
 }
 
@@ -545,7 +565,7 @@ async fn commit(
 async fn settle(
     ctx: &Ctx,
     n: &Arc<Nested>,
-    to: &str,
+    (to, mode): (&str, Mode),
     migration_id: &str,
     r: &mut super::transport::PeerRead,
     committed: Result<Committed, MigrateError>,
@@ -573,6 +593,7 @@ async fn settle(
         format!("the manifest ({} bytes of checkpoint) was sent to {to}", sent.bytes),
         "no Result came back: the destination may or may not have restored it".to_string(),
     ];
+    ctx.metrics.migration_in_doubt(mode);
     let settled = in_doubt::settle(&ctx.cfg, &ctx.in_doubt, to, migration_id, e.to_string(), known).await;
     let in_doubt_ms = ms(t_doubt.elapsed());
     let flushed_at = sent.flushed_at.unwrap_or_else(|| t_freeze.elapsed());
@@ -698,6 +719,7 @@ async fn post_copy(
                 "the workload here is frozen and holds that memory".to_string(),
                 format!("post-copy was interrupted: {reason}"),
             ];
+            ctx.metrics.migration_in_doubt(Mode::PostCopy);
             match in_doubt::settle(&ctx.cfg, &ctx.in_doubt, to, id, reason.clone(), known).await {
                 Settled::Running { .. } => {
                     end_lazy_dump(dump, (!link_done).then_some(link), at).await;
