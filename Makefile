@@ -9,11 +9,18 @@
 #                podman: 0..1024 MiB and 1/4/8 processes, 1 Gbit/s and
 #                unlimited, 5 runs each; writes docs/bench/compare.md and
 #                compare.png (about 20 min; needs make image-deps for podman)
+#   make chaos   a bounded soak (not part of make test): 200 migrations A<->B
+#                with seeded random faults (cut, corrupt byte, partitions,
+#                killed destination, failing restore, full disk), the
+#                invariants checked after each, and a summary table
+#                (CHAOS_ARGS="--count N --seed S --time-limit SECS --mib N")
 #   make test-image  the outer image with real engines (a slower suite, about
 #                5 min, that .ci/run runs after make test): builds the outer image
 #                from the Dockerfile with podman on a debootstrap'ed bookworm,
-#                live-migrates a workload podman -> containerd -> podman, and
-#                validates deploy/kubernetes/ (docs/outer-image.md)
+#                live-migrates a workload podman -> containerd -> podman and
+#                Docker -> podman -> Docker, validates deploy/kubernetes/, and
+#                checks deploy/prometheus/ and deploy/grafana/ with promtool
+#                (docs/outer-image.md, docs/metrics.md)
 #
 # Everything runs as root on a Debian 12 machine; image/install-deps.sh is
 # idempotent, so running a target again only checks what is installed.
@@ -28,7 +35,7 @@ ARGS ?=
 # Where cargo puts its output (honours CARGO_TARGET_DIR like cargo does).
 TARGET_DIR ?= $(abspath $(or $(CARGO_TARGET_DIR),target))
 
-.PHONY: all deps test-deps build demo test bench bench-compare clean test-image image-deps
+.PHONY: all deps test-deps build demo test chaos bench bench-compare clean test-image image-deps
 
 all: build
 
@@ -55,6 +62,12 @@ test: test-deps
 	$(CARGO) build -p ums
 	$(CARGO) test -p ums -p ums-e2e -- --test-threads $(TEST_THREADS)
 
+CHAOS_ARGS ?= --count 200 --seed 2027 --time-limit 3600
+chaos: test-deps
+	$(CARGO) build -p ums
+	$(CARGO) build -p ums-e2e --bin ums-chaos
+	$(TARGET_DIR)/debug/ums-chaos $(CHAOS_ARGS)
+
 # podman, buildah, skopeo, containerd, debootstrap (Debian) and the manifests'
 # schema validator (PyPI, in a venv under the target dir).
 image-deps:
@@ -64,7 +77,7 @@ image-deps:
 # storage and temp dirs are removed at the end (docs/outer-image.md).
 test-image: test-deps image-deps
 	$(CARGO) build --release -p ums
-	UMS_BIN=$(TARGET_DIR)/release/ums $(CARGO) test -p ums-e2e --features image-tests --test outer_image -- --test-threads 1
+	UMS_BIN=$(TARGET_DIR)/release/ums $(CARGO) test -p ums-e2e --features image-tests --test outer_image --test deploy_files -- --test-threads 1
 
 bench: test-deps
 	$(CARGO) build --release -p ums

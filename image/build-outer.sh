@@ -4,7 +4,7 @@
 #
 #   image/build-outer.sh [--tag NAME] [--workload OCI_LAYOUT_DIR]
 #                        [--base IMAGE | --base-tar FILE] [--ums PATH | --cargo]
-#                        [--engine podman|buildah] [--save FILE]
+#                        [--engine podman|buildah|docker] [--save FILE]
 #
 #   --tag NAME          the image's name (default localhost/ums-outer:latest)
 #   --workload DIR      the workload's OCI image layout, baked in at
@@ -22,7 +22,9 @@
 #                       target/release/ums (--build-arg UMS_BUILD=prebuilt).
 #   --cargo             compile ums in the Dockerfile's build-cargo stage
 #                       instead (needs RUST_IMAGE, rust:1-bookworm, pullable)
-#   --engine E          podman (default when installed) or buildah
+#   --engine E          podman (default when installed), buildah, or docker
+#                       (Docker Engine with BuildKit; the docker client's
+#                       DOCKER_HOST names the engine; docker 20.10 or later)
 #   --save FILE         also write the image to FILE as a docker-archive
 #                       (`ctr images import FILE`, `docker load -i FILE`)
 #
@@ -78,7 +80,8 @@ ulimits=(--ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit nproc=32768:3276
 case $engine in
 podman) eng=(podman --cgroup-manager cgroupfs --events-backend file) ;;
 buildah) eng=(buildah) ;;
-*) die "--engine must be podman or buildah" ;;
+docker) eng=(docker) ;;
+*) die "--engine must be podman, buildah or docker" ;;
 esac
 if [[ -n $workload ]]; then
 	[[ -f $workload/index.json && -f $workload/oci-layout ]] \
@@ -89,7 +92,10 @@ t0=$(date +%s.%N)
 work=$(mktemp -d /tmp/ums-build-outer.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
-image_exists() { "${eng[@]}" image exists "$1" 2>/dev/null || "${eng[@]}" inspect --type image "$1" >/dev/null 2>&1; }
+image_exists() {
+	[[ $engine != docker ]] && "${eng[@]}" image exists "$1" 2>/dev/null && return 0
+	"${eng[@]}" inspect --type image "$1" >/dev/null 2>&1
+}
 
 # ---- the base: a minimal bookworm, made here (nothing can be pulled)
 if [[ -z $base ]]; then
@@ -167,16 +173,26 @@ else
 fi
 
 log "$engine build -t $tag (base $base)"
-build=(build)
-[[ $engine == buildah ]] && build=(build --isolation oci)
-"${eng[@]}" "${build[@]}" --layers --network host --runtime "$runtime" "${ulimits[@]}" \
-	"${pull[@]}" "${args[@]}" -f "$ctx/Dockerfile" -t "$tag" "$ctx" >&2
+if [[ $engine == docker ]]; then
+	# BuildKit: it skips the stage the build does not use (the classic
+	# builder would pull rust:1-bookworm for build-cargo). BuildKit takes no
+	# --ulimit or --runtime: the engine's own (dockerd --default-ulimit) apply.
+	[[ ${#pull[@]} -eq 0 ]] || pull=(--pull=false)
+	DOCKER_BUILDKIT=1 "${eng[@]}" build --network host --progress plain \
+		"${pull[@]}" "${args[@]}" -f "$ctx/Dockerfile" -t "$tag" "$ctx" >&2
+else
+	build=(build)
+	[[ $engine == buildah ]] && build=(build --isolation oci)
+	"${eng[@]}" "${build[@]}" --layers --network host --runtime "$runtime" "${ulimits[@]}" \
+		"${pull[@]}" "${args[@]}" -f "$ctx/Dockerfile" -t "$tag" "$ctx" >&2
+fi
 
 if [[ -n $save ]]; then
 	log "saving $tag to $save (docker-archive)"
 	rm -f "$save"
 	case $engine in
 	podman) "${eng[@]}" save --format docker-archive -o "$save" "$tag" >&2 ;;
+	docker) "${eng[@]}" save -o "$save" "$tag" >&2 ;;
 	buildah) buildah push "$tag" "docker-archive:$save:$tag" >&2 ;;
 	esac
 fi

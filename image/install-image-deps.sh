@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # Installs what building and running the outer image with real container
 # engines needs, from Debian bookworm: podman (with conmon), buildah, skopeo,
-# containerd (with ctr and the runc v2 shim) and debootstrap; and, in a Python
+# containerd (with ctr and the runc v2 shim), Docker Engine (docker.io:
+# dockerd, the docker client), debootstrap, and promtool (package prometheus,
+# which checks deploy/prometheus/); and, in a Python
 # venv under the cargo target dir, kubernetes-validate (PyPI), the schema
 # validator the tests check deploy/kubernetes/ with. Used by
 # `make test-image` (tests/tests/outer_image.rs) and by anyone running
 # image/build-outer.sh or image/wrap-workload.sh. Idempotent.
 #
-# Installing containerd does not start it here (no systemd on the test
-# machines); where a package's service does start, this script leaves it
-# alone: the tests run their own containerd with its own socket and dirs.
+# Installing containerd, dockerd or prometheus does not start them here
+# (policy-rc.d below, and no systemd on the test machines); where a
+# package's service does start, this script leaves it alone: the tests run
+# their own containerd and dockerd with their own sockets and dirs, and
+# never start prometheus (only its promtool is used).
 set -euo pipefail
 
-PKGS=(podman buildah skopeo containerd debootstrap conmon python3-venv)
+PKGS=(podman buildah skopeo containerd docker.io prometheus debootstrap conmon python3-venv)
 KUBERNETES_VALIDATE=kubernetes-validate==1.37.0
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 target=${CARGO_TARGET_DIR:-$repo/target}
@@ -44,4 +48,4 @@ if ! "$VENV/bin/kubernetes-validate" --version >/dev/null 2>&1; then
   /usr/bin/python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE"
 fi
-log "ready: $(podman --version), $(buildah --version | cut -d' ' -f1-3), $(skopeo --version), containerd $(containerd --version | awk '{print $3}'), debootstrap $(dpkg-query -W -f='${Version}' debootstrap), kubernetes-validate $("$VENV/bin/kubernetes-validate" --version)"
+log "ready: $(podman --version), $(buildah --version | cut -d' ' -f1-3), $(skopeo --version), containerd $(containerd --version | awk '{print $3}'), dockerd $(dockerd --version | awk '{print $3}' | tr -d ,), $(promtool --version 2>&1 | head -1 | awk '{print "promtool", $3}'), debootstrap $(dpkg-query -W -f='${Version}' debootstrap), kubernetes-validate $("$VENV/bin/kubernetes-validate" --version)"

@@ -3,7 +3,8 @@
 # Dockerfile lays it out, without a container engine (none runs on this machine).
 #
 #   outer.sh --name NAME --root DIR [--netns PATH] [--layout OCI_LAYOUT_DIR]
-#            [--ums PATH_TO_UMS_BINARY] [--peer-keys KEY_SET_DIR] -- ARGS_FOR_UMS_INIT...
+#            [--ums PATH_TO_UMS_BINARY] [--peer-keys KEY_SET_DIR]
+#            [--cgroup-procs FILE]... [--state-size SIZE] -- ARGS_FOR_UMS_INIT...
 #
 # It builds a root filesystem under DIR and runs `ums init ARGS...` in it as
 # PID 1 of new mount, pid, uts and ipc namespaces, in the network namespace PATH
@@ -12,13 +13,17 @@
 #   /proc                        fresh, for the new pid namespace
 #   /sys                         fresh sysfs (new netns), host cgroups rbound rw
 #   /dev                         the host's, rbound
-#   /run /tmp /var/lib/ums       tmpfs (ums's state, images dirs, bundles)
+#   /run /tmp /var/lib/ums       tmpfs (ums's state, images dirs, bundles;
+#                                --state-size limits /var/lib/ums, as a small disk)
 #   $UMS_LAYOUT_DIR              the workload's OCI image layout, read-only
 #   $UMS_INSTALL_DIR/ums         the ums binary, read-only; first on PATH
 #   /etc/ums/peer                the peer key set (--peer-keys), read-only, as a
 #                                Kubernetes Secret would be mounted; /etc is then
 #                                the host's under a read-only overlay (the host's
 #                                /etc is never written)
+# --cgroup-procs FILE (repeatable): the outer container joins that cgroup
+# (writes its pid to FILE) before anything else, as an orchestrator puts a
+# container in a cgroup of its own; the caller made the cgroup and removes it.
 # The environment is cleared except PATH, HOME, HOSTNAME and UMS_*/RUST_*
 # variables. UMS_OUTER_EXEC=PROGRAM replaces `ums init` with `PROGRAM ARGS...`
 # (used to test this script itself).
@@ -43,7 +48,8 @@ usage() {
 	exit 2
 }
 
-name= root= netns= layout= ums= peer_keys=
+name= root= netns= layout= ums= peer_keys= state_size=
+cgroup_procs=()
 UMS_PEER_KEYS_DIR=/etc/ums/peer
 args=()
 
@@ -56,6 +62,8 @@ parse_args() {
 		--layout) layout=${2:?}; shift 2 ;;
 		--ums) ums=${2:?}; shift 2 ;;
 		--peer-keys) peer_keys=${2:?}; shift 2 ;;
+		--cgroup-procs) cgroup_procs+=("${2:?}"); shift 2 ;;
+		--state-size) state_size=${2:?}; shift 2 ;;
 		--) shift; args=("$@"); return ;;
 		*) usage ;;
 		esac
@@ -84,6 +92,10 @@ outer_stage() {
 	fi
 	mkdir -p "$root"
 	root=$(realpath "$root")
+	local f
+	for f in "${cgroup_procs[@]}"; do
+		echo $$ >"$f" || die "cannot join the cgroup of $f"
+	done
 
 	local self enter=() ns=(unshare --mount --pid --uts --ipc --fork
 		--propagation private --kill-child=SIGKILL)
@@ -97,6 +109,7 @@ outer_stage() {
 	[[ -z $layout ]] || inner+=(--layout "$layout")
 	[[ -z $ums ]] || inner+=(--ums "$ums")
 	[[ -z $peer_keys ]] || inner+=(--peer-keys "$peer_keys")
+	[[ -z $state_size ]] || inner+=(--state-size "$state_size")
 	export UMS_OUTER_STAGE=inner
 	exec "${enter[@]}" "${ns[@]}" -- /bin/bash "$self" "${inner[@]}" -- "${args[@]}"
 }
@@ -140,7 +153,7 @@ inner_stage() {
 	fi
 	mount -t tmpfs -o mode=0755 ums-run "$root/run"
 	mount -t tmpfs -o mode=1777 ums-tmp "$root/tmp"
-	mount -t tmpfs -o mode=0700 ums-state "$root/var/lib/ums"
+	mount -t tmpfs -o "mode=0700${state_size:+,size=$state_size}" ums-state "$root/var/lib/ums"
 	mount -t proc proc "$root/proc"
 	if mount -t sysfs sysfs "$root/sys" 2>/dev/null; then
 		mount --rbind /sys/fs/cgroup "$root/sys/fs/cgroup"

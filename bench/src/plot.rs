@@ -237,6 +237,10 @@ pub struct Panel {
     /// medians only, in its own color (grey reads as "reference"), with its
     /// label in the legend ("wire time (floor)").
     pub floor: Option<Series>,
+    /// A logarithmic y axis (decades), for panels whose series lie an order
+    /// of magnitude apart (ums beside the UMS paper's figures): on a linear
+    /// axis the smaller ones would sit flat on the bottom.
+    pub log_y: bool,
 }
 
 /// Pixels of one panel, title and axes included.
@@ -349,6 +353,16 @@ fn tick_label(v: f64, step: f64) -> String {
     format!("{v:.decimals$}")
 }
 
+/// A log axis's tick at decade `t` (log10 of the value): 0.01, 0.1, 1, 10, 100.
+fn decade_label(t: f64) -> String {
+    let v = 10f64.powf(t);
+    if t >= 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.prec$}", prec = (-t).round() as usize)
+    }
+}
+
 fn rgb(c: [u8; 3]) -> RGBColor {
     RGBColor(c[0], c[1], c[2])
 }
@@ -424,6 +438,10 @@ pub fn render_panels(title: &str, panels: &[Panel], cols: usize, path: &Path) ->
 
 /// One panel into `area`; markers, whiskers and the legend-consistent dodge are
 /// drawn in pixels on `root`, text goes to `labels`.
+/// A panel's y axis: bottom, top, step and ticks (in drawn units), and the
+/// map from a value to drawn units (itself, or log10 on a log axis).
+type YAxis = (f64, f64, f64, Vec<f64>, Box<dyn Fn(f64) -> f64>);
+
 fn draw_panel<DB: DrawingBackend>(
     panel: &Panel,
     area: &DrawingArea<DB, plotters::coord::Shift>,
@@ -458,22 +476,33 @@ where
     };
     let pad = (x1 - x0) * 0.04;
     let (xmin, xmax) = (x0 - pad, x1 + pad);
-    // y: from 0 to a round value above every whisker.
+    // y: from 0 to a round value above every whisker; or, on a log axis,
+    // the decades around every value (drawn as log10 of the value).
     let top = all().map(|p| p.max.max(p.median)).filter(|v| v.is_finite()).fold(0.0, f64::max);
-    let ystep = nice_step(if top > 0.0 { top * 1.05 / 5.0 } else { 0.2 });
-    let ymax = ((top * 1.05 / ystep).ceil() * ystep).max(ystep);
-    let yticks: Vec<f64> = (0..).map(|i| i as f64 * ystep).take_while(|v| *v <= ymax + ystep * 1e-6).collect();
+    let (ybot, ymax, ystep, yticks, ty): YAxis = if panel.log_y {
+        let low = all().map(|p| p.min.min(p.median)).filter(|v| v.is_finite() && *v > 0.0).fold(f64::MAX, f64::min);
+        let low = if low == f64::MAX { 0.1 } else { low };
+        let (lo, hi) = (low.log10().floor(), top.max(low * 10.0).log10().ceil());
+        let floor_value = 10f64.powf(lo);
+        let ticks: Vec<f64> = (lo as i32..=hi as i32).map(f64::from).collect();
+        (lo, hi, 1.0, ticks, Box::new(move |v: f64| v.max(floor_value).log10()))
+    } else {
+        let ystep = nice_step(if top > 0.0 { top * 1.05 / 5.0 } else { 0.2 });
+        let ymax = ((top * 1.05 / ystep).ceil() * ystep).max(ystep);
+        let ticks = (0..).map(|i| i as f64 * ystep).take_while(|v| *v <= ymax + ystep * 1e-6).collect();
+        (0.0, ymax, ystep, ticks, Box::new(|v: f64| v))
+    };
 
     let mut chart = ChartBuilder::on(area)
         .margin_top(40)
         .margin_right(24)
         .margin_left(86)
         .margin_bottom(62)
-        .build_cartesian_2d(xmin..xmax, 0f64..ymax)
+        .build_cartesian_2d(xmin..xmax, ybot..ymax)
         .map_err(plot_err)?;
     let grid = RGBColor(225, 225, 225);
     for &x in &xticks {
-        chart.draw_series(LineSeries::new([(x, 0.0), (x, ymax)], grid)).map_err(plot_err)?;
+        chart.draw_series(LineSeries::new([(x, ybot), (x, ymax)], grid)).map_err(plot_err)?;
     }
     for &y in &yticks {
         chart.draw_series(LineSeries::new([(xmin, y), (xmax, y)], grid)).map_err(plot_err)?;
@@ -481,11 +510,11 @@ where
     if let (Some(floor), Some(f)) = (&floor, &panel.floor) {
         let style = rgb(f.color).stroke_width(2);
         chart
-            .draw_series(DashedLineSeries::new(floor.iter().map(|p| (p.x, p.median)), 8, 5, style))
+            .draw_series(DashedLineSeries::new(floor.iter().map(|p| (p.x, ty(p.median))), 8, 5, style))
             .map_err(plot_err)?;
     }
     chart
-        .draw_series(std::iter::once(Rectangle::new([(xmin, 0.0), (xmax, ymax)], BLACK.stroke_width(1))))
+        .draw_series(std::iter::once(Rectangle::new([(xmin, ybot), (xmax, ymax)], BLACK.stroke_width(1))))
         .map_err(plot_err)?;
     // Methods close to each other would hide each other's whiskers: each is
     // shifted by a few pixels, by its legend position, the same in every panel.
@@ -493,7 +522,7 @@ where
         let i = entries.iter().position(|e| e.label == label).unwrap_or(0) as f64;
         ((i - (methods.max(1) as f64 - 1.0) / 2.0) * 5.0).round() as i32
     };
-    let px = |x: f64, y: f64| chart.backend_coord(&(x, y));
+    let px = |x: f64, y: f64| chart.backend_coord(&(x, ty(y)));
     for (s, points) in &series {
         let color = rgb(s.color);
         let dx = dodge(&s.label);
@@ -517,10 +546,11 @@ where
 
     // Text. x tick labels that would run into the previous one are left out
     // (64 next to 0 on a 1024-wide axis is fine at this size, 8 next to 0 not).
-    let (_, ybottom) = px(xmin, 0.0);
+    let chart_px = |x: f64, y: f64| chart.backend_coord(&(x, y));
+    let (_, ybottom) = chart_px(xmin, ybot);
     let mut last_right = i32::MIN;
     for &x in &xticks {
-        let (tx, _) = px(x, 0.0);
+        let (tx, _) = chart_px(x, ybot);
         let text = format!("{x}");
         let half = (text_width(font, TICK_PX, &text) / 2.0).ceil() as i32;
         if tx - half < last_right + 6 {
@@ -529,15 +559,15 @@ where
         last_right = tx + half;
         labels.push(Label::new(tx, ybottom + 14, text, TICK_PX, Align::Center, BLACK_TEXT));
     }
-    let (xleft, _) = px(xmin, 0.0);
+    let (xleft, _) = chart_px(xmin, ybot);
     let mut widest = 0.0f32;
     for &y in &yticks {
-        let (_, ty) = px(xmin, y);
-        let text = tick_label(y, ystep);
+        let (_, ty) = chart_px(xmin, y);
+        let text = if panel.log_y { decade_label(y) } else { tick_label(y, ystep) };
         widest = widest.max(text_width(font, TICK_PX, &text));
         labels.push(Label::new(xleft - 8, ty, text, TICK_PX, Align::Right, BLACK_TEXT));
     }
-    let (xright, ytop) = px(xmax, ymax);
+    let (xright, ytop) = chart_px(xmax, ymax);
     let mid_x = (xleft + xright) / 2;
     labels.push(Label::new(mid_x, ybottom + 42, panel.x_label.clone(), AXIS_PX, Align::Center, BLACK_TEXT));
     let y_label_x = xleft - 8 - widest.ceil() as i32 - 16;
@@ -595,12 +625,25 @@ mod tests {
                         })
                         .collect(),
                 };
+                let mut series: Vec<Series> = series;
+                let log_y = link.starts_with("1 Gbit") && !downtime;
+                if log_y {
+                    series.push(Series {
+                        label: "UMS paper: container-level".into(),
+                        color: [140, 60, 160],
+                        points: [(0.0, 8.42), (128.0, 14.72), (1024.0, 76.85)]
+                            .iter()
+                            .map(|&(x, m)| SeriesPoint { x, median: m, min: m, max: m })
+                            .collect(),
+                    });
+                }
                 panels.push(Panel {
                     title: format!("{link}: {what}"),
                     x_label: "workload memory (MiB)".into(),
                     y_label: "seconds".into(),
                     series,
                     floor: Some(floor),
+                    log_y,
                 });
             }
         }
@@ -632,10 +675,46 @@ mod tests {
             y_label: "y".into(),
             series: vec![Series { label: "a".into(), color: [0, 0, 0], points: vec![] }],
             floor: None,
+            log_y: false,
         };
         render_panels("empty", &[panel], 2, &path).expect("render");
         let img = read_png(&path).expect("decode");
         assert_eq!(img.width, PANEL_W);
+    }
+
+    #[test]
+    fn a_log_axis_spans_the_decades_of_its_values() {
+        assert_eq!(decade_label(-2.0), "0.01");
+        assert_eq!(decade_label(-1.0), "0.1");
+        assert_eq!(decade_label(0.0), "1");
+        assert_eq!(decade_label(2.0), "100");
+        // ums at a fraction of a second beside the paper's tens of seconds:
+        // both drawn, neither flat on the axis.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.png");
+        let pts = |v: &[(f64, f64)]| v.iter().map(|&(x, m)| SeriesPoint { x, median: m, min: m, max: m }).collect();
+        let panel = Panel {
+            title: "1 Gbit/s link: migration time".into(),
+            x_label: "workload memory (MiB)".into(),
+            y_label: "seconds (log)".into(),
+            series: vec![
+                Series {
+                    label: "ums".into(),
+                    color: [31, 90, 200],
+                    points: pts(&[(0.0, 0.48), (128.0, 1.57), (1024.0, 10.08)]),
+                },
+                Series {
+                    label: "UMS paper: container-level".into(),
+                    color: [140, 60, 160],
+                    points: pts(&[(0.0, 8.42), (128.0, 14.72), (1024.0, 76.85)]),
+                },
+            ],
+            floor: None,
+            log_y: true,
+        };
+        render_panels("log", &[panel], 1, &path).expect("render");
+        let img = read_png(&path).expect("decode");
+        assert!(img.non_white() > 5_000, "{} non-white pixels", img.non_white());
     }
 
     #[test]

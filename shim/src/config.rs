@@ -94,6 +94,11 @@ pub struct Config {
     pub evacuate_to: Vec<String>,
     /// After a SIGTERM, no new evacuation attempt starts later than this.
     pub evacuate_within: Duration,
+    /// A restore (runc and CRIU) still running after this is killed.
+    pub restore_timeout: Duration,
+    /// Where the workload's cgroups go: below the outer container's own
+    /// (`workload::cgroup::setup` decides it at start).
+    pub cgroup_parent: crate::workload::cgroup::Parent,
     /// Pre-copy: the freeze the rounds aim at; they stop once the next
     /// delta would cross the link in this time.
     pub precopy_target_freeze: Duration,
@@ -115,6 +120,12 @@ pub enum Failpoint {
     /// here: the window in which a workload already prints while `ums
     /// status` still says `busy: start`.
     SlowStart,
+    /// Every restore's CRIU hangs: runc is handed (`--criu`) a program that
+    /// never answers, so only `--restore-timeout` ends the restore.
+    HangRestore,
+    /// Every restore's CRIU fails: runc is handed (`--criu`) a program that
+    /// exits 1 at once, so runc's own error path runs.
+    CriuFails,
 }
 
 /// Addresses of the link between the outer container and the nested one.
@@ -148,6 +159,7 @@ impl Config {
     pub const DEFAULT_RUN_DIR: &'static str = "/run/ums";
     pub const DEFAULT_PEER_PORT: u16 = 7411;
     pub const DEFAULT_PEER_KEYS: &'static str = "/etc/ums/peer";
+    pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 
     pub fn socket_path(&self) -> PathBuf {
         self.run_dir.join("ums.sock")
@@ -210,6 +222,8 @@ impl Default for Config {
             seccomp: crate::workload::seccomp::Seccomp::Default,
             evacuate_to: Vec::new(),
             evacuate_within: Duration::from_secs(20),
+            cgroup_parent: crate::workload::cgroup::Parent::Relative,
+            restore_timeout: Self::DEFAULT_RESTORE_TIMEOUT,
             precopy_target_freeze: Duration::from_millis(500),
             precopy_rounds: 5,
         }

@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod config;
 pub mod image;
+pub mod metrics;
 pub mod migration;
 pub mod net;
 pub mod process;

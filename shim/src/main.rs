@@ -18,6 +18,8 @@ enum Cmd {
     Init(Box<cli::init::Args>),
     /// Show the workload, its state and the last operation.
     Status(cli::status::Args),
+    /// Print the Prometheus metrics (the text --metrics-listen serves).
+    Metrics(cli::metrics::Args),
     /// Checkpoint the workload into a directory.
     Checkpoint(cli::checkpoint::Args),
     /// Restore a checkpointed workload into this (standby) outer container.
@@ -41,6 +43,7 @@ fn main() {
     let result = match Cli::parse().cmd {
         Cmd::Init(a) => cli::init::run(*a),
         Cmd::Status(a) => cli::status::run(a),
+        Cmd::Metrics(a) => cli::metrics::run(a),
         Cmd::Checkpoint(a) => cli::checkpoint::run(a),
         Cmd::Restore(a) => cli::restore::run(a),
         Cmd::Migrate(a) => cli::migrate::run(a),

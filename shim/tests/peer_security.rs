@@ -103,8 +103,8 @@ fn tree(root: &Path) -> BTreeSet<PathBuf> {
 async fn dest(peer_timeout: Duration) -> Dest {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    ums::migration::keys::create(&root.join("keys"), &["dest".into(), "src".into()]).unwrap();
-    ums::migration::keys::create(&root.join("other"), &[]).unwrap();
+    ums::migration::keys::create(&root.join("keys"), &["dest".into(), "src".into()], false).unwrap();
+    ums::migration::keys::create(&root.join("other"), &[], false).unwrap();
     let (image, blobs, manifest_size) = make_layout(&root.join("layout"));
     let cfg = Arc::new(Config {
         layout_dir: root.join("layout"),
@@ -127,6 +127,7 @@ async fn dest(peer_timeout: Duration) -> Dest {
         migrate_out: ums::migration::migrate_out_boxed(),
         page_links: ums::migration::postcopy::links_status,
         in_doubt: Default::default(),
+        metrics: Default::default(),
     };
     // The real state machine, as the supervisor runs it.
     let (inbox, mut rx) = mpsc::channel::<Msg>(16);

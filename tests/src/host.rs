@@ -81,6 +81,20 @@ impl Host {
         Host::create(crate::unique_name(name_prefix), Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED)
     }
 
+    /// The network namespace of process `pid` (a container that an engine
+    /// made with no network, say) as a host: named with `ip netns attach`,
+    /// loopback up, for [`Host::link`]. Dropping it removes the name only;
+    /// the namespace lives as long as its processes.
+    pub fn attach(name_prefix: &str, pid: i32) -> anyhow::Result<Host> {
+        crate::require_root();
+        let name = crate::unique_name(name_prefix);
+        run(Command::new("ip").args(["netns", "attach", &name, &pid.to_string()]))
+            .with_context(|| format!("naming the network namespace of pid {pid}"))?;
+        let host = Host { name, addr: Ipv4Addr::UNSPECIFIED, peer: Ipv4Addr::UNSPECIFIED };
+        run(Command::new("ip").args(["-n", &host.name, "link", "set", "lo", "up"]))?;
+        Ok(host)
+    }
+
     /// Another veth pair, between this host and `other`, on a /30 of its own
     /// (devices `ul<8 hex>a|b`); returns (this end's address, the other
     /// end's address). No rate limit.

@@ -14,17 +14,22 @@
 //! and removed on drop. When a tool the tests need is missing, the helpers panic
 //! or fail with a message that names it: a missing tool is never a silent pass.
 
+pub mod cgroup;
+pub mod chaos;
 pub mod copy;
 pub mod fault;
 pub mod host;
+pub mod invariants;
 pub mod oci_layout;
 pub mod outer;
 pub mod output;
+pub mod pair;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub use cgroup::OuterCgroup;
 pub use fault::{Fault, FaultProxy, Partition};
 pub use host::Host;
 pub use oci_layout::{Compression, ImageBuilder, Layer, OciImage};

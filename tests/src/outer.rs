@@ -41,6 +41,8 @@ pub struct OuterBuilder {
     args: Vec<OsString>,
     env: Vec<(String, String)>,
     peer_keys: PeerKeys,
+    cgroup: Option<Option<u64>>,
+    state_size: Option<String>,
 }
 
 /// Which peer key set an outer container gets at [`PEER_KEYS_IN_OUTER`].
@@ -163,6 +165,20 @@ impl OuterBuilder {
         self
     }
 
+    /// Runs the outer container in a cgroup of its own, as an orchestrator
+    /// would ([`crate::OuterCgroup`]), with this memory limit if any.
+    pub fn cgroup(mut self, memory_limit: Option<u64>) -> Self {
+        self.cgroup = Some(memory_limit);
+        self
+    }
+
+    /// The size of the tmpfs on the state dir (/var/lib/ums: layers,
+    /// bundle, images dirs), as `mount -o size=` spells it (`48m`).
+    pub fn state_size(mut self, size: &str) -> Self {
+        self.state_size = Some(size.into());
+        self
+    }
+
     /// Launches outer.sh and returns once PID 1 is about to exec (its root,
     /// mounts and hostname are in place).
     pub fn start(self) -> anyhow::Result<Outer> {
@@ -217,6 +233,16 @@ impl OuterBuilder {
                 cmd.env_remove("UMS_OUTER_EXEC");
             }
         }
+        let cgroup = match self.cgroup {
+            Some(limit) => Some(crate::OuterCgroup::create(&crate::unique_name(&self.name), limit)?),
+            None => None,
+        };
+        for f in cgroup.iter().flat_map(|c| c.procs_files()) {
+            cmd.arg("--cgroup-procs").arg(f);
+        }
+        if let Some(size) = &self.state_size {
+            cmd.arg("--state-size").arg(size);
+        }
         cmd.arg("--").args(&self.args);
         cmd.env_remove("UMS_OUTER_STAGE");
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
@@ -226,8 +252,16 @@ impl OuterBuilder {
         let log = LineLog::new();
         log.capture(child.stdout.take().unwrap(), self.name.clone());
         log.capture(child.stderr.take().unwrap(), self.name.clone());
-        let mut outer =
-            Outer { name: self.name, root, unshare_pid: child.id() as i32, child, pid1: None, status: None, log };
+        let mut outer = Outer {
+            name: self.name,
+            root,
+            unshare_pid: child.id() as i32,
+            child,
+            pid1: None,
+            status: None,
+            log,
+            cgroup,
+        };
         outer.pid1 = Some(outer.find_pid1()?);
         outer
             .log
@@ -247,6 +281,8 @@ pub struct Outer {
     pid1: Option<i32>,
     status: Option<ExitStatus>,
     log: LineLog,
+    /// Its own cgroup ([`OuterBuilder::cgroup`]), removed after it ends.
+    cgroup: Option<crate::OuterCgroup>,
 }
 
 impl Outer {
@@ -262,11 +298,18 @@ impl Outer {
             args: Vec::new(),
             env: Vec::new(),
             peer_keys: PeerKeys::Default,
+            cgroup: None,
+            state_size: None,
         }
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Its own cgroup, when started with [`OuterBuilder::cgroup`].
+    pub fn cgroup(&self) -> Option<&crate::OuterCgroup> {
+        self.cgroup.as_ref()
     }
 
     /// The host directory holding the outer's root (mount points only: the
@@ -380,6 +423,28 @@ impl Outer {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Kills the outer container with SIGKILL, as an orchestrator kills a
+    /// container, and waits for it to end. A workload frozen by the cgroup
+    /// v1 freezer (a migration's source between freeze and end) cannot die
+    /// while frozen, and holds the outer's pid namespace (and this wait)
+    /// forever: like an orchestrator's clean-up must, this thaws the
+    /// freezer cgroups of the outer's processes after the kill.
+    pub fn kill(&mut self) {
+        let Some(pid1) = self.live_pid1() else { return };
+        let freezers = freezer_dirs(&descendants(pid1));
+        let _ = kill(Pid::from_raw(pid1), Signal::SIGKILL);
+        // Once PID 1 is dead (a zombie until its namespace is empty), the
+        // kernel has sent SIGKILL to everything else in it: thawed, it dies.
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) && !is_dead(pid1) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for f in &freezers {
+            let _ = std::fs::write(f.join("freezer.state"), "THAWED");
+        }
+        let _ = self.wait(Duration::from_secs(10));
+    }
+
     /// PID 1's host pid while it is certainly still ours: unshare (our
     /// unreaped child) is alive and is its parent.
     fn live_pid1(&mut self) -> Option<i32> {
@@ -416,6 +481,51 @@ impl Outer {
     }
 }
 
+/// Host pids of every process below `pid` (not `pid` itself).
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                out.extend(children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+            }
+        }
+        i += 1;
+    }
+    out.remove(0);
+    out
+}
+
+/// Is `pid` gone or a zombie?
+fn is_dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) == Some("Z"),
+    }
+}
+
+/// The cgroup v1 freezer directories of `pids` (none on cgroup v2, whose
+/// freezer lets SIGKILL through).
+fn freezer_dirs(pids: &[i32]) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = pids
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/cgroup")).ok())
+        .filter_map(|t| {
+            t.lines().find_map(|l| {
+                let mut it = l.splitn(3, ':');
+                let (_, c, path) = (it.next()?, it.next()?, it.next()?);
+                (c == "freezer").then(|| Path::new("/sys/fs/cgroup/freezer").join(path.trim_start_matches('/')))
+            })
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
 /// The `NSpid:` line of /proc/PID/status: the pid in each nested pid ns.
 fn ns_pids(pid: i32) -> Option<Vec<i32>> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -446,14 +556,14 @@ impl Drop for Outer {
     fn drop(&mut self) {
         // Kill PID 1 (the kernel then kills its whole pid namespace) and let
         // unshare reap it and exit; kill unshare only if it does not.
-        if let Some(pid1) = self.live_pid1() {
-            let _ = kill(Pid::from_raw(pid1), Signal::SIGKILL);
-            let _ = self.wait(Duration::from_secs(5));
-        }
+        self.kill();
         if self.try_wait().ok().flatten().is_none() {
             let _ = kill(Pid::from_raw(self.unshare_pid), Signal::SIGKILL);
             let _ = self.child.wait();
         }
+        // Its cgroup, once its processes are gone (runc removes an ended
+        // container's cgroup and everything below it the same way).
+        drop(self.cgroup.take());
         // The mounts live in the outer's private mount namespace, gone with
         // its processes; anything found here leaked, so detach it first.
         for m in mounts_below(&self.root) {

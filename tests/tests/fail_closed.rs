@@ -117,6 +117,16 @@ fn poll(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration
     t0.elapsed()
 }
 
+/// One sample of `ums metrics` (docs/metrics.md), by its exact series.
+fn metric(o: &Outer, series: &str) -> f64 {
+    let text = o.ums_ok(&["metrics"]).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in ums metrics:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn a_partition_after_the_manifest_keeps_the_source_frozen_until_it_heals() {
     let p = pair("fcpart");
@@ -136,6 +146,10 @@ fn a_partition_after_the_manifest_keeps_the_source_frozen_until_it_heals() {
     p.b.log().wait_for_from(from_b, "tick ", T).expect("the destination runs the workload behind the partition");
     let frozen_at = assert_frozen(&p.a, "the source thawed on a guess during the partition");
     assert!(!h.is_finished(), "ums migrate returned while in doubt");
+    // What an operator's alert (UmsMigrationInDoubt) sees meanwhile.
+    assert_eq!(metric(&p.a, "ums_migration_in_doubt"), 1.0);
+    assert_eq!(metric(&p.a, r#"ums_migrations_in_doubt_total{direction="out",mode="stop-copy"}"#), 1.0);
+    assert_eq!(metric(&p.a, r#"ums_workload_state{state="busy"}"#), 1.0);
 
     cut.heal().unwrap();
     let healed = Instant::now();
@@ -159,6 +173,9 @@ fn a_partition_after_the_manifest_keeps_the_source_frozen_until_it_heals() {
     // Exactly one copy: at the destination, continuing the counter.
     assert_eq!(status(&p.a)["state"], "standby");
     assert!(status(&p.a)["operation"]["in_doubt"].is_null());
+    assert_eq!(metric(&p.a, "ums_migration_in_doubt"), 0.0);
+    assert_eq!(metric(&p.a, r#"ums_migrations_succeeded_total{direction="out",mode="stop-copy"}"#), 1.0);
+    assert_eq!(metric(&p.b, r#"ums_migrations_succeeded_total{direction="in",mode="stop-copy"}"#), 1.0);
     assert_eq!(status(&p.b)["state"], "running");
     let t = ticks(&p.b, from_b);
     assert_eq!(t[0], frozen_at + 1, "source ended at {frozen_at}, destination printed {t:?}");

@@ -238,6 +238,179 @@ impl Drop for Containerd {
     }
 }
 
+/// A Docker Engine of our own: `dockerd` with its own config, data root,
+/// exec root (where it keeps its own containerd), pidfile and socket, no
+/// bridge and no iptables rules; its containers get `--network none` and the
+/// test links their network namespaces itself. It runs in the machine's
+/// network namespace so that `docker build`'s RUN steps reach Debian's
+/// mirror (`--network host`), as podman's builds do.
+struct Docker {
+    dir: PathBuf,
+    socket: PathBuf,
+    child: Child,
+    log: LineLog,
+    /// Paths dockerd 20.10 and its containerd use whatever the flags say
+    /// (the trust key, the plugin and shim socket dirs) that did not exist
+    /// before: removed at the end when empty, deepest first.
+    made: Vec<PathBuf>,
+}
+
+/// What dockerd and its containerd create outside their roots.
+const DOCKER_FIXED_PATHS: [&str; 9] = [
+    "/etc/docker",
+    "/etc/docker/key.json",
+    "/run/docker",
+    "/run/docker/plugins",
+    "/run/containerd",
+    "/run/containerd/s",
+    "/run/containerd/fifo",
+    "/run/containerd/runc",
+    "/run/containerd/runc/moby",
+];
+
+/// Debian's docker.io client: newer clients (docker 23 and later) want the
+/// buildx plugin for BuildKit builds, which Debian bookworm does not have.
+const DOCKER_CLIENT: &str = "/usr/bin/docker";
+
+impl Docker {
+    fn start(dir: &Path) -> anyhow::Result<Docker> {
+        std::fs::create_dir_all(dir.join("client"))?;
+        let made: Vec<PathBuf> =
+            DOCKER_FIXED_PATHS.iter().map(PathBuf::from).filter(|p| std::fs::symlink_metadata(p).is_err()).collect();
+        let socket = dir.join("docker.sock");
+        let config = dir.join("daemon.json");
+        std::fs::write(&config, "{}\n")?;
+        let mut child = Command::new("dockerd")
+            .arg("--config-file")
+            .arg(&config)
+            .arg("--data-root")
+            .arg(dir.join("data"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("docker.pid"))
+            .arg("--host")
+            .arg(format!("unix://{}", socket.display()))
+            .args(["--bridge=none", "--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false"])
+            .args(["--userland-proxy=false", "--exec-opt", "native.cgroupdriver=cgroupfs"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start dockerd")?;
+        let log = LineLog::new();
+        log.capture(child.stdout.take().unwrap(), "dockerd".into());
+        log.capture(child.stderr.take().unwrap(), "dockerd".into());
+        let d = Docker { dir: dir.to_path_buf(), socket, child, log, made };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if d.socket.exists() && d.cmd().arg("version").output().map(|o| o.status.success()).unwrap_or(false) {
+                return Ok(d);
+            }
+            if Instant::now() > deadline {
+                bail!("dockerd did not come up:\n{}", d.log.lines().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Sets the environment that points the docker client here.
+    fn env(&self, cmd: &mut Command) {
+        cmd.env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
+            .env("DOCKER_CONFIG", self.dir.join("client"))
+            // build-outer.sh's `docker` is Debian's client (see DOCKER_CLIENT).
+            .env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()));
+    }
+
+    fn cmd(&self) -> Command {
+        let mut cmd = Command::new(DOCKER_CLIENT);
+        self.env(&mut cmd);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+}
+
+impl Drop for Docker {
+    fn drop(&mut self) {
+        if let Ok(out) = self.cmd().args(["ps", "--all", "--quiet"]).output() {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = self.cmd().args(["rm", "--force", id]).output();
+            }
+        }
+        // dockerd stops the containerd it started, and that its shims.
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // Shims of ours left behind, found by our exec root in their command line.
+        let needle = self.dir.join("exec").to_string_lossy().to_string();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if (cmdline.contains("containerd-shim") || cmdline.contains("containerd ")) && cmdline.contains(&needle) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        unmount_below(&self.dir);
+        // Only what we made, only if empty (the key file is ours if we made it).
+        for p in self.made.iter().rev() {
+            if p.ends_with("key.json") {
+                let _ = std::fs::remove_file(p);
+            } else {
+                let _ = std::fs::remove_dir(p);
+            }
+        }
+    }
+}
+
+/// What the outer container needs from Docker, short of `--privileged`
+/// (which Docker cannot grant on a host whose root lacks a capability:
+/// docs/outer-image.md): four capabilities beyond Docker's default set
+/// (SYS_ADMIN: mounts and namespaces; NET_ADMIN: the nested container's
+/// network namespace, routes, iptables, CRIU's TCP repair; SYS_PTRACE:
+/// CRIU's dump; SYS_TIME: CRIU restores the workload's monotonic clock
+/// offset into a time namespace), no seccomp or AppArmor profile, no masked
+/// or read-only /proc paths, and the cgroup hierarchy read-write.
+const DOCKER_OUTER: [&str; 16] = [
+    "--cap-add",
+    "SYS_ADMIN",
+    "--cap-add",
+    "NET_ADMIN",
+    "--cap-add",
+    "SYS_PTRACE",
+    "--cap-add",
+    "SYS_TIME",
+    "--security-opt",
+    "seccomp=unconfined",
+    "--security-opt",
+    "apparmor=unconfined",
+    "--security-opt",
+    "systempaths=unconfined",
+    "--volume",
+    "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+];
+
+/// `docker run` with `DOCKER_OUTER`, with no network: the caller links the
+/// container's network namespace (`Host::attach`).
+fn docker_run<'a>(d: &'a Docker, name: &str, image: &str, keys: Option<&Path>, args: &[&str]) -> EngineOuter<'a> {
+    let mut cmd = d.cmd();
+    cmd.args(["run", "--rm", "--name", name, "--hostname", name, "--network", "none"])
+        .args(DOCKER_OUTER)
+        .args(ULIMITS)
+        .args(["--tmpfs", "/run:rw,mode=0755"]);
+    if let Some(keys) = keys {
+        cmd.arg("--volume").arg(format!("{}:{KEYS_IN_OUTER}:ro", keys.display()));
+    }
+    cmd.arg(image).args(args);
+    spawn_outer(name, Engine::Docker(d), cmd)
+}
+
 /// Unmounts (lazily) everything mounted at or below `dir`, deepest first.
 fn unmount_below(dir: &Path) {
     for m in ums_e2e::outer::mounts_below(dir) {
@@ -257,6 +430,7 @@ struct EngineOuter<'a> {
 enum Engine<'a> {
     Podman(&'a Podman),
     Containerd(&'a Containerd),
+    Docker(&'a Docker),
 }
 
 impl EngineOuter<'_> {
@@ -273,6 +447,11 @@ impl EngineOuter<'_> {
                 let id = format!("x{:08x}", rand::random::<u32>());
                 cmd.args(["task", "exec", "--exec-id", &id, &self.name, program]);
                 cmd
+            }
+            Engine::Docker(d) => {
+                let mut c = d.cmd();
+                c.args(["exec", &self.name, program]);
+                c
             }
         };
         cmd.args(args);
@@ -305,6 +484,10 @@ impl EngineOuter<'_> {
                 let out = run(p.cmd().args(["inspect", "--format", "{{.State.Pid}}", &self.name])).unwrap();
                 out.trim().parse().unwrap()
             }
+            Engine::Docker(d) => {
+                let out = run(d.cmd().args(["inspect", "--format", "{{.State.Pid}}", &self.name])).unwrap();
+                out.trim().parse().unwrap()
+            }
             Engine::Containerd(c) => {
                 let out = run(c.ctr().args(["task", "list"])).unwrap();
                 out.lines()
@@ -334,6 +517,9 @@ impl Drop for EngineOuter<'_> {
         match &self.engine {
             Engine::Podman(p) => {
                 let _ = p.cmd().args(["rm", "--force", "--time", "0", &self.name]).output();
+            }
+            Engine::Docker(d) => {
+                let _ = d.cmd().args(["rm", "--force", &self.name]).output();
             }
             Engine::Containerd(c) => {
                 let _ = c.ctr().args(["task", "kill", "--signal", "SIGKILL", &self.name]).output();
@@ -470,9 +656,14 @@ fn marker(o: &EngineOuter) -> String {
 /// Runs an image/ script with the private podman world; returns its last
 /// stdout line (`image=... size_bytes=... build_seconds=...`).
 fn image_script(p: &Podman, script: &str, args: &[&str]) -> String {
+    image_script_with(|cmd| p.env(cmd), script, args)
+}
+
+/// `image_script`, with the environment `env` sets (an engine's).
+fn image_script_with(env: impl FnOnce(&mut Command), script: &str, args: &[&str]) -> String {
     let mut cmd = Command::new("bash");
     cmd.arg(workspace_root().join("image").join(script)).args(args);
-    p.env(&mut cmd);
+    env(&mut cmd);
     cmd.stdin(Stdio::null()).stderr(Stdio::inherit());
     let t0 = Instant::now();
     let out = run(&mut cmd).unwrap_or_else(|e| panic!("{script} {args:?}: {e:#}"));
@@ -622,6 +813,130 @@ fn outer_image_migrates_between_podman_and_containerd() {
     drop(b);
     drop(a);
     say!("cross-engine round trip in {:.1} s in all", t_all.elapsed().as_secs_f64());
+}
+
+fn require_docker_tools() {
+    for (tool, pkg) in
+        [("dockerd", "docker.io"), ("podman", "podman"), ("skopeo", "skopeo"), ("debootstrap", "debootstrap")]
+    {
+        let found = std::env::var_os("PATH")
+            .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+            .unwrap_or(false);
+        assert!(found, "`{tool}` not found on PATH: install {pkg} (bash image/install-image-deps.sh)");
+    }
+    assert!(
+        Path::new(DOCKER_CLIENT).is_file(),
+        "{DOCKER_CLIENT} not found: install docker.io (bash image/install-image-deps.sh)"
+    );
+}
+
+/// Docker Engine: `docker build` of the Dockerfile (on the debootstrap'ed
+/// base, `docker import`ed into a dockerd the test starts), `docker run`
+/// with the least-privileged flags (DOCKER_OUTER, not `--privileged`), and a
+/// live migration Docker -> podman -> Docker of the workload.
+#[test]
+fn outer_image_migrates_between_docker_and_podman() {
+    require_root();
+    require_docker_tools();
+    let ums = ums_bin().unwrap();
+    let t_all = Instant::now();
+    let tmp = tempfile::Builder::new().prefix("ums-test-docker-").tempdir().unwrap();
+    let podman = Podman::new(&tmp.path().join("podman")).unwrap();
+    let docker = Docker::start(&tmp.path().join("docker")).unwrap();
+    let tag = unique_name("dk").replace("ums-test-", "localhost/ums-test-");
+    let workload_tag = format!("{tag}:workload");
+
+    let memctr = build_workload(tmp.path());
+    let img = ImageBuilder::new(&memctr)
+        .cmd(&["64"])
+        .env("MEMCTR_FILE", "/data-marker")
+        .build(&tmp.path().join("layout"))
+        .expect("build the workload image");
+    let tarball = tmp.path().join("workload.oci.tar");
+    oci_tarball(&img.layout, &tarball);
+
+    // docker build, from the Dockerfile, in our dockerd.
+    let base_tar = target_dir().join("ums-e2e").join("bookworm-base.tar");
+    let built = image_script_with(
+        |cmd| docker.env(cmd),
+        "wrap-workload.sh",
+        &[
+            tarball.to_str().unwrap(),
+            "--engine",
+            "docker",
+            "--tag",
+            &workload_tag,
+            "--base-tar",
+            base_tar.to_str().unwrap(),
+            "--ums",
+            ums.to_str().unwrap(),
+        ],
+    );
+    let size: u64 = field(&built, "size_bytes").parse().unwrap();
+    say!("docker build: {:.1} MiB in {} s", size as f64 / 1048576.0, field(&built, "build_seconds"));
+    assert!(size < 400 << 20, "the outer image grew to {size} bytes");
+
+    // `--privileged` cannot start a container on a host whose root lacks a
+    // capability Docker knows (this machine's lacks CAP_SYS_RESOURCE); when
+    // it can, the documented simple form works as well. Either way: say so.
+    let privileged = d_output(docker.cmd().args(["run", "--rm", "--network", "none", "--privileged"]).args([
+        "--entrypoint",
+        "true",
+        &workload_tag,
+    ]));
+    say!("docker run --privileged here: {privileged}");
+
+    // The same image for podman, through a docker-archive.
+    let archive = tmp.path().join("workload.docker.tar");
+    run(docker.cmd().args(["save", "-o"]).arg(&archive).arg(&workload_tag)).unwrap();
+    run(podman.cmd().args(["load", "-i"]).arg(&archive)).unwrap();
+
+    let keys = peer_keys(&ums, tmp.path());
+    let a_name = unique_name("dock");
+    let b_name = unique_name("pod");
+    let hb = Host::isolated("dk-b").unwrap();
+    let a = docker_run(&docker, &a_name, &workload_tag, keys.as_deref(), &[]);
+    a.wait_for_line("ums ready");
+    let ha = Host::attach("dk-a", a.pid1()).unwrap();
+    let (a_addr, b_addr) = ha.link(&hb).unwrap();
+    let b = podman_run(&podman, &b_name, &hb, &workload_tag, keys.as_deref(), &["--standby"]);
+    a.wait_for_line("tick 5 ");
+    b.wait_for_line("standby");
+    assert!(ready(&a) && !ready(&b), "ums-ready: the workload's outer container only");
+    let sum0 = a.lines().iter().find_map(|l| parse_sum(l)).unwrap();
+    let file0 =
+        a.lines().iter().find(|l| l.starts_with("file ")).unwrap().split_whitespace().nth(2).unwrap().to_string();
+
+    let r1 = migrate(&a, &b, b_addr);
+    say!("docker -> podman: {r1}");
+    assert!(r1["bytes"].as_u64().unwrap() > 64 << 20, "{r1}");
+    assert_eq!(checksum(&b), sum0, "memory checksum after docker -> podman");
+    assert_eq!(marker(&b), file0, "file written before the migration");
+    assert!(!ready(&a) && ready(&b), "ums-ready follows the workload");
+
+    let r2 = migrate(&b, &a, a_addr);
+    say!("podman -> docker: {r2}");
+    assert_eq!(checksum(&a), sum0, "memory checksum after podman -> docker");
+    assert_eq!(marker(&a), file0, "file written before the first migration");
+    assert!(ready(&a) && !ready(&b));
+
+    drop(b);
+    drop(a);
+    drop(ha);
+    say!("docker round trip in {:.1} s in all", t_all.elapsed().as_secs_f64());
+}
+
+/// A command's outcome in one line: `ok`, or its exit status and last line.
+fn d_output(cmd: &mut Command) -> String {
+    match cmd.output() {
+        Ok(o) if o.status.success() => "ok".into(),
+        Ok(o) => format!(
+            "{}: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).lines().rfind(|l| !l.trim().is_empty()).unwrap_or("")
+        ),
+        Err(e) => format!("cannot run: {e}"),
+    }
 }
 
 /// kubernetes-validate from the venv image/install-image-deps.sh makes.

@@ -93,6 +93,11 @@ pub struct Args {
     #[arg(long, env = "UMS_KERNEL_FORWARD", default_value = "on", hide = true, action = clap::ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new())]
     pub kernel_forward: bool,
+    /// A restore (runc and CRIU, at a migration's destination or `ums
+    /// restore`) still running after this is killed, with everything it
+    /// started, and fails (5m).
+    #[arg(long, env = "UMS_RESTORE_TIMEOUT", default_value = "5m", value_parser = crate::supervisor::parse_duration)]
+    pub restore_timeout: std::time::Duration,
     /// Inject a fault (tests only).
     #[arg(long, env = "UMS_FAILPOINT", hide = true, value_enum)]
     pub failpoint: Option<crate::config::Failpoint>,
@@ -115,6 +120,11 @@ pub struct Args {
     /// No evacuation attempt starts later than this after the SIGTERM (20s).
     #[arg(long, env = "UMS_EVACUATE_WITHIN", default_value = "20s", value_parser = crate::supervisor::parse_duration)]
     pub evacuate_within: std::time::Duration,
+    /// Serve Prometheus metrics on this address (GET /metrics, plain HTTP;
+    /// off by default). Bind it to loopback or the pod IP: the metrics are
+    /// not secret, but nothing authenticates the scraper.
+    #[arg(long, env = "UMS_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Pre-copy (`ums migrate --mode pre-copy` from here): the freeze the
     /// rounds aim at. They stop once the next round's changed pages would
     /// cross the link, at the rate measured so far, in this time (500ms).
@@ -162,6 +172,7 @@ impl Args {
             seccomp: self.seccomp,
             evacuate_to: self.evacuate_to,
             evacuate_within: self.evacuate_within,
+            restore_timeout: self.restore_timeout,
             precopy_target_freeze: self.precopy_target_freeze,
             precopy_rounds: self.precopy_rounds,
             ..Config::default()
@@ -194,7 +205,12 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     if !crate::sys::is_pid1() {
         crate::sys::become_subreaper().context("become a subreaper")?;
     }
-    let cfg = Arc::new(a.config());
+    let metrics_listen = a.metrics_listen;
+    let mut cfg = a.config();
+    // Below the outer container's own cgroup, before anything runs in it.
+    cfg.cgroup_parent = crate::workload::cgroup::setup();
+    tracing::debug!(parent = ?cfg.cgroup_parent, "workload cgroups");
+    let cfg = Arc::new(cfg);
     crate::workload::spec::check_ulimits(&cfg.ulimits).map_err(|e| anyhow::anyhow!(e))?;
     match cfg.seccomp.profile() {
         None => tracing::warn!("--seccomp unconfined: the workload runs without a seccomp filter"),
@@ -225,25 +241,20 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         let publisher = crate::net::proxy::Publisher::new(cfg.net.address, cfg.hold.clone());
         if cfg.kernel_forward {
             let r = reaper.clone();
-            // Called from async code, and the reaper that reports iptables's
-            // exit is a task of this runtime: the wait runs on a thread of its
-            // own, and block_in_place hands this worker's other tasks to
-            // another thread meanwhile (a few ms per rule change).
+            // iptables runs on the blocking pool and its exit comes from the
+            // reaper: no async worker waits for it.
             let run: crate::net::proxy::IptablesRunner = Box::new(move |args| {
-                let (r, args) = (r.clone(), args.to_vec());
-                tokio::task::block_in_place(move || {
-                    std::thread::spawn(move || {
-                        let mut cmd = std::process::Command::new("iptables");
-                        cmd.args(&args);
-                        crate::process::exec::check_blocking(&r, cmd)
-                            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                            .map_err(|e| e.to_string())
-                    })
-                    .join()
-                    .map_err(|_| "the iptables thread panicked".to_string())?
+                let r = r.clone();
+                Box::pin(async move {
+                    let mut cmd = std::process::Command::new("iptables");
+                    cmd.args(&args);
+                    crate::process::exec::check(&r, cmd)
+                        .await
+                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                        .map_err(|e| e.to_string())
                 })
             });
-            if let Err(e) = publisher.enable_kernel_path(run, cfg.net.gateway, &cfg.net.host_if) {
+            if let Err(e) = publisher.enable_kernel_path(run, cfg.net.gateway, &cfg.net.host_if).await {
                 tracing::warn!(error = %e, "no in-kernel forwarding of published ports; the proxy serves them all");
             }
         }
@@ -255,6 +266,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             migrate_out: crate::migration::migrate_out_boxed(),
             page_links: crate::migration::postcopy::links_status,
             in_doubt: Default::default(),
+            metrics: Default::default(),
         };
         let mut sup = Supervisor::new(ctx.clone(), sig_rx);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -265,7 +277,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         let open_controls = crate::supervisor::control::OpenConnections::default();
         tokio::spawn(crate::supervisor::control::serve_counted(
             listener,
-            ctl_tx,
+            ctl_tx.clone(),
             shutdown_rx.clone(),
             open_controls.clone(),
         ));
@@ -277,6 +289,22 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 }
             }
         });
+        if let Some(addr) = metrics_listen {
+            let l =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind the metrics port {addr}"))?;
+            let tx = ctl_tx.clone();
+            let render = move || {
+                let tx = tx.clone();
+                async move {
+                    let (reply, rx) = tokio::sync::oneshot::channel();
+                    tx.send((crate::supervisor::control::Request::Metrics, reply)).await.ok()?;
+                    let r = rx.await.ok()?;
+                    r.result?.get("text")?.as_str().map(String::from)
+                }
+            };
+            tracing::info!(%addr, "metrics: GET /metrics");
+            tokio::spawn(crate::metrics::serve_http(l, render, shutdown_rx.clone()));
+        }
         let peer = tokio::net::TcpListener::bind(cfg.peer_listen)
             .await
             .with_context(|| format!("bind the peer port {}", cfg.peer_listen))?;

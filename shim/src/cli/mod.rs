@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod init;
 pub mod keys;
+pub mod metrics;
 pub mod migrate;
 pub mod resolve;
 pub mod restore;

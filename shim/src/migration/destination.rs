@@ -19,6 +19,8 @@ use super::postcopy::{self, DestEnd, DestPostCopy};
 use super::wire::{self, Frame, Kind, WireError};
 use super::{safe_name, FileKind, FileOpen, Hello, HelloOk, Manifest, MigrationResult, PeerState, Query, QueryAnswer};
 use crate::image::oci_layout::{self, OciLayout};
+use crate::metrics::Direction;
+use crate::supervisor::control::MigrationMode;
 use crate::supervisor::{Ctx, Msg};
 use crate::workload::checkpoint::ms;
 
@@ -130,6 +132,9 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         return Err(InError::Refuse(msg));
     }
     tracing::info!(peer = %peer, id = %hello.migration_id, image = %hello.image.manifest_digest, "incoming migration");
+    let t_hello = Instant::now();
+    let mode = if hello.post_copy { MigrationMode::PostCopy } else { MigrationMode::StopCopy };
+    ctx.metrics.migration_started(Direction::In, mode);
     let dir = ctx.cfg.images_root().join(&hello.migration_id);
     // A refused migration leaves nothing behind: not its images dir, nor the
     // dirs it made to hold them and the blobs it never got.
@@ -140,6 +145,11 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         Ok(v) => v,
         Err(e) => {
             outcomes.finish(&hello.migration_id, false);
+            let reason = match &e {
+                InError::Wire(_) => "transfer",
+                InError::Refuse(_) => "refused",
+            };
+            ctx.metrics.migration_failed(Direction::In, mode, reason);
             let msg = e.to_string();
             let _ = wire::send_json(&mut w, Kind::Error, &wire::ErrorMsg { message: msg.clone() }).await;
             let _ = std::fs::remove_dir_all(&dir);
@@ -176,7 +186,7 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         if let Err(e) = ctx.publisher.publish(&n.settings.publish).await {
             tracing::error!(error = %e, "cannot publish the workload's ports");
         }
-        ctx.publisher.direct();
+        ctx.publisher.direct().await;
     }
     let result = match (post, result) {
         (Some(p), Ok(n)) => {
@@ -184,12 +194,17 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
             // here (its freeze ends); the supervisor when every page is here.
             let t_running = Instant::now();
             let _ = wire::send_json(&mut w, Kind::Result, &answer).await;
-            return post_copy(&ctx, &hello, &dir, n, p, t_running, (peer, report), &mut w, &inbox, &outcomes).await;
+            let times = (t_hello, t_running);
+            return post_copy(&ctx, &hello, &dir, n, p, times, (peer, report), &mut w, &inbox, &outcomes).await;
         }
         (_, result) => result,
     };
     // Report to the supervisor first: the workload runs here from now on,
     // whether or not the source hears about it.
+    match &result {
+        Ok(_) => ctx.metrics.migration_in_succeeded(mode, t_hello.elapsed()),
+        Err(_) => ctx.metrics.migration_failed(Direction::In, mode, "restore"),
+    }
     let msg = match result {
         Ok(n) => Msg::IncomingDone(Ok((
             n,
@@ -279,7 +294,7 @@ async fn post_copy(
     dir: &Path,
     n: crate::workload::nested::Nested,
     mut p: DestPostCopy,
-    t_running: Instant,
+    (t_hello, t_running): (Instant, Instant),
     (peer, report): (String, (f64, f64)),
     w: &mut (impl AsyncWriteExt + Unpin),
     inbox: &mpsc::Sender<Msg>,
@@ -292,6 +307,9 @@ async fn post_copy(
         DestEnd::Complete { page_bytes, pages: (pages_on_fault, pages_copied) } => {
             let after_ms = ms(t_running.elapsed());
             tracing::info!(page_bytes, last_page_after_running_ms = after_ms, "post-copy: every page is here");
+            ctx.metrics.postcopy_page_bytes(Direction::In, page_bytes);
+            ctx.metrics.bytes_received(page_bytes);
+            ctx.metrics.migration_in_succeeded(MigrationMode::PostCopy, t_running.duration_since(t_hello));
             outcomes.finish(&id, true);
             let report = serde_json::json!({
                 "peer": peer, "verify_ms": report.0, "restore_ms": report.1, "mode": "post-copy",
@@ -309,6 +327,7 @@ async fn post_copy(
         }
         DestEnd::Lost { reason, keep } => {
             tracing::error!(reason = %reason, "post-copy lost: ending the copy here");
+            ctx.metrics.migration_failed(Direction::In, MigrationMode::PostCopy, "post_copy");
             // Killed while its faults still wait on the daemon; only then
             // may the daemon's connection close.
             let (c2, n2) = (ctx.clone(), n);
@@ -320,7 +339,7 @@ async fn post_copy(
             drop(keep);
             postcopy::kill(p.daemon_pid);
             p.bridge.abort();
-            ctx.publisher.close();
+            ctx.publisher.close().await;
             outcomes.finish(&id, false);
             let msg = format!(
                 "migration lost during post-copy: {reason}; the copy here was ended, since it cannot run with missing \
@@ -368,14 +387,20 @@ async fn receive(
     .await?;
 
     let mut total = 0u64;
-    receive_blobs(cfg, hello, dir, r, &layout, &missing, &mut total).await?;
-    let still = layout.missing_blobs(&digests);
-    if !still.is_empty() {
-        return Err(InError::Refuse(format!("blobs still missing after transfer: {}", still.join(", "))));
+    let received = async {
+        receive_blobs(cfg, hello, dir, r, &layout, &missing, &mut total).await?;
+        let still = layout.missing_blobs(&digests);
+        if !still.is_empty() {
+            return Err(InError::Refuse(format!("blobs still missing after transfer: {}", still.join(", "))));
+        }
+        prepare_image(cfg, hello, &layout, w).await?;
+        wire::send_json(w, Kind::Ready, &serde_json::json!({})).await?;
+        receive_checkpoint(cfg, dir, r, w, hello.pre_copy, &mut total).await
     }
-    prepare_image(cfg, hello, &layout, w).await?;
-    wire::send_json(w, Kind::Ready, &serde_json::json!({})).await?;
-    let (manifest, files) = receive_checkpoint(cfg, dir, r, w, hello.pre_copy, &mut total).await?;
+    .await;
+    // Every byte that arrived counts, also of a migration that failed.
+    ctx.metrics.bytes_received(total);
+    let (manifest, files) = received?;
     let mut verify_ms = verify(hello, &manifest, files)?;
     if hello.pre_copy {
         // The final round: complete pages images from the held ones and the deltas.
@@ -434,6 +459,26 @@ fn check_can_host(cfg: &crate::config::Config, hello: &Hello, dir: &Path) -> Res
                     hello.memory_bytes
                 )));
             }
+        }
+    }
+    // The outer container's memory limit binds the workload (its cgroup is
+    // below ours), and the received images, on a tmpfs, count against it
+    // too until the restore ends: a workload that cannot fit is refused
+    // now, before anything is frozen, not killed by the OOM killer later.
+    if let Some(m) = crate::workload::cgroup::memory_room() {
+        let on_tmpfs = nix::sys::statfs::statfs(dir).map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+        let need = hello.memory_bytes.saturating_mul(if on_tmpfs.unwrap_or(false) { 2 } else { 1 });
+        if m.room < need {
+            return Err(InError::Refuse(format!(
+                "this outer container's memory limit is too small for the workload: the cgroup {} allows {} bytes \
+                 and {} are in use, leaving {}; the workload uses {} bytes{}",
+                m.cgroup.display(),
+                m.limit,
+                m.usage,
+                m.room,
+                hello.memory_bytes,
+                if need > hello.memory_bytes { ", twice that while its checkpoint is on a tmpfs here" } else { "" }
+            )));
         }
     }
     if hello.blobs.len() > 4096 {

@@ -47,12 +47,21 @@ pub use source::{migrate_out, Finish};
 pub fn migrate_out_boxed() -> crate::supervisor::MigrateOut {
     std::sync::Arc::new(|ctx, n, to, mode| {
         Box::pin(async move {
+            use crate::metrics::{Direction, Measured};
+            ctx.metrics.migration_started(Direction::Out, mode);
             match migrate_out(&ctx, &n, &to, mode).await {
                 Ok((report, finish)) => {
+                    let s = |k: &str| report[k].as_f64().unwrap_or(0.0) / 1000.0;
+                    let measured =
+                        Measured { duration: s("total_ms"), downtime: s("downtime_ms"), freeze: s("freeze_ms") };
+                    ctx.metrics.migration_out_succeeded(mode, measured);
                     let finish: crate::supervisor::BoxFuture<f64> = Box::pin(finish.run());
                     Ok((report, finish))
                 }
-                Err(e) => Err(crate::supervisor::describe(&e)),
+                Err(e) => {
+                    ctx.metrics.migration_failed(Direction::Out, mode, e.reason());
+                    Err(crate::supervisor::describe(&e))
+                }
             }
         })
     })

@@ -53,6 +53,24 @@ pub enum MigrateError {
     PostCopy(String),
 }
 
+impl MigrateError {
+    /// A short label for the metrics (`ums_migrations_failed_total{reason}`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            MigrateError::Connect { .. } => "connect",
+            MigrateError::Pre(_) => "pre_migration",
+            MigrateError::Refused(_) => "refused",
+            MigrateError::Image(_) => "image",
+            MigrateError::Checkpoint(_) => "checkpoint",
+            MigrateError::Stream(_) => "stream",
+            MigrateError::Transfer(_) => "transfer",
+            MigrateError::Restore(_) => "restore",
+            MigrateError::Resolved(_) => "resolved",
+            MigrateError::PostCopy(_) => "post_copy",
+        }
+    }
+}
+
 /// Frames (data chunks of up to `wire::CHUNK`) queued for the writer.
 const OUT_QUEUE: usize = 8;
 
@@ -275,7 +293,7 @@ async fn migrate(
     let committed = match settle(
         ctx,
         n,
-        to,
+        (to, mode),
         &migration_id,
         &mut session.r,
         committed,
@@ -311,8 +329,8 @@ async fn migrate(
     // ---- post-migration: the destination runs it. Clients go there; the
     // frozen copy here is ended by `Finish`, outside the reported time.
     match tokio::net::lookup_host(to).await.ok().and_then(|mut a| a.next()) {
-        Some(sa) => ctx.publisher.forward_to(sa.ip()),
-        None => ctx.publisher.close(),
+        Some(sa) => ctx.publisher.forward_to(sa.ip()).await,
+        None => ctx.publisher.close().await,
     }
     // Post-copy: the frozen copy here holds memory the destination still
     // fetches; it ends only once the destination has every page.
@@ -328,7 +346,7 @@ async fn migrate(
                     tracing::warn!(error = %e, "post-copy failed and the destination ended its copy; thawing here");
                     let (c2, n2) = (ctx.clone(), n.clone());
                     let _ = tokio::task::spawn_blocking(move || checkpoint::thaw(&c2.reaper, &c2.runtime, &n2)).await;
-                    ctx.publisher.direct();
+                    ctx.publisher.direct().await;
                 } else {
                     tracing::error!(error = %e, "post-copy failed; the destination's state is unknown: the workload \
                                                 stays frozen here");
@@ -398,6 +416,8 @@ async fn migrate(
         report["final_round"] = fin;
     }
     tracing::info!(total_ms = ms(total), frozen_ms = ms(frozen_for), bytes = committed.bytes, "migration done");
+    ctx.metrics.bytes_sent(wire_bytes + page_bytes);
+    ctx.metrics.postcopy_page_bytes(crate::metrics::Direction::Out, page_bytes);
     Ok((report, Finish { ctx: ctx.clone(), n: n.clone(), images: cleanup_dir }))
 }
 
@@ -565,7 +585,7 @@ async fn freeze_and_stream(
         _ => match streamer::start(&images, 1000, tx.clone(), live) {
             Ok(s) => Some(s),
             Err(e) => {
-                ctx.publisher.direct();
+                ctx.publisher.direct().await;
                 return Err(MigrateError::Stream(e.to_string()));
             }
         },
@@ -607,7 +627,7 @@ async fn freeze_and_stream(
             if let Some(s) = s {
                 tokio::task::spawn_blocking(move || s.abort()).await.ok();
             }
-            ctx.publisher.direct();
+            ctx.publisher.direct().await;
             let msg = Frame::json(Kind::Error, &wire::ErrorMsg { message: format!("source: {e}") });
             let _ = tx.send(Out::Control(msg)).await;
             Err(e.into())
@@ -652,7 +672,7 @@ struct Sent {
 async fn thaw(ctx: &Ctx, n: &Arc<Nested>) {
     let (c2, n2) = (ctx.clone(), n.clone());
     let _ = tokio::task::spawn_blocking(move || checkpoint::thaw(&c2.reaper, &c2.runtime, &n2)).await;
-    ctx.publisher.direct();
+    ctx.publisher.direct().await;
 }
 
 /// Commit: the rest of the images and the writable layer, then the
@@ -743,7 +763,7 @@ async fn commit(
 async fn settle(
     ctx: &Ctx,
     n: &Arc<Nested>,
-    to: &str,
+    (to, mode): (&str, Mode),
     migration_id: &str,
     r: &mut super::transport::PeerRead,
     committed: Result<Committed, MigrateError>,
@@ -771,6 +791,7 @@ async fn settle(
         format!("the manifest ({} bytes of checkpoint) was sent to {to}", sent.bytes),
         "no Result came back: the destination may or may not have restored it".to_string(),
     ];
+    ctx.metrics.migration_in_doubt(mode);
     let settled = in_doubt::settle(&ctx.cfg, &ctx.in_doubt, to, migration_id, e.to_string(), known).await;
     let in_doubt_ms = ms(t_doubt.elapsed());
     let flushed_at = sent.flushed_at.unwrap_or_else(|| t_freeze.elapsed());
@@ -905,6 +926,7 @@ async fn post_copy(
                 "the workload here is frozen and holds that memory".to_string(),
                 format!("post-copy was interrupted: {reason}"),
             ];
+            ctx.metrics.migration_in_doubt(Mode::PostCopy);
             match in_doubt::settle(&ctx.cfg, &ctx.in_doubt, to, id, reason.clone(), known).await {
                 Settled::Running { .. } => {
                     end_lazy_dump(dump, (!link_done).then_some(link), at).await;

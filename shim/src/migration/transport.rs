@@ -169,7 +169,7 @@ mod tests {
     #[tokio::test]
     async fn members_of_a_group_talk_and_learn_each_others_names() {
         let tmp = tempfile::tempdir().unwrap();
-        let sets = keys::create(tmp.path(), &["alpha".into(), "beta".into()]).unwrap();
+        let sets = keys::create(tmp.path(), &["alpha".into(), "beta".into()], false).unwrap();
         let (a, b) = (cfg_with(&sets[0]), cfg_with(&sets[1]));
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let to = l.local_addr().unwrap().to_string();
@@ -200,7 +200,7 @@ mod tests {
         let e = check(&cfg_with(&tmp.path().join("none"))).unwrap_err();
         assert!(e.contains("--peer-keys") && e.contains("--insecure-peer") && e.contains("ums keys create"), "{e}");
         assert_eq!(check(&Config { insecure_peer: true, ..cfg_with(tmp.path()) }), Ok(None));
-        keys::create(&tmp.path().join("k"), &[]).unwrap();
+        keys::create(&tmp.path().join("k"), &[], false).unwrap();
         assert_eq!(check(&cfg_with(&tmp.path().join("k"))), Ok(Some(keys::SHARED_NAME.into())));
     }
 }

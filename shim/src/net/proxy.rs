@@ -128,8 +128,9 @@ struct Shared {
     last_forward: Mutex<Option<Instant>>,
     /// Bumped when connections to the workload must end (it left).
     generation: watch::Sender<u64>,
-    /// Held only while rules change, never by status or the drain.
-    kernel: Mutex<Kernel>,
+    /// Held only while rules change, never by status or the drain (an async
+    /// lock: iptables runs while it is held, and no worker thread waits).
+    kernel: tokio::sync::Mutex<Kernel>,
     /// The in-kernel path is enabled (set once).
     kernel_enabled: std::sync::atomic::AtomicBool,
     /// The outer ports whose DNAT rule is in place, for status.
@@ -137,8 +138,12 @@ struct Shared {
 }
 
 /// Runs `iptables` with these arguments and returns its stdout (through the
-/// reaper: ums is PID 1).
-pub type IptablesRunner = Box<dyn Fn(&[String]) -> Result<String, String> + Send + Sync>;
+/// reaper: ums is PID 1), without blocking an async worker.
+pub type IptablesRunner = Box<
+    dyn Fn(Vec<String>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// The in-kernel path of `Direct` mode.
 #[derive(Default)]
@@ -235,7 +240,7 @@ impl Publisher {
                 forwarded_total: AtomicU64::new(0),
                 last_forward: Mutex::new(None),
                 generation: watch::channel(0).0,
-                kernel: Mutex::default(),
+                kernel: Default::default(),
                 kernel_enabled: std::sync::atomic::AtomicBool::new(false),
                 kernel_ports: Mutex::default(),
             }),
@@ -246,17 +251,22 @@ impl Publisher {
     /// iptables. First removes the rules an earlier ums in this network
     /// namespace left behind. `gateway` and `host_if` are the outer end of the
     /// workload's veth: loopback clients reach the workload from there.
-    pub fn enable_kernel_path(&self, run: IptablesRunner, gateway: Ipv4Addr, host_if: &str) -> Result<(), String> {
-        let rules = run(&["-t", "nat", "-S"].map(String::from))?;
+    pub async fn enable_kernel_path(
+        &self,
+        run: IptablesRunner,
+        gateway: Ipv4Addr,
+        host_if: &str,
+    ) -> Result<(), String> {
+        let rules = run(["-t", "nat", "-S"].map(String::from).to_vec()).await?;
         for stale in stale_rules(&rules) {
-            run(&stale)?;
+            run(stale).await?;
         }
         // A packet from 127.0.0.1 may leave loopback only with route_localnet
         // (as kube-proxy sets it for node ports on localhost).
         std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1")
             .map_err(|e| format!("route_localnet: {e}"))?;
-        run(&loopback_snat_rule("-A", self.s.target, gateway, host_if))?;
-        let mut k = self.s.kernel.lock().expect("kernel");
+        run(loopback_snat_rule("-A", self.s.target, gateway, host_if)).await?;
+        let mut k = self.s.kernel.lock().await;
         k.run = Some(run);
         k.on.clear();
         self.s.kernel_enabled.store(true, Ordering::Release);
@@ -266,8 +276,8 @@ impl Publisher {
     /// Puts a DNAT rule in place for every published TCP port (`on`) or
     /// none, changing only what differs (nothing without the kernel path). A
     /// rule that cannot be added leaves its port to the proxy.
-    fn kernel_rules(&self, on: bool) {
-        let mut k = self.s.kernel.lock().expect("kernel");
+    async fn kernel_rules(&self, on: bool) {
+        let mut k = self.s.kernel.lock().await;
         let Some(run) = k.run.as_ref() else { return };
         let want: std::collections::BTreeSet<PortMap> = if on {
             self.s
@@ -283,10 +293,14 @@ impl Publisher {
         };
         let mut now = k.on.clone();
         for m in k.on.difference(&want) {
-            let removed: Result<Vec<String>, String> =
-                dnat_rules("-D", *m, self.s.target).iter().map(|r| run(r)).collect();
+            let mut removed = Ok(());
+            for r in dnat_rules("-D", *m, self.s.target) {
+                if let Err(e) = run(r).await {
+                    removed = Err(e);
+                }
+            }
             match removed {
-                Ok(_) => {
+                Ok(()) => {
                     now.remove(m);
                 }
                 Err(e) => tracing::error!(error = %e, port = m.outer, "a DNAT rule could not be removed"),
@@ -294,15 +308,16 @@ impl Publisher {
         }
         for m in want.difference(&k.on) {
             let [outside, local] = dnat_rules("-A", *m, self.s.target);
-            if let Err(e) = run(&outside) {
+            if let Err(e) = run(outside).await {
                 tracing::warn!(error = %e, port = m.outer, "no in-kernel forwarding; the proxy serves it");
                 continue;
             }
-            if let Err(e) = run(&local) {
+            if let Err(e) = run(local).await {
                 // Loopback clients alone would use the proxy: keep it simple
                 // and leave the whole port to the proxy.
                 tracing::warn!(error = %e, port = m.outer, "no in-kernel forwarding; the proxy serves it");
-                let _ = run(&dnat_rules("-D", *m, self.s.target)[0]);
+                let [outside, _] = dnat_rules("-D", *m, self.s.target);
+                let _ = run(outside).await;
                 continue;
             }
             now.insert(*m);
@@ -347,7 +362,7 @@ impl Publisher {
             tracing::info!(outer = k.1, proto = ?k.0, "unpublished port (not the workload's)");
         }
         if self.mode() == Mode::Direct {
-            self.kernel_rules(true);
+            self.kernel_rules(true).await;
         }
         for m in maps {
             if self.s.bound.lock().expect("bound").contains_key(&(m.proto, m.outer)) {
@@ -369,7 +384,7 @@ impl Publisher {
             self.s.bound.lock().expect("bound").insert((m.proto, m.outer), m.inner);
         }
         if self.mode() == Mode::Direct {
-            self.kernel_rules(true);
+            self.kernel_rules(true).await;
         }
         Ok(())
     }
@@ -378,28 +393,28 @@ impl Publisher {
         *self.s.mode.borrow()
     }
 
-    fn set(&self, m: Mode) {
+    async fn set(&self, m: Mode) {
         tracing::debug!(mode = ?m, "published ports");
         if m != Mode::Direct {
             // Before the mode changes: from now on every new connection
             // meets the proxy, which holds or forwards it.
-            self.kernel_rules(false);
+            self.kernel_rules(false).await;
         }
         self.s.mode.send_replace(m);
         if m == Mode::Direct {
-            self.kernel_rules(true);
+            self.kernel_rules(true).await;
         }
     }
 
     /// The workload runs here.
-    pub fn direct(&self) {
-        self.set(Mode::Direct);
+    pub async fn direct(&self) {
+        self.set(Mode::Direct).await;
     }
 
     /// The workload is about to freeze: hold new connections, and give those
     /// in flight `in_flight` to finish. Returns how many were still open.
     pub async fn hold_and_drain(&self) -> usize {
-        self.set(Mode::Hold);
+        self.set(Mode::Hold).await;
         let until = Instant::now() + self.s.hold.in_flight;
         let open = || self.s.active.load(Ordering::Acquire) + self.kernel_in_flight();
         while open() > 0 && Instant::now() < until {
@@ -410,10 +425,10 @@ impl Publisher {
 
     /// The workload left for `ip`: end connections to the old copy, send
     /// held and new clients there until the drain time passes quietly.
-    pub fn forward_to(&self, ip: IpAddr) {
+    pub async fn forward_to(&self, ip: IpAddr) {
         self.s.generation.send_modify(|g| *g += 1);
         *self.s.last_forward.lock().expect("last_forward") = Some(Instant::now());
-        self.set(Mode::Forward(ip));
+        self.set(Mode::Forward(ip)).await;
         let p = self.clone();
         tokio::spawn(async move {
             loop {
@@ -424,7 +439,7 @@ impl Publisher {
                 let last = p.s.last_forward.lock().expect("last_forward").unwrap_or_else(Instant::now);
                 if last.elapsed() >= p.s.hold.drain {
                     tracing::info!(to = %ip, "no new clients for the drain time; stop forwarding");
-                    p.set(Mode::Closed);
+                    p.set(Mode::Closed).await;
                     return;
                 }
             }
@@ -432,9 +447,9 @@ impl Publisher {
     }
 
     /// No workload here any more and nowhere to forward to.
-    pub fn close(&self) {
+    pub async fn close(&self) {
         self.s.generation.send_modify(|g| *g += 1);
-        self.set(Mode::Closed);
+        self.set(Mode::Closed).await;
     }
 
     pub fn status(&self) -> serde_json::Value {
@@ -732,7 +747,7 @@ ipv4     2 tcp      6 431999 ESTABLISHED src=10.88.0.2 dst=1.1.1.1 sport=41000 d
         let outer = free_port();
         let p = Publisher::new(Ipv4Addr::LOCALHOST, HoldConfig { max_held: 2, ..Default::default() });
         p.publish(&[PortMap { outer, inner, proto: Proto::Tcp }]).await.unwrap();
-        p.direct();
+        p.direct().await;
         assert_eq!(roundtrip(outer, b"a").await.unwrap(), b"a");
         assert_eq!(p.hold_and_drain().await, 0);
         let h1 = tokio::spawn(roundtrip(outer, b"held-1"));
@@ -741,7 +756,7 @@ ipv4     2 tcp      6 431999 ESTABLISHED src=10.88.0.2 dst=1.1.1.1 sport=41000 d
         assert_eq!(p.status()["held_now"], 2);
         // The third is over the limit: a clean close, no data.
         assert_eq!(roundtrip(outer, b"flood").await.unwrap_or_default(), b"");
-        p.direct();
+        p.direct().await;
         assert_eq!(h1.await.unwrap().unwrap(), b"held-1");
         assert_eq!(h2.await.unwrap().unwrap(), b"held-2");
         // Nothing behind a published port: closed, not hung.
@@ -751,7 +766,7 @@ ipv4     2 tcp      6 431999 ESTABLISHED src=10.88.0.2 dst=1.1.1.1 sport=41000 d
         p.publish(&[first, PortMap { outer: outer2, inner: dead, proto: Proto::Tcp }]).await.unwrap();
         let r = tokio::time::timeout(Duration::from_secs(6), roundtrip(outer2, b"x")).await.unwrap();
         assert_eq!(r.unwrap_or_default(), b"");
-        p.close();
+        p.close().await;
         assert_eq!(roundtrip(outer, b"closed").await.unwrap_or_default(), b"");
     }
 
@@ -762,7 +777,7 @@ ipv4     2 tcp      6 431999 ESTABLISHED src=10.88.0.2 dst=1.1.1.1 sport=41000 d
         let (old, new) = (free_port(), free_port());
         let p = Publisher::new(Ipv4Addr::LOCALHOST, HoldConfig::default());
         p.publish(&[PortMap { outer: old, inner, proto: Proto::Tcp }]).await.unwrap();
-        p.direct();
+        p.direct().await;
         assert_eq!(roundtrip(old, b"a").await.unwrap(), b"a");
         p.publish(&[PortMap { outer: new, inner, proto: Proto::Tcp }]).await.unwrap();
         assert_eq!(roundtrip(new, b"b").await.unwrap(), b"b");

@@ -20,6 +20,26 @@ pub enum ExecError {
     Lost { program: String },
     #[error("{program} failed ({exit}): {stderr}")]
     Failed { program: String, exit: Exit, stderr: String },
+    #[error("{program} did not finish within {after:?}: killed it and everything it started")]
+    TimedOut { program: String, after: std::time::Duration },
+}
+
+/// The exit `rx` reports, if it comes within `limit`: `Ok(None)` when the
+/// time is up, `Err` when the reaper is gone.
+pub fn recv_within(
+    rx: &mut tokio::sync::oneshot::Receiver<Exit>,
+    limit: std::time::Duration,
+) -> Result<Option<Exit>, tokio::sync::oneshot::error::TryRecvError> {
+    use tokio::sync::oneshot::error::TryRecvError;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match rx.try_recv() {
+            Ok(exit) => return Ok(Some(exit)),
+            Err(TryRecvError::Closed) => return Err(TryRecvError::Closed),
+            Err(TryRecvError::Empty) if std::time::Instant::now() >= deadline => return Ok(None),
+            Err(TryRecvError::Empty) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
 }
 
 #[derive(Debug)]

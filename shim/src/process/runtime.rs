@@ -34,6 +34,11 @@ pub struct RestoreOpts {
     pub tcp_established: bool,
     /// Memory comes later from a `criu lazy-pages` daemon sharing `work_path`.
     pub lazy_pages: bool,
+    /// Another CRIU binary for runc (`runc --criu PATH`; fail points use it).
+    pub criu: Option<PathBuf>,
+    /// A restore still running after this is killed: the runtime and CRIU
+    /// run in a process group of their own, which is killed as a whole.
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +130,10 @@ impl Runtime {
 
     pub fn restore_args(&self, id: &str, o: &RestoreOpts) -> Vec<String> {
         let mut a = self.global();
+        if let Some(criu) = &o.criu {
+            a.push("--criu".into());
+            a.push(s(criu));
+        }
         a.extend(["restore", "--detach", "--image-path"].map(String::from));
         a.push(s(&o.image_path));
         a.push("--work-path".into());
@@ -159,7 +168,7 @@ impl Runtime {
         pid_file: &Path,
         stdio: [Stdio; 3],
     ) -> Result<(), ExecError> {
-        self.detached(reaper, self.run_args(id, bundle, pid_file), stdio, None)
+        self.detached(reaper, self.run_args(id, bundle, pid_file), stdio, None, None)
     }
 
     /// Restore detached; the new pipe ends replace the checkpointed stdio.
@@ -171,18 +180,22 @@ impl Runtime {
         stdio: [Stdio; 3],
     ) -> Result<(), ExecError> {
         let log = opts.work_path.join("restore.log");
-        self.detached(reaper, self.restore_args(id, opts), stdio, Some(&log))
+        self.detached(reaper, self.restore_args(id, opts), stdio, Some(&log), Some(opts.timeout))
     }
 
     /// `run -d` and `restore -d` hand their stdio to the container, so their
     /// errors cannot be captured from stderr: the runtime writes them to a log.
+    /// With a `timeout`, the runtime runs in a process group of its own (CRIU
+    /// and whatever they started with it), killed whole when it runs longer.
     fn detached(
         &self,
         reaper: &Reaper,
         args: Vec<String>,
         stdio: [Stdio; 3],
         criu_log: Option<&Path>,
+        timeout: Option<std::time::Duration>,
     ) -> Result<(), ExecError> {
+        use std::os::unix::process::CommandExt;
         let _ = std::fs::create_dir_all(&self.root);
         let log = self.root.join(format!("ums-{:08x}.log", rand::random::<u32>()));
         let program = format!("{} {}", self.kind.binary(), args.get(2).map(String::as_str).unwrap_or(""));
@@ -190,11 +203,26 @@ impl Runtime {
         let mut c = Command::new(self.kind.binary());
         c.arg("--log").arg(&log).arg("--log-format").arg("text").args(args);
         c.stdin(i).stdout(o).stderr(e);
+        if timeout.is_some() {
+            c.process_group(0);
+        }
         let child = c.spawn().map_err(|source| ExecError::Spawn { program: program.clone(), source })?;
-        let exit = reaper
-            .watch(child.id() as i32)
-            .blocking_recv()
-            .map_err(|_| ExecError::Lost { program: program.clone() })?;
+        let mut exit_rx = reaper.watch(child.id() as i32);
+        let lost = || ExecError::Lost { program: program.clone() };
+        let exit = match timeout {
+            None => exit_rx.blocking_recv().map_err(|_| lost())?,
+            Some(limit) => match exec::recv_within(&mut exit_rx, limit).map_err(|_| lost())? {
+                Some(exit) => exit,
+                None => {
+                    // Its own group: the runtime's pid is the group's id.
+                    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+                    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+                    let _ = exit_rx.blocking_recv();
+                    let _ = std::fs::remove_file(&log);
+                    return Err(ExecError::TimedOut { program, after: limit });
+                }
+            },
+        };
         drop(c);
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let _ = std::fs::remove_file(&log);
@@ -414,11 +442,15 @@ mod tests {
             pid_file: "/b/pid".into(),
             tcp_established: false,
             lazy_pages: false,
+            criu: None,
+            timeout: std::time::Duration::from_secs(1),
         };
         let a = rt().restore_args("w2", &o);
         assert_eq!(&a[2..4], ["restore", "--detach"]);
         assert!(a.windows(2).any(|w| w == ["--bundle", "/b"]));
         assert_eq!(a.last().unwrap(), "w2");
+        let a = rt().restore_args("w2", &RestoreOpts { criu: Some("/run/ums/criu-hang".into()), ..o });
+        assert_eq!(&a[2..5], ["--criu", "/run/ums/criu-hang", "restore"]);
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status,
+    /// The Prometheus text of `ums metrics` and `--metrics-listen`.
+    Metrics,
     Checkpoint {
         dir: PathBuf,
         #[serde(default = "yes")]
@@ -282,6 +284,7 @@ mod tests {
     #[test]
     fn requests_parse() {
         assert_eq!(parse(r#"{"op":"status"}"#), Ok(Request::Status));
+        assert_eq!(parse(r#"{"op":"metrics"}"#), Ok(Request::Metrics));
         assert_eq!(
             parse(r#"{"op":"checkpoint","dir":"/tmp/c"}"#),
             Ok(Request::Checkpoint { dir: "/tmp/c".into(), leave_running: true, page_server: None })

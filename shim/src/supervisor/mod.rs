@@ -35,6 +35,8 @@ pub struct Ctx {
     pub migrate_out: MigrateOut,
     /// An outgoing migration in doubt, for `status` and `resolve`.
     pub in_doubt: in_doubt::Board,
+    /// Counters for `ums metrics` and `--metrics-listen`.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// The migration layer's page links (post-copy), for `status`.
     pub page_links: fn() -> serde_json::Value,
 }
@@ -164,7 +166,7 @@ impl Supervisor {
             if let Err(e) = p.publish(&maps).await {
                 tracing::error!(error = %e, "cannot publish the workload's ports");
             }
-            p.direct();
+            p.direct().await;
         });
         tracing::info!(workload = %n.id, pid = n.pid, "workload running");
         self.workload = Some(Arc::new(n));
@@ -239,6 +241,38 @@ impl Supervisor {
         })
     }
 
+    /// What the metrics need of the state this supervisor owns.
+    fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let (state, operation) = match self.state {
+            State::Standby => ("standby", None),
+            State::Running => ("running", None),
+            State::Busy(op) => (
+                "busy",
+                Some(serde_json::to_value(op).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()),
+            ),
+            State::Exited => ("exited", None),
+        };
+        let (in_doubt, stopping) = self.ctx.in_doubt.status();
+        let p = self.ctx.publisher.status();
+        let n = |k: &str| p[k].as_u64().unwrap_or(0);
+        let (resident_bytes, cpu_seconds, start_time_seconds) = crate::metrics::process_stats();
+        crate::metrics::Snapshot {
+            state,
+            operation,
+            in_doubt: in_doubt.is_some(),
+            stopping_remote: stopping.len(),
+            workload_uptime: self.workload.as_ref().map(|w| w.started.elapsed().as_secs_f64()),
+            connections_open: n("open_connections") + n("kernel_open_connections"),
+            connections_held_now: n("held_now"),
+            connections_held_total: n("held_total"),
+            connections_forwarded_total: n("forwarded_total"),
+            connections_refused_total: n("refused_total"),
+            resident_bytes,
+            cpu_seconds,
+            start_time_seconds,
+        }
+    }
+
     /// Run until the workload ends (its exit code) or a stop in standby (0).
     pub async fn run(mut self, shutdown: watch::Sender<bool>) -> i32 {
         let code = loop {
@@ -256,7 +290,7 @@ impl Supervisor {
             };
             tokio::select! {
                 Some(msg) = self.inbox.recv() => {
-                    if let Some(code) = self.on_msg(msg) { break code; }
+                    if let Some(code) = self.on_msg(msg).await { break code; }
                 }
                 Some(sig) = self.signals.recv() => {
                     if let Some(code) = self.on_signal(sig) { break code; }
@@ -287,7 +321,7 @@ impl Supervisor {
             }
         }
         tracing::info!(%exit, "workload ended");
-        self.ctx.publisher.close();
+        self.ctx.publisher.close().await;
         if let Some(n) = self.workload.take() {
             let ctx = self.ctx.clone();
             let _ = tokio::task::spawn_blocking(move || nested::cleanup(&ctx.cfg, &ctx.reaper, &ctx.runtime, &n)).await;
@@ -385,7 +419,7 @@ impl Supervisor {
         });
     }
 
-    fn on_msg(&mut self, msg: Msg) -> Option<i32> {
+    async fn on_msg(&mut self, msg: Msg) -> Option<i32> {
         match msg {
             Msg::Control(req, reply) => self.on_request(req, reply),
             Msg::BeginIncoming(reply) => {
@@ -396,6 +430,7 @@ impl Supervisor {
             Msg::IncomingDone(r) => match r {
                 Ok((n, report)) => {
                     self.incoming_id = report["migration_id"].as_str().map(String::from);
+                    self.ctx.metrics.workload_started(crate::metrics::StartKind::Migration);
                     self.adopt(n);
                     self.state = self.state.finish(Outcome::Running);
                     self.record(Op::MigrateIn, Ok(report));
@@ -405,7 +440,7 @@ impl Supervisor {
                     self.record(Op::MigrateIn, Err(e));
                 }
             },
-            Msg::Done(done) => return self.on_done(done),
+            Msg::Done(done) => return self.on_done(done).await,
         }
         self.after_op()
     }
@@ -457,7 +492,7 @@ impl Supervisor {
         None
     }
 
-    fn on_done(&mut self, d: OpResult) -> Option<i32> {
+    async fn on_done(&mut self, d: OpResult) -> Option<i32> {
         if let (Op::Start, Err(e)) = (d.op, &d.result) {
             tracing::error!(error = %e, "cannot start the workload");
             eprintln!("ums: cannot start the workload: {e}");
@@ -482,13 +517,17 @@ impl Supervisor {
             }
         };
         if let Some(n) = d.new_workload {
+            self.ctx.metrics.workload_started(match d.op {
+                Op::Restore => crate::metrics::StartKind::Restore,
+                _ => crate::metrics::StartKind::Image,
+            });
             self.adopt(n);
         }
         if outcome == Outcome::Gone {
             self.incoming_id = None;
             if matches!(d.op, Op::Checkpoint | Op::Surrender) {
                 // Checkpointed and stopped: nothing behind the published ports.
-                self.ctx.publisher.close();
+                self.ctx.publisher.close().await;
             }
             self.workload = None;
             self.exit_rx = None;
@@ -523,6 +562,11 @@ impl Supervisor {
                 let _ = reply.send(Response::ok(self.status()));
                 return;
             }
+            Request::Metrics => {
+                let text = self.ctx.metrics.render(&self.metrics_snapshot());
+                let _ = reply.send(Response::ok(json!({ "text": text })));
+                return;
+            }
             Request::Resolve { action } => {
                 // Passed to the migration that waits in doubt; it answers.
                 if let Err(reply) = self.ctx.in_doubt.resolve(*action, reply) {
@@ -551,7 +595,7 @@ impl Supervisor {
         let inbox = self.inbox_tx.clone();
         let workload = self.workload.clone();
         match req {
-            Request::Status | Request::Resolve { .. } => unreachable!(),
+            Request::Status | Request::Metrics | Request::Resolve { .. } => unreachable!(),
             Request::Checkpoint { dir, leave_running, page_server } => {
                 let n = workload.expect("running state has a workload");
                 tokio::spawn(async move {
@@ -582,7 +626,7 @@ impl Supervisor {
                     // Running here still (or after a failure): clients go to it
                     // again; stopped: `on_done` closes the ports.
                     if !matches!(r, Ok((_, Outcome::Gone))) {
-                        publisher.direct();
+                        publisher.direct().await;
                     }
                     let _ =
                         inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result: r, new_workload: None })).await;

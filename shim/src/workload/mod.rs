@@ -2,6 +2,7 @@
 //! (`nested`), and checkpoint/restore with CRIU through the runtime.
 
 pub mod bundle;
+pub mod cgroup;
 pub mod checkpoint;
 pub mod nested;
 pub mod seccomp;

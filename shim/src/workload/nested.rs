@@ -276,7 +276,7 @@ fn new_id() -> String {
 fn write_spec(cfg: &Config, img: &ResolvedImage, bundle: &Bundle, id: &str) -> Result<u32, NestedError> {
     let host = hostname(cfg);
     let netns = cfg.netns_path();
-    let cgroups_path = format!("/ums/{id}");
+    let cgroups_path = cfg.cgroup_parent.cgroups_path(id);
     let lower = bundle.lower.clone();
     let rlimits = spec::rlimits(&cfg.ulimits)?;
     let seccomp = cfg.seccomp.profile();
@@ -440,6 +440,8 @@ pub fn restore(
         let _ = std::fs::create_dir_all(work_dir);
         failpoint_before_restore(cfg)?;
         let opts = RestoreOpts {
+            criu: failpoint_criu(cfg)?,
+            timeout: cfg.restore_timeout,
             image_path: images_dir.into(),
             work_path: work_dir.into(),
             bundle: bundle.dir.clone(),
@@ -483,8 +485,26 @@ fn failpoint_before_restore(cfg: &Config) -> Result<(), NestedError> {
             std::thread::sleep(Duration::from_secs(3));
             Ok(())
         }
-        Some(crate::config::Failpoint::SlowStart) | None => Ok(()),
+        _ => Ok(()),
     }
+}
+
+/// The CRIU program a fail point hands runc instead of the real one: a
+/// script under the run dir that hangs or fails.
+fn failpoint_criu(cfg: &Config) -> Result<Option<PathBuf>, NestedError> {
+    use std::os::unix::fs::PermissionsExt;
+    let (name, body) = match cfg.failpoint {
+        Some(crate::config::Failpoint::HangRestore) => ("criu-hang", "exec sleep 1000000\n"),
+        Some(crate::config::Failpoint::CriuFails) => {
+            ("criu-fails", "echo 'criu: fail point criu-fails (UMS_FAILPOINT)' >&2\nexit 1\n")
+        }
+        _ => return Ok(None),
+    };
+    let path = cfg.run_dir.join(name);
+    let written = std::fs::write(&path, format!("#!/bin/sh\n{body}"))
+        .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)));
+    written.map_err(|_| NestedError::Failpoint(name))?;
+    Ok(Some(path))
 }
 
 /// Remove what is left of an ended (or killed) workload.

@@ -52,6 +52,8 @@ struct Opts {
     procs: Vec<u32>,
     out: Option<PathBuf>,
     verbose: bool,
+    /// Draw compare.png again from this compare.md, run nothing.
+    replot: Option<PathBuf>,
 }
 
 const SECTIONS: &[&str] = &["startup", "checkpoint", "migration", "compare"];
@@ -67,6 +69,7 @@ const USAGE: &str =
   --methods LIST compare: the methods (default: all: ums, stop-copy, page-server, podman)
   --procs LIST   compare: also a 0 MiB workload of each of these process counts above 1 (default 1,4,8)
   --out DIR      compare: also write compare.md and compare.png into DIR (make bench-compare: docs/bench)
+  --replot MD    draw compare.png again from a compare.md written earlier (into --out DIR, or beside MD); run nothing
   --verbose      output of the outer containers and runc to stderr (default: target/ums-bench.log)
 environment: UMS_BIN  the ums binary (default target/debug/ums; make bench uses a release build)";
 
@@ -84,6 +87,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         procs: vec![1, 4, 8],
         out: None,
         verbose: false,
+        replot: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -128,6 +132,7 @@ fn parse_args() -> anyhow::Result<Opts> {
                     .collect::<Result<_, _>>()?;
             }
             "--out" => o.out = Some(PathBuf::from(value("a directory")?)),
+            "--replot" => o.replot = Some(PathBuf::from(value("a compare.md")?)),
             "--verbose" | "-v" => o.verbose = true,
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -289,6 +294,21 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Some(md) = &opts.replot {
+        let out = opts.out.clone().unwrap_or_else(|| md.parent().map(PathBuf::from).unwrap_or_default());
+        let drawn = std::fs::read_to_string(md)
+            .with_context(|| format!("read {}", md.display()))
+            .and_then(|t| report::cells_from_markdown(&t))
+            .and_then(|cells| report::plot(&cells, &out.join("compare.png")));
+        match drawn {
+            Ok(_) => println!("wrote {}", out.join("compare.png").display()),
+            Err(e) => {
+                eprintln!("ums-bench --replot: {e:#}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     // ums_e2e echoes every line of the outer containers to stderr: keep them
     // in a log file, and progress messages on the original stderr.
     if !opts.verbose {

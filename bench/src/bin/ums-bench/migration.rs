@@ -15,7 +15,7 @@ const START: Duration = Duration::from_secs(180);
 const CONTINUE: Duration = Duration::from_secs(120);
 
 /// UMS section IV raw data, 1 Gbit/s, memhog: (MiB, container-level s, service-level s).
-const UMS_ANCHORS: &[(u32, f64, f64)] = &[(0, 8.42, 4.20), (128, 14.72, 5.94), (1024, 76.85, 16.80)];
+pub(crate) const UMS_ANCHORS: &[(u32, f64, f64)] = &[(0, 8.42, 4.20), (128, 14.72, 5.94), (1024, 76.85, 16.80)];
 
 #[derive(Default)]
 struct Samples {

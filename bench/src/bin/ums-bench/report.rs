@@ -317,6 +317,8 @@ pub fn targets(cells: &[Cell]) -> String {
 }
 
 const COLORS: [[u8; 3]; 4] = [[31, 90, 200], [230, 120, 20], [40, 150, 70], [200, 40, 60]];
+/// The UMS paper's series: muted, so that the methods measured here stand out.
+const PAPER_COLORS: [[u8; 3]; 2] = [[140, 60, 160], [150, 110, 40]];
 
 /// Migration time and downtime against memory size, a panel per link and
 /// figure, a line per method, the wire time as the floor.
@@ -359,12 +361,32 @@ pub fn plot(cells: &[Cell], path: &Path) -> anyhow::Result<bool> {
                     })
                     .collect(),
             });
+            // The UMS paper's own measured migration times (memhog, 1 Gbit/s:
+            // container-level, i.e. nesting, and service-level; its figures
+            // give no numbers for orchestrator-level), beside ums on a log
+            // axis: on a linear one, ums's sub-second points at 0 MiB would
+            // sit flat on the axis under the paper's 77 s.
+            let mut series: Vec<Series> = series;
+            let paper = pick == 0 && rate_bps(&link) == Some(1e9);
+            if paper {
+                for (i, label) in [(1, "UMS paper: container-level (nesting)"), (2, "UMS paper: service-level")] {
+                    let points = crate::migration::UMS_ANCHORS
+                        .iter()
+                        .map(|a| {
+                            let v = if i == 1 { a.1 } else { a.2 };
+                            SeriesPoint { x: a.0 as f64, median: v, min: v, max: v }
+                        })
+                        .collect();
+                    series.push(Series { label: label.into(), color: PAPER_COLORS[i - 1], points });
+                }
+            }
             panels.push(Panel {
-                title: format!("{link_name}: {what}"),
+                title: format!("{link_name}: {what}{}", if paper { " (log scale)" } else { "" }),
                 x_label: "workload memory (MiB)".into(),
                 y_label: "seconds".into(),
                 series,
                 floor,
+                log_y: paper,
             });
         }
     }
@@ -376,9 +398,96 @@ pub fn plot(cells: &[Cell], path: &Path) -> anyhow::Result<bool> {
     )
 }
 
+/// The cells of a `compare.md` written earlier, from its migration-time and
+/// downtime tables (single-process rows), to draw its figure again without
+/// running the benchmark (`ums-bench --replot compare.md`). Each cell gets
+/// three runs, the minimum, the median and the maximum of the table, which
+/// have the same median and range as the runs it summarised.
+pub fn cells_from_markdown(md: &str) -> anyhow::Result<Vec<Cell>> {
+    let mut cells: Vec<Cell> = Vec::new();
+    let (mut link, mut table, mut methods): (Option<String>, Option<usize>, Vec<Option<Method>>) = (None, None, vec![]);
+    for line in md.lines() {
+        if let Some(l) = line.strip_prefix("### Link: ") {
+            link = Some(l.trim().to_string());
+            table = None;
+        } else if line.starts_with("**Migration time") {
+            table = Some(0);
+        } else if line.starts_with("**Downtime") {
+            table = Some(1);
+        } else if line.starts_with("**") {
+            table = None;
+        } else if let (Some(link), Some(t), true) = (&link, table, line.starts_with('|')) {
+            let cols: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+            if cols[0] == "workload" {
+                methods = cols.iter().map(|c| Method::ALL.into_iter().find(|m| m.title() == *c)).collect();
+                continue;
+            }
+            let Some(mib) = cols[0].strip_suffix(" MiB").and_then(|m| m.parse::<u32>().ok()) else { continue };
+            for (i, col) in cols.iter().enumerate() {
+                let Some(Some(m)) = methods.get(i) else { continue };
+                // "0.48 (0.36–0.55)"
+                let nums: Vec<f64> = col
+                    .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+                    .filter(|s| !s.is_empty())
+                    .filter_map(|s| s.parse().ok())
+                    .collect();
+                let [median, min, max] = nums[..] else { continue };
+                let c = match cells.iter_mut().position(|c| c.method == *m && &c.link == link && c.mib == mib) {
+                    Some(k) => &mut cells[k],
+                    None => {
+                        let run = |_| crate::compare::Run {
+                            total_s: f64::NAN,
+                            downtime_s: f64::NAN,
+                            link_mib: f64::NAN,
+                            phases: vec![],
+                            mem_mib: None,
+                            notes: vec![],
+                            after_s: 0.0,
+                        };
+                        cells.push(Cell {
+                            method: *m,
+                            link: link.clone(),
+                            mib,
+                            procs: 1,
+                            runs: (0..3).map(run).collect(),
+                            error: None,
+                        });
+                        cells.last_mut().expect("just pushed")
+                    }
+                };
+                for (r, v) in c.runs.iter_mut().zip([min, median, max]) {
+                    if t == 0 {
+                        r.total_s = v;
+                    } else {
+                        r.downtime_s = v;
+                    }
+                }
+            }
+        }
+    }
+    anyhow::ensure!(!cells.is_empty(), "no migration-time or downtime table found");
+    Ok(cells)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_committed_comparison_draws_again_with_the_papers_points() {
+        let md = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/bench/compare.md")).unwrap();
+        let cells = cells_from_markdown(&md).unwrap();
+        let ums = cell(&cells, Method::Ums, "1gbit", 1024, 1).expect("ums at 1024 MiB on 1gbit");
+        let (t, d): (Vec<f64>, Vec<f64>) = ums.runs.iter().map(|r| (r.total_s, r.downtime_s)).unzip();
+        assert_eq!(stat(&t).unwrap().median, 10.08);
+        assert_eq!((stat(&t).unwrap().min, stat(&t).unwrap().max), (9.99, 10.68));
+        assert_eq!(stat(&d).unwrap().median, 9.81);
+        assert!(cell(&cells, Method::Podman, "unlimited", 0, 1).is_some() || links(&cells).len() == 1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("compare.png");
+        plot(&cells, &path).unwrap();
+        assert!(ums_bench::plot::read_png(&path).unwrap().non_white() > 20_000);
+    }
 
     #[test]
     fn rates_and_wire() {
