@@ -93,8 +93,11 @@ fn post_copy_there_and_back_keeps_counter_memory_and_file() {
     let r1 = post_copy(&a, &b, hb.addr());
     println!("A->B: {r1}");
     // Most of the memory moved after the destination ran the workload.
-    assert!(r1["bytes_after_running"].as_u64().unwrap() > 200 << 20, "{r1}");
-    assert!(r1["bytes_before_running"].as_u64().unwrap() < 64 << 20, "{r1}");
+    // (Pages the daemon fetches before the destination reports running count
+    // as before: on a loaded machine 95 MB did, so the bound is half the
+    // memory, not a small fixed figure.)
+    let (before, after) = (r1["bytes_before_running"].as_u64().unwrap(), r1["bytes_after_running"].as_u64().unwrap());
+    assert!(after > 128 << 20 && before < 128 << 20, "{r1}");
     assert!(r1["last_page_ms"].as_f64().unwrap() >= r1["downtime_ms"].as_f64().unwrap(), "{r1}");
     // The daemon placed the workload's pages, nearly all of them pushed in
     // the background (the counter touches few pages while they move).
