@@ -157,13 +157,7 @@ impl Host {
     /// Run `f` on a thread that lives in this host's network namespace (a
     /// client on this host, say).
     pub fn spawn_in<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> std::thread::JoinHandle<R> {
-        let netns = self.netns_path();
-        std::thread::spawn(move || {
-            use std::os::fd::AsFd;
-            let ns = std::fs::File::open(&netns).expect("the host's network namespace");
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
+        in_netns(self.netns_path(), f)
     }
 
     /// A command that runs `program` inside this host's network namespace.
@@ -181,4 +175,17 @@ impl Drop for Host {
             eprintln!("warning: could not delete network namespace {}: {out:?}", self.name);
         }
     }
+}
+
+/// Run `f` on a thread that lives in the network namespace at `netns`.
+pub fn in_netns<R: Send + 'static>(
+    netns: PathBuf,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> std::thread::JoinHandle<R> {
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd;
+        let ns = std::fs::File::open(&netns).expect("the network namespace");
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
 }

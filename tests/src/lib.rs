@@ -31,7 +31,7 @@ use std::process::Command;
 
 pub use cgroup::OuterCgroup;
 pub use fault::{Fault, FaultProxy, Partition};
-pub use host::Host;
+pub use host::{in_netns, Host};
 pub use oci_layout::{Compression, ImageBuilder, Layer, OciImage};
 pub use outer::{last_tick, status, ticks, Outer, OuterBuilder};
 pub use output::LineLog;

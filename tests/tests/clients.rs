@@ -5,7 +5,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,18 +24,6 @@ fn web_image(tmp: &std::path::Path) -> OciImage {
         .expose("5353/udp")
         .build(&tmp.join("layout"))
         .expect("build the web image")
-}
-
-/// Run `f` on a thread that lives in the network namespace at `netns`.
-fn in_netns<R: Send + 'static>(
-    netns: std::path::PathBuf,
-    f: impl FnOnce() -> R + Send + 'static,
-) -> std::thread::JoinHandle<R> {
-    std::thread::spawn(move || {
-        let ns = std::fs::File::open(&netns).unwrap();
-        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        f()
-    })
 }
 
 /// One HTTP/1.0 request; returns the body.

@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,18 +29,6 @@ fn web_image(tmp: &std::path::Path) -> OciImage {
         .expose("5353/udp")
         .build(&tmp.join("layout"))
         .expect("build the web image")
-}
-
-/// Run `f` on a thread that lives in the network namespace at `netns`.
-fn in_netns<R: Send + 'static>(
-    netns: std::path::PathBuf,
-    f: impl FnOnce() -> R + Send + 'static,
-) -> std::thread::JoinHandle<R> {
-    std::thread::spawn(move || {
-        let ns = std::fs::File::open(&netns).unwrap();
-        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        f()
-    })
 }
 
 /// Hosts A and B (the outer containers, linked for migrations) and the
