@@ -24,6 +24,7 @@ pub mod oci_layout;
 pub mod outer;
 pub mod output;
 pub mod pair;
+pub mod redis;
 pub mod workload;
 
 use std::path::{Path, PathBuf};

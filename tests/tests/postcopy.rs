@@ -272,95 +272,21 @@ fn post_copy_of_a_four_process_workload_keeps_every_process_and_its_memory() {
     assert_eq!(checksum(&a), sum0, "memory checksum after the way back");
 }
 
-/// Debian's redis server (the `redis-check-rdb` binary of redis-tools,
-/// which is redis-server under another name) at /usr/bin/redis-server,
-/// with the shared libraries `ldd` names, at the paths it names.
-fn redis_layer() -> Layer {
-    let bin = std::path::Path::new("/usr/bin/redis-check-rdb");
-    assert!(bin.is_file(), "redis-server not found: install redis-tools (image/install-deps.sh --test)");
-    let mut layer = Layer::new(Compression::Gzip).file("usr/bin/redis-server", std::fs::read(bin).unwrap(), 0o755);
-    let out = std::process::Command::new("ldd").arg(bin).output().expect("ldd (libc-bin)");
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        // "libx.so.1 => /lib/.../libx.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
-        let path = line.split("=>").last().unwrap().split_whitespace().next().unwrap_or("");
-        if let Some(rel) = path.strip_prefix('/') {
-            layer = layer.file(rel, std::fs::read(path).unwrap(), 0o755);
-        }
-    }
-    layer
-}
-
-/// One command in redis's protocol; the reply's first line and, for a
-/// bulk string, its value.
-fn redis(s: &mut std::io::BufReader<std::net::TcpStream>, args: &[&[u8]]) -> (String, Option<Vec<u8>>) {
-    use std::io::{BufRead, Read, Write};
-    let mut req = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        req.extend_from_slice(a);
-        req.extend_from_slice(b"\r\n");
-    }
-    s.get_mut().write_all(&req).unwrap();
-    let mut line = String::new();
-    s.read_line(&mut line).unwrap();
-    let line = line.trim_end().to_string();
-    if let Some(n) = line.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
-        let mut v = vec![0u8; n + 2];
-        s.read_exact(&mut v).unwrap();
-        v.truncate(n);
-        return (line, Some(v));
-    }
-    (line, None)
-}
-
-fn redis_value(i: usize) -> Vec<u8> {
-    format!("value {i} ").repeat(100).into_bytes()
-}
-
 #[test]
 fn post_copy_of_redis_keeps_every_key_and_value() {
     lazy_pages_host();
     let tmp = tempfile::tempdir().unwrap();
-    let memctr = build_workload(tmp.path());
-    let img = ImageBuilder::new(&memctr)
-        .layer(redis_layer())
-        .entrypoint(&["/usr/bin/redis-server"])
-        .cmd(&["--port", "6379", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "", "--appendonly", "no"])
-        .expose("6379/tcp")
-        .build(&tmp.path().join("layout"))
-        .expect("build the redis image");
+    let img = redis::image(tmp.path());
     let (ha, hb) = Host::pair("pcrds", Some("1gbit")).unwrap();
     let a = Outer::builder("pcrds-a").host(&ha).layout(&img.layout).start().unwrap();
     let b = Outer::builder("pcrds-b").host(&hb).layout(&img.layout).args(&["--standby"]).start().unwrap();
     a.wait_for_line("Ready to accept connections", T).unwrap();
     b.wait_for_line("standby", T).unwrap();
-    fn connect(addr: std::net::Ipv4Addr) -> std::io::BufReader<std::net::TcpStream> {
-        let until = Instant::now() + T;
-        loop {
-            match std::net::TcpStream::connect_timeout(&(addr, 6379).into(), Duration::from_secs(5)) {
-                Ok(s) => {
-                    s.set_read_timeout(Some(T)).unwrap();
-                    return std::io::BufReader::new(s);
-                }
-                Err(e) if Instant::now() > until => panic!("redis at {addr}:6379: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
-    }
     // 50,000 keys of 1 KiB (about 60 MiB in redis), written through A's
-    // published port from B's side.
+    // published port by a client on B's side of the link.
     const KEYS: usize = 50_000;
     let a_addr = ha.addr();
-    // A client on the other host's side of the link, as a user's would be.
-    hb.spawn_in(move || {
-        let mut c = connect(a_addr);
-        for i in 0..KEYS {
-            let (r, _) = redis(&mut c, &[b"SET", format!("key:{i}").as_bytes(), &redis_value(i)]);
-            assert_eq!(r, "+OK");
-        }
-    })
-    .join()
-    .unwrap();
+    hb.spawn_in(move || redis::Client::connect(a_addr, T).load(KEYS)).join().unwrap();
     let to = format!("{}:{PEER_PORT}", hb.addr());
     let out = a.ums(&["migrate", "--json", "--mode", "post-copy", "--to", &to]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -368,17 +294,13 @@ fn post_copy_of_redis_keeps_every_key_and_value() {
     println!("redis A->B: {text}");
     assert_eq!(status(&a)["state"], "standby");
     assert_eq!(status(&b)["state"], "running");
-    // Every key and value, read at the destination from A's side.
+    // Every key and value, read at the destination from A's side; and it
+    // still takes writes.
     let b_addr = hb.addr();
     ha.spawn_in(move || {
-        let mut c = connect(b_addr);
-        assert_eq!(redis(&mut c, &[b"DBSIZE"]).0, format!(":{KEYS}"));
-        for i in 0..KEYS {
-            let (_, v) = redis(&mut c, &[b"GET", format!("key:{i}").as_bytes()]);
-            assert!(v.as_deref() == Some(&redis_value(i)[..]), "key:{i} after post-copy: {:?}", v.map(|v| v.len()));
-        }
-        // And it still takes writes.
-        assert_eq!(redis(&mut c, &[b"SET", b"after", b"move"]).0, "+OK");
+        let mut c = redis::Client::connect(b_addr, T);
+        c.check(KEYS);
+        assert_eq!(c.cmd(&[b"SET", b"after", b"move"]).0, "+OK");
     })
     .join()
     .unwrap();
