@@ -348,6 +348,8 @@ pub async fn source_link(
     // Since when, and why, there has been no link.
     let mut lost: Option<(Instant, String)> = None;
     let mut backoff = Duration::from_millis(100);
+    // A first link that needed retries is not a resumed one.
+    let mut had_link = false;
     loop {
         let link = match open_link(&cfg, &to, &migration_id, rs.received(), idle).await {
             Ok(l) => l,
@@ -366,7 +368,8 @@ pub async fn source_link(
                 continue;
             }
         };
-        let resumed = lost.take().is_some();
+        let resumed = lost.take().is_some() && had_link;
+        had_link = true;
         if resumed {
             resumes.fetch_add(1, Ordering::Relaxed);
             tracing::info!(id = %migration_id, "page link reopened; the page stream resumes");
