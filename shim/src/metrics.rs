@@ -108,6 +108,9 @@ fn mode_key(m: MigrationMode) -> u8 {
         MigrationMode::StopCopy => 0,
         MigrationMode::PostCopy => 1,
         MigrationMode::PreCopy => 2,
+        // Counted only when `auto` failed before it chose (a migration is
+        // counted under the mode it chose).
+        MigrationMode::Auto => 3,
     }
 }
 
@@ -171,6 +174,11 @@ pub struct Snapshot {
 pub const STATES: [&str; 4] = ["standby", "running", "busy", "exited"];
 
 const MODES: [MigrationMode; 3] = [MigrationMode::StopCopy, MigrationMode::PreCopy, MigrationMode::PostCopy];
+/// The modes, and `auto` when something was counted under it (an `auto`
+/// migration that failed before it chose a mode).
+fn with_auto(modes: [MigrationMode; 3], auto: bool) -> impl Iterator<Item = MigrationMode> {
+    modes.into_iter().chain(auto.then_some(MigrationMode::Auto))
+}
 const DIRECTIONS: [Direction; 2] = [Direction::Out, Direction::In];
 
 impl Metrics {
@@ -274,7 +282,7 @@ impl Metrics {
         ] {
             out.family(name, "counter", help);
             for d in DIRECTIONS {
-                for m in MODES {
+                for m in with_auto(MODES, map.keys().any(|k| k.0 == d && k.1 == mode_key(MigrationMode::Auto))) {
                     let v = map.get(&(d, mode_key(m))).copied().unwrap_or(0);
                     out.sample(name, &[("direction", d.as_str()), ("mode", m.as_str())], v as f64);
                 }
@@ -287,7 +295,7 @@ impl Metrics {
              running at the source.",
         );
         for d in DIRECTIONS {
-            for m in MODES {
+            for m in with_auto(MODES, g.failed.keys().any(|k| k.0 == d && k.1 == mode_key(MigrationMode::Auto))) {
                 // Every known reason from the start, at zero, so that
                 // increase() sees the first failure of each; then any other.
                 let known = d.reasons();

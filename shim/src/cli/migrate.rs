@@ -10,15 +10,22 @@ pub struct Args {
     /// The peer port of the destination outer container.
     #[arg(long)]
     pub to: String,
-    /// How memory moves: `stop-copy` (all of it while the workload is
-    /// frozen), `pre-copy` (rounds while it runs, each sending only the
-    /// pages that changed, found by content; then a short freeze for the
-    /// last changes; tuned by `ums init --precopy-target-freeze` and
-    /// `--precopy-rounds` at the source) or `post-copy` (the workload runs
-    /// at the destination at once and its memory follows; needs userfaultfd
-    /// there and fs.pipe-max-size >= 4 MiB here).
-    #[arg(long, value_enum, default_value_t = Mode::StopCopy)]
+    /// How memory moves: `auto` (the default: chooses one of the others from
+    /// the workload's memory, a short sample of its dirty rate, the link rate
+    /// measured by a probe, and what both sides support; the report says
+    /// which and why), `stop-copy` (all of it while the workload is frozen),
+    /// `pre-copy` (rounds while it runs, each sending only the pages that
+    /// changed, found by content; then a short freeze for the last changes;
+    /// tuned by `ums init --precopy-target-freeze` and `--precopy-rounds` at
+    /// the source) or `post-copy` (the workload runs at the destination at
+    /// once and its memory follows; needs userfaultfd there and
+    /// fs.pipe-max-size >= 4 MiB here).
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
+    /// `auto` never chooses post-copy (whose workload memory lives on both
+    /// hosts until the last page arrived).
+    #[arg(long)]
+    pub no_post_copy: bool,
     #[command(flatten)]
     pub client: ClientOpts,
 }
@@ -35,6 +42,9 @@ pub fn table(v: &serde_json::Value) -> String {
         v["migration_id"].as_str().unwrap_or(""),
         v["mode"].as_str().unwrap_or("stop-copy")
     ));
+    if let Some(c) = v["choice"].as_str() {
+        out.push_str(&format!("mode: {c}\n"));
+    }
     out.push_str("phase                    time\n");
     out.push_str(&format!("pre-migration    {}\n", s("pre_migration_ms")));
     out.push_str(&format!(
@@ -137,7 +147,8 @@ pub fn table(v: &serde_json::Value) -> String {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let r = request(&a.client.socket, Request::Migrate { to: a.to.clone(), mode: a.mode })?;
+    let r =
+        request(&a.client.socket, Request::Migrate { to: a.to.clone(), mode: a.mode, no_post_copy: a.no_post_copy })?;
     finish(&a.client, r, |v| print!("{}", table(v)))
 }
 
@@ -170,6 +181,11 @@ mod tests {
             "stop_reason": "the round limit", "link_rate_mib_s": 117.0,
         });
         let t = super::table(&v);
+        assert!(!t.contains("mode: "), "{t}");
+        let mut v = v;
+        v["choice"] = "pre-copy (auto: 256 MiB, dirty 2.0 MiB/s, link 117 MiB/s: rounds converge)".into();
+        let t = super::table(&v);
+        assert!(t.lines().nth(1).unwrap().starts_with("mode: pre-copy (auto: 256 MiB"), "{t}");
         assert!(t.contains("pre-copy rounds") && t.contains("256.0 MiB") && t.contains("1024 / 65536"), "{t}");
         assert!(t.contains("final") && t.contains("700 / 65536") && t.contains("the round limit"), "{t}");
         assert!(t.contains("the final round only") && !t.contains("throughput"), "{t}");

@@ -89,6 +89,11 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         wire::send_json(&mut w, Kind::QueryAnswer, &answer).await?;
         return Ok(());
     }
+    if first.kind == Kind::Probe {
+        let received = super::auto::answer_probe(&ctx.cfg, &first, &mut r, &mut w).await?;
+        tracing::info!(peer = %peer, received, "link probe answered");
+        return Ok(());
+    }
     if first.kind == Kind::PageLink {
         let h: postcopy::PageLinkHello = refuse_malformed(&mut w, first.parse()).await?;
         let link = postcopy::Link { read: Box::new(r), write: Box::new(w), peer_received: h.received };

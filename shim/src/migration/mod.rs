@@ -23,6 +23,7 @@
 //!
 //! The frame format is in `wire`, the sides in `source` and `destination`.
 
+pub mod auto;
 pub mod cpu;
 pub mod destination;
 pub mod in_doubt;
@@ -45,12 +46,30 @@ pub use source::{migrate_out, Finish};
 /// The migration layer's entry point in the form the supervisor takes it
 /// (`supervisor::Ctx::migrate_out`).
 pub fn migrate_out_boxed() -> crate::supervisor::MigrateOut {
-    std::sync::Arc::new(|ctx, n, to, mode| {
+    std::sync::Arc::new(|ctx, n, to, how| {
         Box::pin(async move {
             use crate::metrics::{Direction, Measured};
+            // `auto` measures and chooses first; the metrics count the mode chosen.
+            let resolved = match auto::resolve(&ctx, &n, &to, how).await {
+                Ok(r) => r,
+                Err(e) => {
+                    ctx.metrics.migration_started(Direction::Out, how.mode);
+                    ctx.metrics.migration_failed(Direction::Out, how.mode, e.reason());
+                    return Err(crate::supervisor::describe(&e));
+                }
+            };
+            let mode = resolved.mode;
             ctx.metrics.migration_started(Direction::Out, mode);
             match migrate_out(&ctx, &n, &to, mode).await {
-                Ok((report, finish)) => {
+                Ok((mut report, finish)) => {
+                    report["requested_mode"] = serde_json::json!(how.mode.as_str());
+                    report["choice"] = serde_json::json!(resolved.line.unwrap_or_else(|| mode.as_str().to_string()));
+                    if let Some(a) = resolved.report {
+                        // The measuring came before the migration proper: its time counts.
+                        let measure_ms = a["measure_ms"].as_f64().unwrap_or(0.0);
+                        report["total_ms"] = serde_json::json!(report["total_ms"].as_f64().unwrap_or(0.0) + measure_ms);
+                        report["auto"] = a;
+                    }
                     let s = |k: &str| report[k].as_f64().unwrap_or(0.0) / 1000.0;
                     let measured =
                         Measured { duration: s("total_ms"), downtime: s("downtime_ms"), freeze: s("freeze_ms") };

@@ -571,7 +571,7 @@ async fn freeze_and_stream(
     // Post-copy: CRIU serves the memory at a loopback port after the dump.
     let lazy_at = match mode {
         Mode::PostCopy => Some(postcopy::free_loopback_port().map_err(|e| MigrateError::Stream(e.to_string()))?),
-        Mode::StopCopy | Mode::PreCopy => None,
+        Mode::StopCopy | Mode::PreCopy | Mode::Auto => None,
     };
     // Clients: new connections wait from here on; those in flight may finish.
     let still_open = ctx.publisher.hold_and_drain().await;

@@ -10,7 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// 4: the post-copy page link is framed and resumable (`PageLinkOk`,
 /// `PageAck`, offsets in its `Data` frames).
 /// 5: pre-copy (`Hello.pre_copy`, `RoundEnd`, `RoundOk`, page deltas).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: `--mode auto`'s probe (`Probe`, `ProbeAnswer`).
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Largest frame accepted (a data chunk is at most `CHUNK` plus its header).
 pub const MAX_FRAME: usize = 4 << 20;
 /// Largest JSON frame accepted.
@@ -58,6 +59,12 @@ pub enum Kind {
     RoundEnd = 15,
     /// JSON, destination to source: the round's images are rebuilt and held.
     RoundOk = 16,
+    /// JSON, the first frame of a connection that only measures (`auto`):
+    /// `{protocol}`; `Data` frames of file id 0 follow, an empty one ends them.
+    Probe = 17,
+    /// JSON, destination to source: what arrived of the probe, and what the
+    /// destination supports (`auto::ProbeAnswer`).
+    ProbeAnswer = 18,
 }
 
 impl Kind {
@@ -82,6 +89,8 @@ impl Kind {
             21 => PageAck,
             15 => RoundEnd,
             16 => RoundOk,
+            17 => Probe,
+            18 => ProbeAnswer,
             _ => return None,
         })
     }

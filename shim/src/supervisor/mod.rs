@@ -52,7 +52,7 @@ pub type MigrateOut = Arc<
             Ctx,
             Arc<Nested>,
             String,
-            crate::supervisor::control::MigrationMode,
+            crate::supervisor::control::MigrateHow,
         ) -> BoxFuture<Result<(serde_json::Value, BoxFuture<f64>), String>>
         + Send
         + Sync,
@@ -390,7 +390,11 @@ impl Supervisor {
                     ctx.clone(),
                     n.clone(),
                     peer.clone(),
-                    crate::supervisor::control::MigrationMode::default(),
+                    // Evacuation keeps stop-copy: no measuring, no split state.
+                    crate::supervisor::control::MigrateHow {
+                        mode: crate::supervisor::control::MigrationMode::StopCopy,
+                        no_post_copy: true,
+                    },
                 )
                 .await
                 {
@@ -646,10 +650,11 @@ impl Supervisor {
                     let _ = inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result, new_workload })).await;
                 });
             }
-            Request::Migrate { to, mode } => {
+            Request::Migrate { to, mode, no_post_copy } => {
                 let n = workload.expect("running state has a workload");
+                let how = crate::supervisor::control::MigrateHow { mode, no_post_copy };
                 tokio::spawn(async move {
-                    let result = match (ctx.migrate_out)(ctx.clone(), n, to, mode).await {
+                    let result = match (ctx.migrate_out)(ctx.clone(), n, to, how).await {
                         Ok((mut report, finish)) => {
                             // Answered once this outer is a standby again, so
                             // that a migration back is never refused as busy.

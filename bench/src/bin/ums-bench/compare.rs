@@ -247,7 +247,7 @@ fn ums_once(src: Side<'_>, dst: Side<'_>, run: &mut Run) -> anyhow::Result<()> {
     let (rs, rd) = (reset_peak(ps)?, reset_peak(pd)?);
     let (cs, cd) = (cpu_s(ps)?, cpu_s(pd)?);
     let to = format!("{}:{PEER_PORT}", dst.host.addr());
-    let out = src.outer.ums_ok(&["migrate", "--json", "--to", &to])?;
+    let out = src.outer.ums_ok(&["migrate", "--json", "--mode", "stop-copy", "--to", &to])?;
     let r = json_result(&out)?;
     let grown = (rss_hwm(ps)?.1 - rs).max(rss_hwm(pd)?.1 - rd);
     run.mem_mib = Some(grown);
