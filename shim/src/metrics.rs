@@ -135,6 +135,7 @@ struct Inner {
     downtime: BTreeMap<u8, Histogram>,
     last: BTreeMap<u8, Measured>,
     bytes_sent: u64,
+    data_bytes_sent: u64,
     bytes_received: u64,
     postcopy_page_bytes: BTreeMap<Direction, u64>,
     starts: BTreeMap<StartKind, u64>,
@@ -220,6 +221,11 @@ impl Metrics {
 
     pub fn bytes_sent(&self, n: u64) {
         self.lock().bytes_sent += n;
+    }
+
+    /// The same data before zstd (`migration::compress`).
+    pub fn data_bytes_sent(&self, n: u64) {
+        self.lock().data_bytes_sent += n;
     }
 
     pub fn bytes_received(&self, n: u64) {
@@ -380,9 +386,16 @@ impl Metrics {
         out.family(
             "ums_migration_sent_bytes_total",
             "counter",
-            "Checkpoint, writable-layer and image bytes sent to destinations (post-copy pages included).",
+            "Checkpoint, writable-layer and image bytes sent to destinations as they went on the wire (after zstd; \
+             post-copy pages included).",
         );
         out.sample("ums_migration_sent_bytes_total", &[], g.bytes_sent as f64);
+        out.family(
+            "ums_migration_sent_data_bytes_total",
+            "counter",
+            "The same bytes before zstd: divided by ums_migration_sent_bytes_total, the compression ratio.",
+        );
+        out.sample("ums_migration_sent_data_bytes_total", &[], g.data_bytes_sent as f64);
         out.family(
             "ums_migration_received_bytes_total",
             "counter",

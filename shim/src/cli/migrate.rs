@@ -138,6 +138,19 @@ pub fn table(v: &serde_json::Value) -> String {
             ""
         }
     ));
+    let c = &v["compression"];
+    if let (Some(data), Some(wire)) = (c["data_bytes"].as_f64(), c["wire_bytes"].as_f64()) {
+        out.push_str(&format!(
+            "on the wire      {:>10.1} MiB  (of {:.1} MiB of data: ratio {:.2}, {})\n",
+            wire / 1048576.0,
+            data / 1048576.0,
+            c["ratio"].as_f64().unwrap_or(1.0),
+            match c["level"].as_i64() {
+                Some(l) if l > 0 => format!("zstd level {l}, {} chunks compressed", c["chunks_compressed"]),
+                _ => "not compressed".to_string(),
+            }
+        ));
+    }
     // Post-copy's memory moves after the transfer phase, pre-copy's mostly
     // before it (its link rate is in the rounds above): no rate to show.
     if !post_copy && !v["rounds"].is_array() {
@@ -166,6 +179,11 @@ mod tests {
         v["mode"] = "stop-copy".into();
         let t = super::table(&v);
         assert!(!t.contains("last page") && t.contains("throughput"), "{t}");
+        assert!(!t.contains("on the wire"), "{t}");
+        v["compression"] = serde_json::json!({"level": 3, "data_bytes": 268435456u64, "wire_bytes": 67108864u64,
+                                              "ratio": 4.0, "chunks_compressed": 256});
+        let t = super::table(&v);
+        assert!(t.contains("on the wire") && t.contains("64.0 MiB") && t.contains("ratio 4.00, zstd level 3"), "{t}");
         assert!(!t.contains("pre-copy rounds"), "{t}");
     }
 

@@ -371,7 +371,7 @@ pub async fn resolve(ctx: &Ctx, n: &Nested, to: &str, how: MigrateHow) -> Result
         return Err(MigrateError::Refused("--no-post-copy rules out --mode post-copy".into()));
     }
     if how.mode != Mode::Auto {
-        return Ok(Resolved { mode: how.mode, report: None, line: None });
+        return Ok(Resolved { mode: how.mode, report: None, line: None, link_bytes_s: None });
     }
     let t = Instant::now();
     let pids = nested::pids(n.pid);
@@ -411,7 +411,7 @@ pub async fn resolve(ctx: &Ctx, n: &Nested, to: &str, how: MigrateHow) -> Result
         "probe_ms": probed.probe_ms,
         "measure_ms": t.elapsed().as_secs_f64() * 1000.0,
     });
-    Ok(Resolved { mode: choice.mode, report: Some(report), line: Some(line) })
+    Ok(Resolved { mode: choice.mode, report: Some(report), line: Some(line), link_bytes_s: Some(probed.link_bytes_s) })
 }
 
 /// The mode a migration runs in, and for `auto`, what it measured.
@@ -419,6 +419,8 @@ pub struct Resolved {
     pub mode: Mode,
     pub report: Option<serde_json::Value>,
     pub line: Option<String>,
+    /// The link rate measured (by `auto`), for the compression level.
+    pub link_bytes_s: Option<f64>,
 }
 
 #[cfg(test)]

@@ -387,7 +387,12 @@ async fn receive(
     wire::send_json(
         w,
         Kind::HelloOk,
-        &HelloOk { protocol: wire::PROTOCOL_VERSION, missing_blobs: missing.clone(), criu_version },
+        &HelloOk {
+            protocol: wire::PROTOCOL_VERSION,
+            missing_blobs: missing.clone(),
+            criu_version,
+            compression: zstd(hello).then(|| "zstd".to_string()),
+        },
     )
     .await?;
 
@@ -400,7 +405,7 @@ async fn receive(
         }
         prepare_image(cfg, hello, &layout, w).await?;
         wire::send_json(w, Kind::Ready, &serde_json::json!({})).await?;
-        receive_checkpoint(cfg, dir, r, w, hello.pre_copy, &mut total).await
+        receive_checkpoint(cfg, dir, r, w, hello, &mut total).await
     }
     .await;
     // Every byte that arrived counts, also of a migration that failed.
@@ -551,7 +556,8 @@ async fn receive_blobs(
         let f = wire::read_frame_within(r, deadline).await?;
         match f.kind {
             Kind::BlobsDone => break,
-            Kind::FileOpen | Kind::Data => {
+            Kind::FileOpen | Kind::Data | Kind::DataZ => {
+                let f = plain(f, zstd(hello))?;
                 accept_file_frame(&f, dir, &mut files, total, cfg.max_checkpoint_bytes, FileKind::Blob, missing)?
             }
             _ => {
@@ -662,7 +668,7 @@ async fn receive_checkpoint(
     dir: &Path,
     r: &mut (impl tokio::io::AsyncReadExt + Unpin),
     w: &mut (impl AsyncWriteExt + Unpin),
-    pre_copy: bool,
+    hello: &Hello,
     total: &mut u64,
 ) -> Result<(Manifest, HashMap<u32, Incoming>), InError> {
     let deadline = cfg.peer_read_timeout;
@@ -670,10 +676,11 @@ async fn receive_checkpoint(
     let manifest: Manifest = loop {
         let f = wire::read_frame_within(r, deadline).await?;
         match f.kind {
-            Kind::FileOpen | Kind::Data => {
+            Kind::FileOpen | Kind::Data | Kind::DataZ => {
+                let f = plain(f, zstd(hello))?;
                 accept_file_frame(&f, dir, &mut files, total, cfg.max_checkpoint_bytes, FileKind::Image, &[])?
             }
-            Kind::RoundEnd if pre_copy => {
+            Kind::RoundEnd if hello.pre_copy => {
                 let end: super::RoundEnd = f.parse()?;
                 take_round(cfg, dir, end, std::mem::take(&mut files), w).await?;
                 // Each round is bounded on its own.
@@ -844,6 +851,22 @@ async fn answer_query(q: &Query, outcomes: &Outcomes, inbox: &mpsc::Sender<Msg>)
                 QueryAnswer { state: PeerState::Running, since_unix_ms: since }
             }
         }
+    }
+}
+
+/// Whether this migration's data may come compressed: the source proposed
+/// zstd, which this ums always accepts.
+fn zstd(hello: &Hello) -> bool {
+    hello.compression.as_deref() == Some("zstd")
+}
+
+/// A `DataZ` frame as the `Data` frame it stands for (only when zstd was
+/// agreed); any other frame as it is.
+fn plain(f: wire::Frame, zstd: bool) -> Result<wire::Frame, InError> {
+    match f.kind {
+        Kind::DataZ if zstd => Ok(wire::inflate(&f)?),
+        Kind::DataZ => Err(InError::Refuse("compressed data, but no compression was agreed".into())),
+        _ => Ok(f),
     }
 }
 

@@ -24,6 +24,7 @@
 //! The frame format is in `wire`, the sides in `source` and `destination`.
 
 pub mod auto;
+pub mod compress;
 pub mod cpu;
 pub mod destination;
 pub mod in_doubt;
@@ -60,7 +61,7 @@ pub fn migrate_out_boxed() -> crate::supervisor::MigrateOut {
             };
             let mode = resolved.mode;
             ctx.metrics.migration_started(Direction::Out, mode);
-            match migrate_out(&ctx, &n, &to, mode).await {
+            match migrate_out(&ctx, &n, &to, mode, resolved.link_bytes_s).await {
                 Ok((mut report, finish)) => {
                     report["requested_mode"] = serde_json::json!(how.mode.as_str());
                     report["choice"] = serde_json::json!(resolved.line.unwrap_or_else(|| mode.as_str().to_string()));
@@ -112,6 +113,10 @@ pub struct Hello {
     /// with `RoundOk`, before the final, frozen one (`precopy`).
     #[serde(default)]
     pub pre_copy: bool,
+    /// The source would compress data chunks with this (`"zstd"`), if the
+    /// destination accepts (`HelloOk.compression`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +125,10 @@ pub struct HelloOk {
     pub protocol: u32,
     pub missing_blobs: Vec<String>,
     pub criu_version: String,
+    /// The compression accepted (the one `Hello` proposed), if any: the
+    /// source may then send `DataZ` frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -10,6 +10,7 @@ use serde_json::json;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 
+use super::compress::{self, Codec};
 use super::in_doubt::{self, Resolution, Settled};
 use super::pagedelta::Held;
 use super::postcopy::{self, Mode};
@@ -76,7 +77,11 @@ const OUT_QUEUE: usize = 8;
 
 /// The single writer of a peer connection: frames arrive on a channel, in
 /// order; data is flushed whenever the channel runs dry.
-async fn writer(mut w: BufWriter<super::transport::PeerWrite>, mut rx: mpsc::Receiver<Out>) -> Result<u64, WireError> {
+async fn writer(
+    mut w: BufWriter<super::transport::PeerWrite>,
+    mut rx: mpsc::Receiver<Out>,
+    codec: Arc<Codec>,
+) -> Result<u64, WireError> {
     let mut bytes = 0u64;
     while let Some(o) = rx.recv().await {
         match o {
@@ -92,8 +97,28 @@ async fn writer(mut w: BufWriter<super::transport::PeerWrite>, mut rx: mpsc::Rec
             }
             Out::Open(f) => wire::send(&mut w, &Frame::json(Kind::FileOpen, &f)).await?,
             Out::Data { id, offset, bytes: b } => {
-                bytes += b.len() as u64;
-                wire::write_frame(&mut w, Kind::Data, &[&wire::data_header(id, offset), &b]).await?;
+                // zstd, when agreed and when it pays (compress.rs), off the async threads.
+                let (z, b) = match codec.level() {
+                    0 => (None, b),
+                    _ => {
+                        let c = codec.clone();
+                        tokio::task::spawn_blocking(move || (c.pack(&b), b)).await.map_err(std::io::Error::other)?
+                    }
+                };
+                let sent = match &z {
+                    Some(z) => {
+                        let h = wire::dataz_header(id, offset, b.len() as u32);
+                        wire::write_frame(&mut w, Kind::DataZ, &[&h, z]).await?;
+                        h.len() + z.len()
+                    }
+                    None => {
+                        let h = wire::data_header(id, offset);
+                        wire::write_frame(&mut w, Kind::Data, &[&h, &b]).await?;
+                        h.len() + b.len()
+                    }
+                };
+                codec.count(b.len(), sent, z.is_some());
+                bytes += sent as u64;
             }
         }
         if rx.is_empty() {
@@ -117,11 +142,12 @@ pub async fn migrate_out(
     n: &Arc<Nested>,
     to: &str,
     mode: Mode,
+    link_bytes_s: Option<f64>,
 ) -> Result<(serde_json::Value, Finish), MigrateError> {
     use tracing::Instrument;
     let migration_id = format!("m-{:016x}", rand::random::<u64>());
     let span = tracing::info_span!("migrate", peer = %to, workload = %n.id, id = %migration_id, mode = mode.as_str());
-    migrate(ctx, n, to, migration_id, mode).instrument(span).await
+    migrate(ctx, n, to, migration_id, (mode, link_bytes_s)).instrument(span).await
 }
 
 /// An open connection to the destination after pre-migration.
@@ -132,6 +158,8 @@ struct Session {
     peer: String,
     blob_bytes: u64,
     missing_blobs: usize,
+    /// Compression of the data chunks (level 0 until agreed).
+    codec: Arc<Codec>,
 }
 
 /// Pre-migration (UMS III-B): connect, say hello, send the blobs the
@@ -142,7 +170,7 @@ async fn pre_migration(
     n: &Nested,
     to: &str,
     migration_id: &str,
-    mode: Mode,
+    (mode, link_bytes_s): (Mode, Option<f64>),
 ) -> Result<Session, MigrateError> {
     let cfg = &ctx.cfg;
     let facts = postcopy::host_facts();
@@ -172,7 +200,8 @@ async fn pre_migration(
     let (tx, rx) = mpsc::channel::<Out>(OUT_QUEUE);
     // Small on purpose, as on the receiving side: a chunk larger than the
     // buffer goes straight to the TLS stream instead of being copied first.
-    let writer_task = tokio::spawn(writer(BufWriter::with_capacity(wire::SMALL_BUF, w), rx));
+    let codec = Arc::new(Codec::default());
+    let writer_task = tokio::spawn(writer(BufWriter::with_capacity(wire::SMALL_BUF, w), rx, codec.clone()));
     let send = |f: Frame| {
         let tx = tx.clone();
         async move { tx.send(Out::Control(f)).await.map_err(|_| WireError::Closed) }
@@ -190,6 +219,7 @@ async fn pre_migration(
         cpu_features: Some(super::cpu::local(&cfg.cpu_hide).into_iter().collect()),
         post_copy: mode == Mode::PostCopy,
         pre_copy: mode == Mode::PreCopy,
+        compression: (cfg.compress != compress::Policy::Off).then(|| "zstd".to_string()),
     };
     send(Frame::json(Kind::Hello, &hello)).await.map_err(MigrateError::Pre)?;
     let ok: HelloOk =
@@ -200,6 +230,12 @@ async fn pre_migration(
         };
     if mode == Mode::PostCopy {
         postcopy::check_criu_versions(&facts.criu_version, &ok.criu_version).map_err(MigrateError::Refused)?;
+    }
+    if ok.compression.as_deref() == Some("zstd") {
+        let policy = cfg.compress;
+        let speeds = tokio::task::spawn_blocking(compress::speeds).await.unwrap_or(&[]);
+        codec.set_level(compress::choose_level(policy, link_bytes_s, speeds));
+        tracing::info!(level = codec.level(), link_bytes_s, "zstd on the wire");
     }
     // Exactly the missing blobs, each one of ours.
     let blobs_sent: Result<u64, MigrateError> = async {
@@ -234,7 +270,7 @@ async fn pre_migration(
             WireError::Peer(m) => MigrateError::Refused(m),
             e => MigrateError::Pre(e),
         })?;
-    Ok(Session { r, tx, writer_task, peer, blob_bytes, missing_blobs: ok.missing_blobs.len() })
+    Ok(Session { r, tx, writer_task, peer, blob_bytes, missing_blobs: ok.missing_blobs.len(), codec })
 }
 
 /// The migration in its phases: pre-migration (the workload untouched),
@@ -246,13 +282,13 @@ async fn migrate(
     n: &Arc<Nested>,
     to: &str,
     migration_id: String,
-    mode: Mode,
+    (mode, link_bytes_s): (Mode, Option<f64>),
 ) -> Result<(serde_json::Value, Finish), MigrateError> {
     let t_start = Instant::now();
     // A workload restored lazily here may still be paging in from its local
     // images: dump it only once its memory is all there.
     let _ = tokio::task::spawn_blocking(|| checkpoint::wait_paging_in(Duration::from_secs(30))).await;
-    let mut session = pre_migration(ctx, n, to, &migration_id, mode).await?;
+    let mut session = pre_migration(ctx, n, to, &migration_id, (mode, link_bytes_s)).await?;
     let pre_ms = ms(t_start.elapsed());
     tracing::info!(
         pre_ms,
@@ -356,7 +392,7 @@ async fn migrate(
         }
     }
     let page_bytes = pages.load(std::sync::atomic::Ordering::Relaxed);
-    let Session { tx, writer_task, peer, blob_bytes, .. } = session;
+    let Session { tx, writer_task, peer, blob_bytes, codec, .. } = session;
     drop(tx);
     // A writer stuck on a dead connection (after a doubt) is not waited for.
     let wire_bytes = match tokio::time::timeout(Duration::from_secs(1), writer_task).await {
@@ -398,6 +434,7 @@ async fn migrate(
         "wire_bytes": wire_bytes,
         "blob_bytes": blob_bytes,
         "throughput_mib_s": (committed.bytes as f64 / 1048576.0) / transfer_s,
+        "compression": codec.report(),
     });
     let mut report = report;
     if let Some(r) = &rounds {
@@ -417,6 +454,7 @@ async fn migrate(
     }
     tracing::info!(total_ms = ms(total), frozen_ms = ms(frozen_for), bytes = committed.bytes, "migration done");
     ctx.metrics.bytes_sent(wire_bytes + page_bytes);
+    ctx.metrics.data_bytes_sent(codec.raw.load(std::sync::atomic::Ordering::Relaxed) + page_bytes);
     ctx.metrics.postcopy_page_bytes(crate::metrics::Direction::Out, page_bytes);
     Ok((report, Finish { ctx: ctx.clone(), n: n.clone(), images: cleanup_dir }))
 }
