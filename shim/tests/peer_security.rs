@@ -126,6 +126,7 @@ async fn dest(peer_timeout: Duration) -> Dest {
         publisher: ums::net::proxy::Publisher::new(cfg.net.address, cfg.hold.clone()),
         migrate_out: ums::migration::migrate_out_boxed(),
         page_links: ums::migration::postcopy::links_status,
+        progress: ums::migration::progress::status,
         in_doubt: Default::default(),
         metrics: Default::default(),
     };

@@ -202,3 +202,47 @@ fn random_memory_goes_raw_and_still_moves() {
     let (after, _) = sums(&b, false);
     assert_eq!(before, after, "the memory differs after the migration");
 }
+
+/// On a terminal, `ums migrate` draws live progress (phase, bytes, rate,
+/// time left) while the migration runs, then the table; without one (or
+/// with `--json`) it prints only the table.
+#[test]
+fn a_terminal_sees_live_progress_and_a_pipe_only_the_table() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path(), 256, None);
+    let (ha, hb, a, b) = pair("auprog", &img, Some("1gbit"));
+    let (before, _) = sums(&a, false);
+    // A pseudo-terminal from util-linux's `script`, around the same nsenter
+    // every test command goes through.
+    let from_dst = b.log().len();
+    let line = format!(
+        "nsenter -t {} -m -p -n -u -i -r -w -- {} migrate --mode stop-copy --to {}:{PEER_PORT}",
+        a.pid1(),
+        ums_e2e::outer::UMS_IN_OUTER,
+        hb.addr()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qfec", &line, "/dev/null"])
+        .env_clear()
+        .env("PATH", ums_e2e::outer::OUTER_PATH)
+        .env("TERM", "xterm")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script (util-linux) runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    println!("{text}");
+    assert!(text.contains("frozen: dump and transfer"), "no progress drawn on the terminal: {text}");
+    assert!(text.contains("MiB/s"), "no rate drawn: {text}");
+    assert!(text.contains("migrated to") && text.contains("downtime"), "no table: {text}");
+    b.log().wait_for_from(from_dst, "tick ", T).expect("the counter goes on at the destination");
+    let (after, _) = sums(&b, false);
+    assert_eq!(before, after, "the memory differs after the migration");
+    // Back, through a pipe: only the table.
+    let out = b.ums(&["migrate", "--mode", "stop-copy", "--to", &format!("{}:{PEER_PORT}", ha.addr())]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(text.starts_with("migrated to"), "{text}");
+    assert!(!text.contains("frozen: dump and transfer") && !text.contains('\r'), "{text}");
+}

@@ -272,6 +272,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             publisher,
             migrate_out: crate::migration::migrate_out_boxed(),
             page_links: crate::migration::postcopy::links_status,
+            progress: crate::migration::progress::status,
             in_doubt: Default::default(),
             metrics: Default::default(),
         };

@@ -160,9 +160,72 @@ pub fn table(v: &serde_json::Value) -> String {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let r =
-        request(&a.client.socket, Request::Migrate { to: a.to.clone(), mode: a.mode, no_post_copy: a.no_post_copy })?;
-    finish(&a.client, r, |v| print!("{}", table(v)))
+    use std::io::IsTerminal;
+    let req = Request::Migrate { to: a.to.clone(), mode: a.mode, no_post_copy: a.no_post_copy };
+    // Live progress only for a person watching: a terminal, and no --json.
+    let live = (!a.client.json && std::io::stdout().is_terminal()).then(|| Live::start(a.client.socket.clone()));
+    let r = request(&a.client.socket, req);
+    drop(live);
+    finish(&a.client, r?, |v| print!("{}", table(v)))
+}
+
+/// The progress bar of a migration under way: a thread that asks `status`
+/// four times a second on its own connection and draws
+/// `operation.progress` (phase, bytes, rate, time left) until dropped.
+struct Live {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Live {
+    fn start(socket: std::path::PathBuf) -> Live {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stdout());
+            let mut phase = String::new();
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(r) = rt.block_on(crate::supervisor::control::call(&socket, &Request::Status)) {
+                    let p = r.result.as_ref().map(|v| v["operation"]["progress"].clone()).unwrap_or_default();
+                    draw(&bar, &p, &mut phase);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+            bar.finish_and_clear();
+        });
+        Live { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One update of the bar from `operation.progress`.
+fn draw(bar: &indicatif::ProgressBar, p: &serde_json::Value, shown: &mut String) {
+    let Some(phase) = p["phase"].as_str() else { return };
+    let done = p["phase_bytes"].as_u64().unwrap_or(0);
+    let expected = p["phase_expected_bytes"].as_u64();
+    if phase != shown {
+        *shown = phase.to_string();
+        bar.reset();
+        let template = match expected {
+            Some(_) => "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ~{eta} left",
+            None => "{spinner} {msg} {bytes} {binary_bytes_per_sec}",
+        };
+        if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(phase.to_string());
+    }
+    bar.set_length(expected.unwrap_or(0).max(done));
+    bar.set_position(done);
 }
 
 #[cfg(test)]

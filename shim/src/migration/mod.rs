@@ -33,6 +33,7 @@ pub mod outcomes;
 pub mod pagedelta;
 pub mod postcopy;
 pub mod precopy;
+pub mod progress;
 pub mod resumable;
 pub mod source;
 pub mod streamer;
@@ -50,6 +51,10 @@ pub fn migrate_out_boxed() -> crate::supervisor::MigrateOut {
     std::sync::Arc::new(|ctx, n, to, how| {
         Box::pin(async move {
             use crate::metrics::{Direction, Measured};
+            let _progress = progress::Tracker::begin(match how.mode {
+                crate::supervisor::control::MigrationMode::Auto => "measuring the workload and the link",
+                _ => "pre-migration",
+            });
             // `auto` measures and chooses first; the metrics count the mode chosen.
             let resolved = match auto::resolve(&ctx, &n, &to, how).await {
                 Ok(r) => r,

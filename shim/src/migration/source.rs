@@ -201,6 +201,8 @@ async fn pre_migration(
     // Small on purpose, as on the receiving side: a chunk larger than the
     // buffer goes straight to the TLS stream instead of being copied first.
     let codec = Arc::new(Codec::default());
+    super::progress::attach(&codec);
+    super::progress::phase("pre-migration", None);
     let writer_task = tokio::spawn(writer(BufWriter::with_capacity(wire::SMALL_BUF, w), rx, codec.clone()));
     let send = |f: Frame| {
         let tx = tx.clone();
@@ -312,6 +314,8 @@ async fn migrate(
         _ => None,
     };
     let held = rounds.as_mut().map(|r| std::mem::take(&mut r.held));
+    let expected = (mode == Mode::StopCopy).then(|| resident_bytes(&nested::pids(n.pid)));
+    super::progress::phase("frozen: dump and transfer", expected);
     let mut frozen = freeze_and_stream(ctx, n, &dir, &session.tx, mode).await?;
     // Post-copy: the page link to the destination, open while the rest of
     // the checkpoint streams, so its lazy-pages daemon finds it.
@@ -374,6 +378,7 @@ async fn migrate(
     let mut last_page = frozen_for;
     let mut done = None;
     if let (Some((d, at)), Some(l)) = (lazy.take(), link.take()) {
+        super::progress::phase("post-copy: it runs there, its memory follows", None);
         match post_copy(ctx, to, &migration_id, &mut session.r, l, d, at).await {
             Ok(d) => (last_page, done) = (frozen.t_freeze.elapsed(), d),
             Err((e, thaw_here)) => {
@@ -498,7 +503,9 @@ async fn live_rounds(ctx: &Ctx, n: &Arc<Nested>, dir: &Path, session: &mut Sessi
     let mut rule = StopRule::new(cfg.precopy_target_freeze, cfg.precopy_rounds);
     let mut held: HashMap<String, Held> = HashMap::new();
     let mut report = Vec::new();
+    let mut expected = resident_bytes(&nested::pids(n.pid));
     for round in 1u32.. {
+        super::progress::phase(&format!("pre-copy round {round} (the workload runs)"), Some(expected));
         let rdir = dir.join(format!("round-{round}"));
         let images = rdir.join("criu");
         std::fs::create_dir_all(&images).map_err(|e| MigrateError::Stream(format!("{}: {e}", images.display())))?;
@@ -534,6 +541,8 @@ async fn live_rounds(ctx: &Ctx, n: &Arc<Nested>, dir: &Path, session: &mut Sessi
             Err(e) => return Err(peer_reason(&mut session.r).await.map(MigrateError::Refused).unwrap_or(e)),
         };
         let bytes: u64 = files.iter().map(|f| f.size).sum();
+        // The next round's delta is about this one's.
+        expected = bytes;
         let end = RoundEnd { round, files, pages: p.pages.clone() };
         session
             .tx
@@ -781,6 +790,7 @@ async fn commit(
     tx.send(Out::Flushed(done_tx)).await.map_err(|_| MigrateError::Transfer(WireError::Closed))?;
     let sent_at = done_rx.await.map(|t| t.duration_since(t_freeze)).unwrap_or_else(|_| t_freeze.elapsed());
     *sent = Some(Sent { bytes, flushed_at: Some(sent_at) });
+    super::progress::phase("frozen: the destination verifies and restores", None);
     // The destination verifies and restores, sending heartbeats meanwhile.
     let result: MigrationResult = wire::read_frame_live(&mut session.r, ctx.cfg.peer_read_timeout)
         .await

@@ -39,6 +39,8 @@ pub struct Ctx {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The migration layer's page links (post-copy), for `status`.
     pub page_links: fn() -> serde_json::Value,
+    /// The outgoing migration's progress (phase, bytes, rate), for `status`.
+    pub progress: fn() -> serde_json::Value,
 }
 
 /// A boxed future, sendable to a task.
@@ -228,6 +230,7 @@ impl Supervisor {
                 "in_doubt": in_doubt,
                 "stopping_remote": stopping_remote,
                 "page_links": (self.ctx.page_links)(),
+                "progress": (self.ctx.progress)(),
             },
             "workload": workload,
             "runtime": self.ctx.cfg.runtime,
