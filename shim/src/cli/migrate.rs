@@ -183,7 +183,8 @@ impl Live {
         let s2 = stop.clone();
         let thread = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-            let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stdout());
+            // Hidden until the first phase arrives.
+            let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::hidden());
             let mut phase = String::new();
             while !s2.load(std::sync::atomic::Ordering::Relaxed) {
                 if let Ok(r) = rt.block_on(crate::supervisor::control::call(&socket, &Request::Status)) {
@@ -213,17 +214,27 @@ fn draw(bar: &indicatif::ProgressBar, p: &serde_json::Value, shown: &mut String)
     let done = p["phase_bytes"].as_u64().unwrap_or(0);
     let expected = p["phase_expected_bytes"].as_u64();
     if phase != shown {
+        if shown.is_empty() {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stdout());
+        }
         *shown = phase.to_string();
         bar.reset();
         let template = match expected {
-            Some(_) => "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ~{eta} left",
-            None => "{spinner} {msg} {bytes} {binary_bytes_per_sec}",
+            Some(_) => "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {prefix}",
+            None => "{spinner} {msg} {bytes} {prefix}",
         };
         if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_message(phase.to_string());
     }
+    // ums's own rate over the phase (indicatif's estimate jumps at a phase's start).
+    let rate = p["rate_bytes_s"].as_f64().unwrap_or(0.0);
+    let mut prefix = if rate > 0.0 { format!("{:.1} MiB/s", rate / 1048576.0) } else { String::new() };
+    if let Some(eta) = p["eta_s"].as_f64() {
+        prefix.push_str(&format!(", ~{eta:.0} s left"));
+    }
+    bar.set_prefix(prefix);
     bar.set_length(expected.unwrap_or(0).max(done));
     bar.set_position(done);
 }
