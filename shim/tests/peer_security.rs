@@ -169,6 +169,7 @@ async fn dest(peer_timeout: Duration) -> Dest {
         post_copy: false,
         pre_copy: false,
         compression: None,
+        witness: None,
     };
     let before = tree(root);
     Dest { addr, tmp, events, hello, before }

@@ -39,6 +39,7 @@ pub mod source;
 pub mod streamer;
 pub mod transport;
 pub mod wire;
+pub mod witness;
 
 use serde::{Deserialize, Serialize};
 
@@ -122,6 +123,10 @@ pub struct Hello {
     /// destination accepts (`HelloOk.compression`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<String>,
+    /// The witness (HOST:PORT, a third `ums` of the group) whose record is
+    /// this migration's commit point (`witness`). Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,6 +139,10 @@ pub struct HelloOk {
     /// source may then send `DataZ` frames.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<String>,
+    /// The destination commits at the Hello's witness before it restores.
+    /// A source that named a witness migrates only when this is true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub witness: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

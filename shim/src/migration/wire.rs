@@ -11,7 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// `PageAck`, offsets in its `Data` frames).
 /// 5: pre-copy (`Hello.pre_copy`, `RoundEnd`, `RoundOk`, page deltas).
 /// 6: `--mode auto`'s probe (`Probe`, `ProbeAnswer`); zstd chunks
-/// (`DataZ`, `Hello.compression`, `HelloOk.compression`).
+/// (`DataZ`, `Hello.compression`, `HelloOk.compression`); the witness
+/// fields of `Hello` and `HelloOk` came in the same version.
 pub const PROTOCOL_VERSION: u32 = 6;
 /// Largest frame accepted (a data chunk is at most `CHUNK` plus its header).
 pub const MAX_FRAME: usize = 4 << 20;
@@ -69,6 +70,11 @@ pub enum Kind {
     /// Binary: u32 file id, u64 offset, u32 length before compression, a
     /// zstd frame of those bytes (only when `HelloOk.compression` is zstd).
     DataZ = 19,
+    /// JSON, the first frame of a connection to a witness (`witness`):
+    /// `{migration_id, decision}`, "record this unless a decision is held".
+    WitnessRecord = 30,
+    /// JSON, the witness's answer: `{decision, since_unix_ms}`, the held one.
+    WitnessAnswer = 31,
 }
 
 impl Kind {
@@ -96,6 +102,8 @@ impl Kind {
             17 => Probe,
             18 => ProbeAnswer,
             19 => DataZ,
+            30 => WitnessRecord,
+            31 => WitnessAnswer,
             _ => return None,
         })
     }
