@@ -213,12 +213,12 @@ fn draw(bar: &indicatif::ProgressBar, p: &serde_json::Value, shown: &mut String)
     let Some(phase) = p["phase"].as_str() else { return };
     let done = p["phase_bytes"].as_u64().unwrap_or(0);
     let expected = p["phase_expected_bytes"].as_u64();
+    let first = shown.is_empty();
     if phase != shown {
-        if shown.is_empty() {
-            bar.set_draw_target(indicatif::ProgressDrawTarget::stdout());
-        }
         *shown = phase.to_string();
         bar.reset();
+        bar.set_length(expected.unwrap_or(0).max(done));
+        bar.set_position(done);
         let template = match expected {
             Some(_) => "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {prefix}",
             None => "{spinner} {msg} {bytes} {prefix}",
@@ -237,6 +237,10 @@ fn draw(bar: &indicatif::ProgressBar, p: &serde_json::Value, shown: &mut String)
     bar.set_prefix(prefix);
     bar.set_length(expected.unwrap_or(0).max(done));
     bar.set_position(done);
+    // Shown only now, with its style and figures set.
+    if first {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stdout());
+    }
 }
 
 #[cfg(test)]
