@@ -384,9 +384,15 @@ pub async fn resolve(ctx: &Ctx, n: &Nested, to: &str, how: MigrateHow) -> Result
         .err()
         .or_else(|| probed.answer.post_copy_problem.clone())
         .or_else(|| postcopy::check_criu_versions(&facts.criu_version, &probed.answer.criu_version).err());
+    // Pages that could not be read (no ptrace access to the workload here)
+    // say nothing: then assume it writes as fast as the link, never 0.
+    let dirty_measured = sampled.sampled_pages > 0 || sampled.resident_private_bytes == 0;
+    if !dirty_measured {
+        tracing::warn!("auto: the workload's pages could not be read; its dirty rate is taken as the link rate");
+    }
     let inputs = Inputs {
         memory_bytes: sampled.memory_bytes,
-        dirty_bytes_s: sampled.dirty_bytes_s,
+        dirty_bytes_s: if dirty_measured { sampled.dirty_bytes_s } else { probed.link_bytes_s },
         link_bytes_s: probed.link_bytes_s,
         processes: sampled.processes,
         shared_bytes: sampled.shared_bytes,
@@ -405,6 +411,7 @@ pub async fn resolve(ctx: &Ctx, n: &Nested, to: &str, how: MigrateHow) -> Result
     let report = serde_json::json!({
         "inputs": inputs,
         "why": choice.why,
+        "dirty_measured": dirty_measured,
         "sampled_pages": sampled.sampled_pages,
         "changed_pages": sampled.changed_pages,
         "probe_bytes": probed.answer.received,
