@@ -58,6 +58,12 @@ pub enum Kind {
     RoundEnd = 15,
     /// JSON, destination to source: the round's images are rebuilt and held.
     RoundOk = 16,
+    /// JSON, the first frame of a connection that carries the packets of the
+    /// client connections a migration took along (`net::relay`):
+    /// `{migration_id}`; then u16-length-prefixed IPv4 packets, both ways.
+    Relay = 22,
+    /// JSON, the destination's answer to `Relay`: its half is ready.
+    RelayOk = 23,
 }
 
 impl Kind {
@@ -82,6 +88,8 @@ impl Kind {
             21 => PageAck,
             15 => RoundEnd,
             16 => RoundOk,
+            22 => Relay,
+            23 => RelayOk,
             _ => return None,
         })
     }

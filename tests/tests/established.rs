@@ -1,0 +1,179 @@
+//! End-to-end: a client's open connection to a published port survives a
+//! migration (issue 16). Debian's redis server runs in outer container A; a
+//! client on a third host, C, opens one connection to A's published port and
+//! writes through it; the workload moves to B; the same connection, used
+//! again, is answered by the migrated workload (what it wrote after the move
+//! is at B), through the relay from A to B. When the client closes, the
+//! relay ends by itself and leaves nothing behind on either side.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::time::{Duration, Instant};
+
+use ums_e2e::*;
+
+const T: Duration = Duration::from_secs(60);
+const PEER_PORT: u16 = 7411;
+
+/// One redis command on an open connection: the reply's first line.
+fn cmd(c: &mut BufReader<TcpStream>, args: &[&str]) -> String {
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req += &format!("${}\r\n{a}\r\n", a.len());
+    }
+    c.get_mut().write_all(req.as_bytes()).expect("write on the open connection");
+    let mut line = String::new();
+    c.read_line(&mut line).expect("read on the open connection");
+    let line = line.trim_end().to_string();
+    if let Some(n) = line.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+        let mut v = vec![0u8; n + 2];
+        std::io::Read::read_exact(c, &mut v).unwrap();
+        return String::from_utf8_lossy(&v[..n]).into_owned();
+    }
+    line
+}
+
+/// What a host's namespace holds that the relay could leave behind: TUN
+/// devices, routes to the workload's address, rules, NAT rules.
+fn leftovers(h: &Host) -> Vec<String> {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("ip").args(["-n", h.name()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut found = Vec::new();
+    for l in run(&["link", "show"]).lines().filter(|l| l.contains("umsrelay")) {
+        found.push(format!("device: {l}"));
+    }
+    for l in run(&["route", "show", "table", "all"]).lines().filter(|l| l.contains("umsrelay") || l.contains("4188")) {
+        found.push(format!("route: {l}"));
+    }
+    for l in run(&["rule", "show"]).lines().filter(|l| l.contains("4188")) {
+        found.push(format!("rule: {l}"));
+    }
+    let nat = h.command("iptables").args(["-t", "nat", "-S"]).output().unwrap();
+    for l in String::from_utf8_lossy(&nat.stdout).lines().filter(|l| l.contains("ums-relay")) {
+        found.push(format!("iptables: {l}"));
+    }
+    found
+}
+
+fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < until, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn fds(o: &Outer) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", o.pid1())).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn an_open_connection_is_answered_by_the_migrated_workload() {
+    require_root();
+    require_tool("iptables", "iptables");
+    let tmp = tempfile::tempdir().unwrap();
+    let img = redis::image(tmp.path());
+    let (ha, hb) = Host::pair("est", None).unwrap();
+    // The client's host reaches A only.
+    let hc = Host::isolated("estc").unwrap();
+    let (a_on_c, c_addr) = ha.link(&hc).unwrap();
+    let a = Outer::builder("est-a").host(&ha).layout(&img.layout).start().unwrap();
+    let b = Outer::builder("est-b").host(&hb).layout(&img.layout).args(&["--standby"]).start().unwrap();
+    a.wait_for_line("Ready to accept connections", T).unwrap();
+    b.wait_for_line("standby", T).unwrap();
+    let (fds_a, fds_b) = (fds(&a), fds(&b));
+
+    // C opens one connection and keeps it.
+    let (to_client, from_test) = std::sync::mpsc::channel::<&'static str>();
+    let (to_test, from_client) = std::sync::mpsc::channel::<String>();
+    let client = hc.spawn_in(move || {
+        let s = {
+            let until = Instant::now() + T;
+            loop {
+                match TcpStream::connect_timeout(&(a_on_c, redis::PORT).into(), Duration::from_secs(5)) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() > until => panic!("redis at A: {e}"),
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        };
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut c = BufReader::new(s);
+        assert_eq!(cmd(&mut c, &["SET", "before", "1"]), "+OK");
+        to_test.send(cmd(&mut c, &["INCR", "n"])).unwrap();
+        // After the move: the same connection.
+        assert_eq!(from_test.recv().unwrap(), "moved");
+        let t0 = Instant::now();
+        let after = cmd(&mut c, &["SET", "after", "2"]);
+        let first_ms = t0.elapsed().as_millis();
+        let n = cmd(&mut c, &["INCR", "n"]);
+        let before = cmd(&mut c, &["GET", "before"]);
+        to_test.send(format!("{after} {n} {before} {first_ms}")).unwrap();
+        assert_eq!(from_test.recv().unwrap(), "close");
+        drop(c);
+    });
+    assert_eq!(from_client.recv_timeout(T).unwrap(), ":1");
+    // A forwards it in the kernel: a conntrack entry, no proxy.
+    let sa = status(&a);
+    assert_eq!(sa["published"]["kernel_open_connections"], 1, "{sa}");
+
+    let out = a.ums_ok(&["migrate", "--json", "--to", &format!("{}:{PEER_PORT}", hb.addr())]).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = &report["result"];
+    println!(
+        "migration: frozen {} ms, relayed {}, closed {}",
+        r["frozen_ms"], r["relayed_connections"], r["closed_connections"]
+    );
+    assert_eq!(r["relayed_connections"], 1, "{r}");
+    assert_eq!(r["closed_connections"], 0, "{r}");
+    assert_eq!(status(&b)["state"], "running");
+
+    to_client.send("moved").unwrap();
+    let answer = from_client.recv_timeout(T).expect("the client's answers after the move");
+    println!("after the move, on the old connection: {answer}");
+    let f: Vec<&str> = answer.split_whitespace().collect();
+    assert_eq!(&f[..3], ["+OK", ":2", "1"], "the old connection is answered by the same redis: {answer}");
+
+    // The answer came from the migrated workload: what the old connection
+    // wrote after the move is at B (read directly there, from A's host).
+    let b_addr = hb.addr();
+    let at_b = ha
+        .spawn_in(move || {
+            let mut c = redis::Client::connect(b_addr, T);
+            (c.cmd(&[b"GET", b"after"]).1, c.cmd(&[b"GET", b"n"]).1)
+        })
+        .join()
+        .unwrap();
+    assert_eq!(at_b, (Some(b"2".to_vec()), Some(b"2".to_vec())), "written through the relay, read at B");
+
+    // Both sides show the relay and what it carried.
+    let (ra, rb) = (status(&a)["relay"].clone(), status(&b)["relay"].clone());
+    println!("relay at A: {ra}\nrelay at B: {rb}");
+    assert_eq!(ra["out"]["connections"], 1, "{ra}");
+    assert_eq!(ra["out"]["open_connections"], 1, "{ra}");
+    assert!(ra["out"]["bytes_sent"].as_u64().unwrap() > 0, "{ra}");
+    assert!(ra["out"]["bytes_received"].as_u64().unwrap() > 0, "{ra}");
+    assert_eq!(rb["in"]["connections"], 1, "{rb}");
+    assert!(rb["in"]["bytes_received"].as_u64().unwrap() > 0, "{rb}");
+
+    // The client closes: the relay ends by itself, on both sides, and leaves
+    // nothing behind.
+    to_client.send("close").unwrap();
+    client.join().unwrap();
+    wait_until("the relay ends at A", Duration::from_secs(20), || status(&a)["relay"]["out"].is_null());
+    wait_until("the relay ends at B", Duration::from_secs(10), || status(&b)["relay"]["in"].is_null());
+    let (ra, rb) = (status(&a)["relay"].clone(), status(&b)["relay"].clone());
+    assert_eq!(ra["ended"]["relays"], 1, "{ra}");
+    assert_eq!(rb["ended"]["relays"], 1, "{rb}");
+    for h in [&ha, &hb] {
+        assert_eq!(leftovers(h), Vec::<String>::new(), "after the relay ended, in {}", h.name());
+    }
+    // Descriptors: back to what they were, give or take the workload's pipes.
+    let (now_a, now_b) = (fds(&a), fds(&b));
+    println!("fds: A {fds_a} -> {now_a}, B {fds_b} -> {now_b}");
+    assert!(now_a <= fds_a, "A holds no more descriptors than before: {fds_a} -> {now_a}");
+    assert!(now_b <= fds_b + 4, "B holds only the workload's: {fds_b} -> {now_b}");
+    let _ = (c_addr, Ipv4Addr::UNSPECIFIED);
+}
