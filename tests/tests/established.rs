@@ -177,3 +177,198 @@ fn an_open_connection_is_answered_by_the_migrated_workload() {
     assert!(now_b <= fds_b + 4, "B holds only the workload's: {fds_b} -> {now_b}");
     let _ = (c_addr, Ipv4Addr::UNSPECIFIED);
 }
+
+/// `redis-benchmark` running on `host`: its progress lines ("INCR:
+/// rps=... (overall: ...) avg_msec=...") with the time each arrived.
+struct Bench {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Bench {
+    fn start(host: &Host, to: Ipv4Addr, clients: usize, requests: u64) -> Bench {
+        require_tool("redis-benchmark", "redis-tools");
+        let mut child = host
+            .command("redis-benchmark")
+            .args(["-h", &to.to_string(), "-p", &redis::PORT.to_string(), "-c", &clients.to_string()])
+            .args(["-n", &requests.to_string(), "-t", "incr"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("redis-benchmark");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let l2 = lines.clone();
+        let reader = std::thread::spawn(move || {
+            let e = std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = std::io::Read::read_to_string(&mut err, &mut s);
+                s
+            });
+            let mut buf = [0u8; 4096];
+            let mut cur = String::new();
+            loop {
+                let n = std::io::Read::read(&mut out, &mut buf).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                for ch in String::from_utf8_lossy(&buf[..n]).chars() {
+                    if ch == '\r' || ch == '\n' {
+                        if !cur.trim().is_empty() {
+                            l2.lock().unwrap().push((Instant::now(), std::mem::take(&mut cur)));
+                        }
+                        cur.clear();
+                    } else {
+                        cur.push(ch);
+                    }
+                }
+            }
+            let e = e.join().unwrap();
+            for line in e.lines().filter(|l| !l.trim().is_empty()) {
+                l2.lock().unwrap().push((Instant::now(), format!("stderr: {line}")));
+            }
+        });
+        Bench { child, lines, reader }
+    }
+
+    /// Waits for the end; returns its exit status and every line.
+    fn wait(mut self, within: Duration) -> (bool, Vec<(Instant, String)>) {
+        let until = Instant::now() + within;
+        let ok = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s.success();
+            }
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        self.reader.join().unwrap();
+        let lines = self.lines.lock().unwrap().clone();
+        (ok, lines)
+    }
+}
+
+/// The "rps=N" of a progress line.
+fn rps(line: &str) -> Option<f64> {
+    line.split("rps=").nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
+/// The median of the progress lines' rps between `from` and `to`.
+fn median_rps(lines: &[(Instant, String)], from: Instant, to: Instant) -> Option<f64> {
+    let mut v: Vec<f64> = lines.iter().filter(|(t, _)| *t >= from && *t < to).filter_map(|(_, l)| rps(l)).collect();
+    v.retain(|r| *r > 0.0);
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Some(v[v.len() / 2])
+}
+
+/// Debian's redis server under ums; `redis-benchmark -c 50` (persistent
+/// connections, INCR of one counter) from a third host through A's
+/// published port while the workload moves A->B (its connections relayed
+/// from A to B) and back B->A (the relay ends): no error, and the counter
+/// holds exactly the number of requests (each answered, none lost or done
+/// twice). Prints the rate directly, through the relay, and after the move
+/// back (the 1 Gbit/s link between A and B).
+#[test]
+fn redis_benchmark_through_a_to_b_and_back() {
+    require_root();
+    require_tool("iptables", "iptables");
+    let tmp = tempfile::tempdir().unwrap();
+    let img = redis::image(tmp.path());
+    let (ha, hb) = Host::pair("estb", Some("1gbit")).unwrap();
+    let hc = Host::isolated("estbc").unwrap();
+    let (a_on_c, _) = ha.link(&hc).unwrap();
+    let a = Outer::builder("estb-a").host(&ha).layout(&img.layout).start().unwrap();
+    let b = Outer::builder("estb-b").host(&hb).layout(&img.layout).args(&["--standby"]).start().unwrap();
+    a.wait_for_line("Ready to accept connections", T).unwrap();
+    b.wait_for_line("standby", T).unwrap();
+    // How fast it goes directly, to size the run: about 16 s in all.
+    let (ok, lines) = Bench::start(&hc, a_on_c, 50, 100_000).wait(T);
+    assert!(ok, "{lines:?}");
+    let direct = lines.iter().filter_map(|(_, l)| rps(l)).fold(0.0, f64::max);
+    assert!(direct > 0.0, "{lines:?}");
+    let requests = (direct * 16.0) as u64 + 100_000;
+    // The first run's counter, then this run's.
+    let before = get_counter(&hc, a_on_c);
+    assert_eq!(before, 100_000);
+
+    let bench = Bench::start(&hc, a_on_c, 50, requests);
+    std::thread::sleep(Duration::from_secs(4));
+    let t_out = Instant::now();
+    let out = a.ums_ok(&["migrate", "--json", "--to", &format!("{}:{PEER_PORT}", hb.addr())]).unwrap();
+    let r1: serde_json::Value = serde_json::from_str::<serde_json::Value>(&out).unwrap()["result"].clone();
+    let t_moved = Instant::now();
+    println!(
+        "A->B: frozen {} ms, relayed {}, closed {}",
+        r1["frozen_ms"], r1["relayed_connections"], r1["closed_connections"]
+    );
+    assert_eq!(r1["relayed_connections"], 50, "{r1}");
+    let cpu0 = (cpu_s(a.pid1()), cpu_s(b.pid1()));
+    std::thread::sleep(Duration::from_secs(5));
+    println!("ums CPU while relaying 5 s: A {:.2} s, B {:.2} s", cpu_s(a.pid1()) - cpu0.0, cpu_s(b.pid1()) - cpu0.1);
+    let (ra, rb) = (status(&a)["relay"].clone(), status(&b)["relay"].clone());
+    println!("relay at A: {ra}\nrelay at B: {rb}");
+    assert_eq!(ra["out"]["open_connections"], 50, "{ra}");
+    assert_eq!(rb["in"]["open_connections"], 50, "{rb}");
+    assert!(ra["out"]["bytes_sent"].as_u64().unwrap() > 0 && rb["in"]["bytes_sent"].as_u64().unwrap() > 0);
+    let t_back = Instant::now();
+    let out = b.ums_ok(&["migrate", "--json", "--to", &format!("{}:{PEER_PORT}", ha.addr())]).unwrap();
+    let r2: serde_json::Value = serde_json::from_str::<serde_json::Value>(&out).unwrap()["result"].clone();
+    let t_home = Instant::now();
+    println!(
+        "B->A: frozen {} ms, relayed {}, closed {}",
+        r2["frozen_ms"], r2["relayed_connections"], r2["closed_connections"]
+    );
+    assert_eq!(status(&a)["state"], "running");
+    let (ok, lines) = bench.wait(Duration::from_secs(180));
+    let t_end = lines.last().map(|l| l.0).unwrap_or_else(Instant::now);
+    let errors: Vec<&String> = lines.iter().map(|(_, l)| l).filter(|l| l.to_lowercase().contains("error")).collect();
+    for l in lines.iter().rev().take(3) {
+        println!("redis-benchmark: {}", l.1);
+    }
+    assert!(
+        ok && errors.is_empty(),
+        "redis-benchmark failed: {errors:?} {:?}",
+        &lines[lines.len().saturating_sub(5)..]
+    );
+    assert_eq!(get_counter(&hc, a_on_c), before + requests, "every INCR answered exactly once");
+    let before_rps = median_rps(&lines, t_out - Duration::from_secs(3), t_out);
+    let relayed_rps = median_rps(&lines, t_moved + Duration::from_millis(500), t_back);
+    let after_rps = median_rps(&lines, t_home + Duration::from_millis(500), t_end);
+    println!(
+        "redis-benchmark -c 50 INCR rps: direct at A {before_rps:?}, relayed A->B {relayed_rps:?} ({:.0}%), \
+         direct at A after the move back {after_rps:?}",
+        100.0 * relayed_rps.unwrap_or(0.0) / before_rps.unwrap_or(1.0)
+    );
+    // The move back ended the relay on both sides, and left nothing behind.
+    wait_until("the relay ends at A", Duration::from_secs(10), || status(&a)["relay"]["out"].is_null());
+    wait_until("the relay ends at B", Duration::from_secs(10), || status(&b)["relay"]["in"].is_null());
+    for h in [&ha, &hb] {
+        assert_eq!(leftovers(h), Vec::<String>::new(), "after the relay ended, in {}", h.name());
+    }
+}
+
+/// CPU seconds (user and system) process `pid` used so far.
+fn cpu_s(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The benchmark's counter, read through `at` from `host`.
+fn get_counter(host: &Host, at: Ipv4Addr) -> u64 {
+    host.spawn_in(move || {
+        let mut c = redis::Client::connect(at, T);
+        let v = c.cmd(&[b"GET", b"counter:__rand_int__"]).1.unwrap_or_default();
+        String::from_utf8_lossy(&v).parse::<u64>().unwrap_or(0)
+    })
+    .join()
+    .unwrap()
+}

@@ -717,10 +717,36 @@ async fn pump(
             }
         }
     };
-    let r = tokio::select! {
-        r = to_peer => r.map_err(|e| format!("to the peer: {e}")),
-        r = from_peer => r.map_err(|e| format!("from the peer: {e}")),
-        _ = stop.wait_for(|s| *s) => Ok(()),
+    // Each direction on its own task: both worker threads can carry packets.
+    let mut to_peer = tokio::spawn(to_peer);
+    let mut from_peer = tokio::spawn(from_peer);
+    let joined = |r: Result<std::io::Result<()>, tokio::task::JoinError>, what: &str| match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(e) => Err(format!("{what}: {e}")),
+    };
+    // Which ended first (the other is then stopped), or the half's stop.
+    let first = tokio::select! {
+        r = &mut to_peer => Some((true, joined(r, "to the peer"))),
+        r = &mut from_peer => Some((false, joined(r, "from the peer"))),
+        _ = async { let _ = stop.wait_for(|s| *s).await; } => None,
+    };
+    to_peer.abort();
+    from_peer.abort();
+    let r = match first {
+        Some((true, r)) => {
+            let _ = from_peer.await;
+            r
+        }
+        Some((false, r)) => {
+            let _ = to_peer.await;
+            r
+        }
+        None => {
+            let _ = to_peer.await;
+            let _ = from_peer.await;
+            Ok(())
+        }
     };
     drop(tun);
     r
