@@ -372,3 +372,143 @@ fn get_counter(host: &Host, at: Ipv4Addr) -> u64 {
     .join()
     .unwrap()
 }
+
+/// Connected clients redis counts, read through `at` from `host` (the
+/// reading connection included).
+fn connected_clients(host: &Host, at: Ipv4Addr) -> u64 {
+    host.spawn_in(move || {
+        let mut c = redis::Client::connect(at, T);
+        let info = c.cmd(&[b"INFO", b"clients"]).1.unwrap_or_default();
+        let info = String::from_utf8_lossy(&info).into_owned();
+        info.lines().find_map(|l| l.strip_prefix("connected_clients:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    })
+    .join()
+    .unwrap()
+}
+
+/// The relay's endpoint is the peer port, behind the group's mutual TLS: a
+/// host without the keys that writes a `Relay` frame and a packet of a
+/// carried connection there is refused, and the packet never reaches the
+/// workload. A connection its client closes during the freeze is closed at
+/// the destination once the relay carries the client's FIN; the other
+/// carried connection works on; when it closes too, the relay ends and
+/// leaves no device, route, rule or descriptor behind.
+#[test]
+fn only_the_group_reaches_the_relay_and_a_close_during_the_freeze_ends_cleanly() {
+    require_root();
+    require_tool("iptables", "iptables");
+    let tmp = tempfile::tempdir().unwrap();
+    let img = redis::image(tmp.path());
+    let (ha, hb) = Host::pair("estn", None).unwrap();
+    let hc = Host::isolated("estnc").unwrap();
+    let (a_on_c, c_addr) = ha.link(&hc).unwrap();
+    let (b_on_c, _) = hb.link(&hc).unwrap();
+    let a = Outer::builder("estn-a").host(&ha).layout(&img.layout).start().unwrap();
+    // A restore that takes 3 s more: a freeze long enough to act in.
+    let b = Outer::builder("estn-b")
+        .host(&hb)
+        .layout(&img.layout)
+        .args(&["--standby"])
+        .env("UMS_FAILPOINT", "slow-restore")
+        .start()
+        .unwrap();
+    a.wait_for_line("Ready to accept connections", T).unwrap();
+    b.wait_for_line("standby", T).unwrap();
+    let (fds_a, fds_b) = (fds(&a), fds(&b));
+
+    // Two connections from C: one stays, one is closed during the freeze.
+    let (to_client, from_test) = std::sync::mpsc::channel::<&'static str>();
+    let (to_test, from_client) = std::sync::mpsc::channel::<String>();
+    let client = hc.spawn_in(move || {
+        let open = || {
+            let s = TcpStream::connect_timeout(&(a_on_c, redis::PORT).into(), Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(T)).unwrap();
+            BufReader::new(s)
+        };
+        let (mut stays, mut closes) = (open(), open());
+        assert_eq!(cmd(&mut stays, &["SET", "k", "before"]), "+OK");
+        assert_eq!(cmd(&mut closes, &["PING"]), "+PONG");
+        to_test.send("open".into()).unwrap();
+        assert_eq!(from_test.recv().unwrap(), "frozen");
+        closes.get_ref().shutdown(std::net::Shutdown::Both).unwrap();
+        drop(closes);
+        assert_eq!(from_test.recv().unwrap(), "moved");
+        let r = format!("{} {}", cmd(&mut stays, &["GET", "k"]), cmd(&mut stays, &["SET", "k", "after"]));
+        to_test.send(r).unwrap();
+        assert_eq!(from_test.recv().unwrap(), "close");
+    });
+    assert_eq!(from_client.recv_timeout(T).unwrap(), "open");
+    let mut mig = a.command(outer::UMS_IN_OUTER);
+    mig.args(["migrate", "--json", "--to", &format!("{}:{PEER_PORT}", hb.addr())]);
+    let mig = std::thread::spawn(move || mig.output().unwrap());
+    b.wait_for_line("checkpoint verified; restoring", T).unwrap();
+    to_client.send("frozen").unwrap();
+    let out = mig.join().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["result"]["relayed_connections"], 2, "{report}");
+    to_client.send("moved").unwrap();
+    assert_eq!(from_client.recv_timeout(T).unwrap(), "before +OK");
+    // The closed one is gone at B too: redis counts the one that stays and
+    // the one asking.
+    wait_until("redis at B sees the close from the freeze", Duration::from_secs(10), || {
+        connected_clients(&hc, b_on_c) == 2
+    });
+
+    // A host without the keys writes a Relay frame and a packet of the
+    // connection that stays to B's peer port: refused before any frame is read.
+    let received = |o: &Outer| status(o)["relay"]["in"]["packets_received"].as_u64().unwrap_or(0);
+    let dropped = |o: &Outer| status(o)["relay"]["in"]["dropped_packets"].as_u64().unwrap_or(0);
+    let (rx0, drop0) = (received(&b), dropped(&b));
+    let id = report["result"]["migration_id"].as_str().unwrap().to_string();
+    let answer = hc
+        .spawn_in(move || {
+            let mut s = TcpStream::connect_timeout(&(b_on_c, PEER_PORT).into(), Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            let hello = format!("{{\"migration_id\":\"{id}\"}}");
+            let mut frame = ((hello.len() + 1) as u32).to_be_bytes().to_vec();
+            frame.push(22); // Kind::Relay
+            frame.extend_from_slice(hello.as_bytes());
+            // A TCP RST "from" the client to redis, in the relay's framing.
+            let mut p = vec![0u8; 40];
+            p[0] = 0x45;
+            p[3] = 40;
+            p[8] = 64;
+            p[9] = 6;
+            p[12..16].copy_from_slice(&c_addr.octets());
+            p[16..20].copy_from_slice(&[10, 88, 0, 2]);
+            p[22..24].copy_from_slice(&redis::PORT.to_be_bytes());
+            p[32] = 0x50;
+            p[33] = 0x04;
+            frame.extend_from_slice(&(p.len() as u16).to_be_bytes());
+            frame.extend_from_slice(&p);
+            let _ = s.write_all(&frame);
+            let mut buf = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut s, &mut buf);
+            buf
+        })
+        .join()
+        .unwrap();
+    // At most a TLS alert (record type 21), never a frame (RelayOk is 23).
+    assert!(answer.is_empty() || answer[0] == 0x15, "no relay answer to a host without keys: {answer:?}");
+    assert_eq!((received(&b), dropped(&b)), (rx0, drop0), "nothing of it entered the relay");
+    assert!(
+        b.lines().iter().any(|l| l.contains("incoming peer connection ended") && l.contains("TLS")),
+        "B refused the handshake"
+    );
+
+    // The connection that stays still works, with what it wrote.
+    to_client.send("close").unwrap();
+    client.join().unwrap();
+    let at_b = hb.spawn_in(move || redis::Client::connect(b_on_c, T).cmd(&[b"GET", b"k"]).1).join().unwrap();
+    assert_eq!(at_b.as_deref(), Some(&b"after"[..]));
+    wait_until("the relay ends at A", Duration::from_secs(20), || status(&a)["relay"]["out"].is_null());
+    wait_until("the relay ends at B", Duration::from_secs(10), || status(&b)["relay"]["in"].is_null());
+    for h in [&ha, &hb] {
+        assert_eq!(leftovers(h), Vec::<String>::new(), "after the relay ended, in {}", h.name());
+    }
+    let (now_a, now_b) = (fds(&a), fds(&b));
+    println!("fds: A {fds_a} -> {now_a}, B {fds_b} -> {now_b}");
+    assert!(now_a <= fds_a, "A holds no more descriptors than before: {fds_a} -> {now_a}");
+    assert!(now_b <= fds_b + 4, "B holds only the workload's: {fds_b} -> {now_b}");
+}
