@@ -639,7 +639,10 @@ async fn freeze_and_stream(
             live,
             lazy: lazy.zip(lazy_at),
             // Frozen: the connections open now are those in the dump.
-            flows: if carry { crate::net::relay::flows_now(ctx.cfg.net.address) } else { Vec::new() },
+            flows: match carry {
+                true => crate::net::relay::at_dump(&ctx.publisher, ctx.cfg.net.address, n.pid).await,
+                false => Vec::new(),
+            },
             closed: still_open,
         }),
         Err(e) => {

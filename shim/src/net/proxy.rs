@@ -154,6 +154,8 @@ struct Kernel {
     /// The workload's veth, and whether it is cut off (`isolate_rules`).
     host_if: String,
     isolated: bool,
+    /// Rules that let some of the workload's packets through the cut.
+    exempt: Vec<Vec<String>>,
 }
 
 /// The comment that tags the rules that cut the workload's veth off.
@@ -453,9 +455,14 @@ impl Publisher {
         if k.isolated == on {
             return;
         }
+        let exempt = std::mem::take(&mut k.exempt);
         let Some(run) = k.run.as_ref() else { return };
         let op = if on { "-I" } else { "-D" };
         let mut ok = true;
+        for mut r in exempt {
+            r[2] = "-D".into();
+            let _ = run(r).await;
+        }
         for r in isolate_rules(op, &k.host_if) {
             if let Err(e) = run(r).await {
                 tracing::error!(error = %e, on, "cutting the workload's veth off");
@@ -482,6 +489,53 @@ impl Publisher {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         open()
+    }
+
+    /// Let the packets the workload's copy here sends on these connections
+    /// (client address, client port, workload port) through the cut (see
+    /// `isolate`): connections that did not move, whose clients must see
+    /// them end (reset) when the copy here is ended.
+    pub async fn let_through(&self, conns: &[(Ipv4Addr, u16, u16)]) {
+        let mut k = self.s.kernel.lock().await;
+        if !k.isolated {
+            return;
+        }
+        let Some(run) = k.run.as_ref() else { return };
+        let mut added = Vec::new();
+        for (client, client_port, port) in conns {
+            let r: Vec<String> = [
+                "-t",
+                "raw",
+                "-I",
+                "PREROUTING",
+                "-i",
+                &k.host_if,
+                "-s",
+                &self.s.target.to_string(),
+                "-d",
+                &client.to_string(),
+                "-p",
+                "tcp",
+                "--sport",
+                &port.to_string(),
+                "--dport",
+                &client_port.to_string(),
+                "-m",
+                "comment",
+                "--comment",
+                ISOLATE_TAG,
+                "-j",
+                "ACCEPT",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            match run(r.clone()).await {
+                Ok(_) => added.push(r),
+                Err(e) => tracing::warn!(error = %e, "a connection left behind may not see its reset"),
+            }
+        }
+        k.exempt.extend(added);
     }
 
     /// As `hold_and_drain`, for a migration that takes the connections the

@@ -144,10 +144,53 @@ fn conntrack() -> String {
     std::fs::read_to_string("/proc/net/nf_conntrack").unwrap_or_default()
 }
 
-/// The connections to carry if the workload moves now (this namespace's
-/// conntrack; call it with the workload frozen).
-pub fn flows_now(target: Ipv4Addr) -> Vec<Flow> {
-    dnat_flows(&conntrack(), target)
+/// The remote ends (address, port, local port) of the TCP sockets that a
+/// process owns (inode not 0) in `/proc/PID/net/tcp` or `tcp6` text, IPv4
+/// and IPv4-mapped: the connections CRIU dumps. A connection still in a
+/// listening socket's accept queue has no inode, and is not dumped.
+fn owned_sockets(text: &str) -> HashSet<(Ipv4Addr, u16, u16)> {
+    let addr = |s: &str| -> Option<(Ipv4Addr, u16)> {
+        let (ip, port) = s.split_once(':')?;
+        let ip = match ip.len() {
+            8 => ip,
+            32 if ip.starts_with("0000000000000000FFFF0000") => &ip[24..],
+            _ => return None,
+        };
+        let v = u32::from_str_radix(ip, 16).ok()?;
+        Some((Ipv4Addr::from(v.swap_bytes()), u16::from_str_radix(port, 16).ok()?))
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let inode = f.get(9)?;
+            if *inode == "0" {
+                return None;
+            }
+            let (_, local_port) = addr(f.get(1)?)?;
+            let (remote, remote_port) = addr(f.get(2)?)?;
+            Some((remote, remote_port, local_port))
+        })
+        .collect()
+}
+
+/// At the dump (the workload `pid` frozen): the connections the kernel
+/// forwarded to `target` that the dump takes along, to relay after the move.
+/// The others (still in an accept queue, not dumped) are let through the
+/// cut of the workload's veth, so their clients see the reset when the copy
+/// here ends, as without a relay.
+pub async fn at_dump(publisher: &crate::net::proxy::Publisher, target: Ipv4Addr, pid: i32) -> Vec<Flow> {
+    let mut owned = HashSet::new();
+    for f in ["tcp", "tcp6"] {
+        owned.extend(owned_sockets(&std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).unwrap_or_default()));
+    }
+    let (carried, left): (Vec<Flow>, Vec<Flow>) =
+        dnat_flows(&conntrack(), target).into_iter().partition(|f| owned.contains(&(f.client, f.client_port, f.port)));
+    if !left.is_empty() {
+        let conns: Vec<(Ipv4Addr, u16, u16)> = left.iter().map(|f| (f.client, f.client_port, f.port)).collect();
+        publisher.let_through(&conns).await;
+    }
+    carried
 }
 
 /// The carried connections, and which packets may pass.
@@ -781,6 +824,23 @@ ipv4     2 tcp      6 431999 ESTABLISHED src=10.88.0.2 dst=1.1.1.1 sport=41000 d
             ]
         );
         assert!(dnat_flows("", t()).is_empty());
+    }
+
+    #[test]
+    fn only_sockets_a_process_owns_are_dumped() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:18EB 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1234 1 0 100 0 0 10 0
+   1: 0200580A:18EB 0300090A:9C40 01 00000000:00000000 00:00000000 00000000     0        0 1236 1 0 20 4 30 10 -1
+   2: 0200580A:18EB 0300090A:9C41 01 00000000:00000012 00:00000000 00000000     0        0 0 1 0 20 4 30 10 -1
+";
+        let c = Ipv4Addr::new(10, 9, 0, 3);
+        let owned = owned_sockets(text);
+        assert!(owned.contains(&(c, 40000, 6379)), "{owned:?}");
+        assert!(!owned.contains(&(c, 40001, 6379)), "queued, not accepted");
+        let six = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0000000000000000FFFF00000200580A:1F90 0000000000000000FFFF00000300090A:9C42 01 00000000:00000000 00:00000000 00000000     0        0 777 1 0 20 4 30 10 -1
+";
+        assert_eq!(owned_sockets(six), [(c, 40002, 8080)].into_iter().collect());
     }
 
     #[test]
