@@ -176,3 +176,37 @@ fn a_partition_during_the_transfer_thaws_the_source_and_the_destination_discards
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(verdict(&mut p, &m).verdict, Verdict::Runs(1));
 }
+
+#[test]
+fn a_disk_that_fills_up_during_the_transfer_thaws_the_source_and_the_destination_discards() {
+    // Room for the checkpoint when the migration starts (the pre-migration
+    // check passes); then something else on the destination's disk takes
+    // what is left while the checkpoint streams in.
+    let mut p = Pair::start("ffill", slow_link(), destination(|b| b.state_size("320m")));
+    let m = marks(&p);
+    let h = p.start_migrate(0);
+    p.wait_receiving(1, 16);
+    let fill = p.sides[1]
+        .exec(
+            "sh",
+            &["-c", "dd if=/dev/zero of=/var/lib/ums/filler bs=1M 2>&1 | tail -1; df -m /var/lib/ums | tail -1"],
+        )
+        .unwrap();
+    println!("filled: {}", String::from_utf8_lossy(&fill.stdout).trim());
+    let out = h.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "the migration succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    println!("migrate: {}", err.trim());
+    assert!(err.contains("No space left on device") || err.contains("space"), "the cause is not named: {err}");
+    // The filler is someone else's: the destination discards only its own
+    // files, so remove it before checking that it is a clean standby.
+    let rm = p.sides[1].exec("rm", &["-f", "/var/lib/ums/filler"]).unwrap();
+    assert!(rm.status.success());
+    let c = verdict(&mut p, &m);
+    assert_eq!(c.verdict, Verdict::Runs(0));
+    // With its disk back, the destination takes it.
+    let m = marks(&p);
+    let out = p.start_migrate(0).join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(verdict(&mut p, &m).verdict, Verdict::Runs(1));
+}

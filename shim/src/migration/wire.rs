@@ -64,6 +64,11 @@ pub enum Kind {
     Relay = 22,
     /// JSON, the destination's answer to `Relay`: its half is ready.
     RelayOk = 23,
+    /// JSON, the first frame of a connection to a witness (`witness`):
+    /// `{migration_id, decision}`, "record this unless a decision is held".
+    WitnessRecord = 30,
+    /// JSON, the witness's answer: `{decision, since_unix_ms}`, the held one.
+    WitnessAnswer = 31,
 }
 
 impl Kind {
@@ -90,6 +95,8 @@ impl Kind {
             16 => RoundOk,
             22 => Relay,
             23 => RelayOk,
+            30 => WitnessRecord,
+            31 => WitnessAnswer,
             _ => return None,
         })
     }
