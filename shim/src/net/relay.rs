@@ -218,6 +218,68 @@ fn ports_of(p: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, u8, u16, u16)> {
     Some((src, dst, p[9], sport, dport))
 }
 
+/// The Internet checksum of `data` (ones' complement sum, folded).
+fn checksum(data: &[u8], mut sum: u32) -> u16 {
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The reset a closed port answers TCP packet `p` with (RFC 9293 3.10.7.1),
+/// from `p`'s destination to its source; none for a reset, or not TCP.
+fn reset_for(p: &[u8]) -> Option<Vec<u8>> {
+    let (src, dst, proto, sport, dport) = ports_of(p)?;
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let tcp = p.get(ihl..)?;
+    if proto != 6 || tcp.len() < 20 {
+        return None;
+    }
+    let flags = tcp[13];
+    if flags & 0x04 != 0 {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([p[2], p[3]])).min(p.len());
+    let payload = total.saturating_sub(ihl + usize::from(tcp[12] >> 4) * 4) as u32;
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+    let (rseq, rack, rflags) = if flags & 0x10 != 0 {
+        (ack, 0, 0x04)
+    } else {
+        let len = payload + u32::from(flags & 0x02 != 0) + u32::from(flags & 0x01 != 0);
+        (0, seq.wrapping_add(len), 0x14)
+    };
+    let mut r = vec![0u8; 40];
+    r[0] = 0x45;
+    r[2..4].copy_from_slice(&40u16.to_be_bytes());
+    r[6] = 0x40; // don't fragment
+    r[8] = 64;
+    r[9] = 6;
+    r[12..16].copy_from_slice(&dst.octets());
+    r[16..20].copy_from_slice(&src.octets());
+    let c = checksum(&r[..20], 0);
+    r[10..12].copy_from_slice(&c.to_be_bytes());
+    r[20..22].copy_from_slice(&dport.to_be_bytes());
+    r[22..24].copy_from_slice(&sport.to_be_bytes());
+    r[24..28].copy_from_slice(&rseq.to_be_bytes());
+    r[28..32].copy_from_slice(&rack.to_be_bytes());
+    r[32] = 0x50;
+    r[33] = rflags;
+    let pseudo: u32 = [dst.octets(), src.octets()]
+        .iter()
+        .flat_map(|o| [u16::from_be_bytes([o[0], o[1]]), u16::from_be_bytes([o[2], o[3]])])
+        .map(u32::from)
+        .sum::<u32>()
+        + 6
+        + 20;
+    let c = checksum(&r[20..], pseudo);
+    r[36..38].copy_from_slice(&c.to_be_bytes());
+    Some(r)
+}
+
 impl Flows {
     /// A packet from a client of a carried connection to the workload.
     fn admits_inbound(&self, p: &[u8]) -> bool {
@@ -705,6 +767,16 @@ async fn pump(
                 loop {
                     match nix::unistd::read(tun.get_ref().as_raw_fd(), &mut buf) {
                         Ok(0) => return Ok::<(), std::io::Error>(()),
+                        // At the source, a connection the move did not take
+                        // (not dumped: its socket was still queued, or half
+                        // open) has no workload anywhere: its client gets the
+                        // reset a closed port sends, not silence.
+                        Ok(n) if dir == Direction::Out && !half.flows.admits_inbound(&buf[..n]) => {
+                            if let Some(r) = reset_for(&buf[..n]) {
+                                let _ = nix::unistd::write(tun.get_ref(), &r);
+                                half.dropped.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
                         Ok(n) => {
                             w.write_all(&(n as u16).to_be_bytes()).await?;
                             w.write_all(&buf[..n]).await?;
@@ -885,6 +957,33 @@ ipv4     2 tcp      6 431999 ESTABLISHED src=10.88.0.2 dst=1.1.1.1 sport=41000 d
         assert!(!flows.admits_inbound(&frag));
         assert!(!flows.admits_inbound(&[0x60; 40]));
         assert!(!flows.admits_inbound(&[]));
+    }
+
+    #[test]
+    fn a_reset_answers_a_packet_of_a_connection_left_behind() {
+        let mut p = packet([10, 9, 0, 3], [10, 88, 0, 2], 6, 40000, 6379);
+        p[2..4].copy_from_slice(&45u16.to_be_bytes());
+        p.extend_from_slice(b"hello");
+        p[32] = 0x50;
+        p[33] = 0x18; // PSH ACK
+        p[28..32].copy_from_slice(&777u32.to_be_bytes());
+        let r = reset_for(&p).unwrap();
+        assert_eq!(ports_of(&r), Some((t(), Ipv4Addr::new(10, 9, 0, 3), 6, 6379, 40000)));
+        assert_eq!(&r[24..28], &777u32.to_be_bytes(), "seq = the packet's ack");
+        assert_eq!(r[33], 0x04);
+        assert_eq!(checksum(&r[..20], 0), 0, "IP header checksum");
+        let pseudo = [10u32 * 256 + 88, 2, 10 * 256 + 9, 3, 6, 20].iter().sum::<u32>();
+        assert_eq!(checksum(&r[20..], pseudo), 0, "TCP checksum");
+        // A SYN gets RST|ACK acknowledging it; a reset gets nothing.
+        let mut syn = packet([10, 9, 0, 3], [10, 88, 0, 2], 6, 40001, 6379);
+        syn[2..4].copy_from_slice(&40u16.to_be_bytes());
+        syn[32] = 0x50;
+        syn[33] = 0x02;
+        syn[24..28].copy_from_slice(&1000u32.to_be_bytes());
+        let r = reset_for(&syn).unwrap();
+        assert_eq!((&r[28..32], r[33]), (&1001u32.to_be_bytes()[..], 0x14));
+        syn[33] = 0x04;
+        assert!(reset_for(&syn).is_none());
     }
 
     #[test]
