@@ -480,6 +480,7 @@ async fn a_symlink_escaping_the_writable_layer_is_refused() {
             created_unix_ms: 0,
             tcp_established: true,
             settings: None,
+            relay_flows: Vec::new(),
         },
     };
     wire::send_json(&mut c.write, Kind::Manifest, &manifest).await.unwrap();
@@ -537,6 +538,7 @@ async fn a_migration_fenced_by_a_query_is_never_restored() {
             created_unix_ms: 0,
             tcp_established: true,
             settings: None,
+            relay_flows: Vec::new(),
         },
     };
     wire::send_json(&mut c.write, Kind::Manifest, &manifest).await.unwrap();

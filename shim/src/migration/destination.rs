@@ -102,6 +102,9 @@ async fn handle(
         tracing::info!(peer = %peer, received, "link probe answered");
         return Ok(());
     }
+    if first.kind == Kind::Relay {
+        return crate::net::relay::serve_in(peer, first, r, w).await.map_err(InError::Refuse);
+    }
     if first.kind == Kind::WitnessRecord {
         let rec: super::witness::Record = refuse_malformed(&mut w, first.parse()).await?;
         let held = match witness.record(&rec) {
@@ -807,6 +810,12 @@ async fn restore(
     let lazy = post.is_some() || local.is_some();
     // The workload's own command, hostname, ports and TCP mode, not ours.
     let rcfg = crate::workload::checkpoint::restore_config(&ctx.cfg, meta);
+    // The client connections the source will relay here: their answers must
+    // take the relay from the workload's first packet on.
+    let relay = crate::net::relay::before_restore(cfg, &ctx.reaper, &hello.migration_id, &meta.relay_flows).await;
+    if let Err(e) = relay {
+        tracing::warn!(error = %e, "no relay for the carried connections; they will be closed");
+    }
     let restore = tokio::task::spawn_blocking(move || {
         crate::workload::nested::restore(&rcfg, &c2.reaper, &c2.runtime, &digest, &images, &work, lazy, move |upper| {
             let f = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
@@ -821,6 +830,7 @@ async fn restore(
     Ok(match restored {
         Ok((n, d)) => (Ok(n), (verify_ms, ms(d)), post, local),
         Err(e) => {
+            crate::net::relay::restore_failed().await;
             if let Some(p) = post {
                 postcopy::kill(p.daemon_pid);
                 p.bridge.abort();

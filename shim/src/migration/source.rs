@@ -336,7 +336,9 @@ async fn migrate(
     // From here the workload is frozen: every failure path must thaw it,
     // unless the destination may run it (settle decides).
     let mut sent = None;
-    let committed = commit(ctx, n, &dir, &mut session, frozen.streamer.take(), held, frozen.t_freeze, &mut sent).await;
+    let committed =
+        commit(ctx, n, &dir, &mut session, (frozen.streamer.take(), &frozen.flows), held, frozen.t_freeze, &mut sent)
+            .await;
     let committed = match settle(
         ctx,
         n,
@@ -379,6 +381,9 @@ async fn migrate(
         Some(sa) => ctx.publisher.forward_to(sa.ip()).await,
         None => ctx.publisher.close().await,
     }
+    let relayed = frozen.flows.len();
+    let flows = std::mem::take(&mut frozen.flows);
+    crate::net::relay::start_out(ctx.cfg.clone(), ctx.reaper.clone(), to.into(), migration_id.clone(), flows);
     // Post-copy: the frozen copy here holds memory the destination still
     // fetches; it ends only once the destination has every page.
     let pages_at_running = pages.load(std::sync::atomic::Ordering::Relaxed);
@@ -435,6 +440,8 @@ async fn migrate(
         "checkpoint_end_ms": ms(frozen.dump_end),
         "listen_drain_ms": t.listen_drain_ms,
         "in_flight_skipped": t.in_flight_skipped,
+        "relayed_connections": relayed,
+        "closed_connections": frozen.closed,
         "rootfs_diff_ms": committed.diff_ms,
         "transfer_ms": ms(Duration::from_secs_f64(transfer_s)),
         "verify_ms": res.verify_ms,
@@ -607,6 +614,11 @@ struct Frozen {
     live: bool,
     /// Post-copy: the lazy dump, whose CRIU serves the memory at this address.
     lazy: Option<(checkpoint::LazyDump, std::net::SocketAddr)>,
+    /// Client connections the dump took along, relayed after the move.
+    flows: Vec<crate::net::relay::Flow>,
+    /// Client connections that could not be taken along (proxied ones open
+    /// at the freeze): closed when the workload has left.
+    closed: usize,
 }
 
 /// Freeze and dump: new clients wait from here; CRIU dumps into `dir/criu`
@@ -628,7 +640,11 @@ async fn freeze_and_stream(
         Mode::StopCopy | Mode::PreCopy | Mode::Auto => None,
     };
     // Clients: new connections wait from here on; those in flight may finish.
-    let still_open = ctx.publisher.hold_and_drain().await;
+    // With its established connections dumped, the ones the kernel forwarded
+    // move along (relayed afterwards): only the proxy's need to finish.
+    let carry = n.settings.tcp_established;
+    let still_open =
+        if carry { ctx.publisher.hold_and_drain_proxied().await } else { ctx.publisher.hold_and_drain().await };
     if still_open > 0 {
         tracing::info!(still_open, "connections still open at the freeze; they end when the workload has left");
     }
@@ -676,6 +692,12 @@ async fn freeze_and_stream(
             dump_end: t_freeze.elapsed(),
             live,
             lazy: lazy.zip(lazy_at),
+            // Frozen: the connections open now are those in the dump.
+            flows: match carry {
+                true => crate::net::relay::at_dump(&ctx.publisher, ctx.cfg.net.address, n.pid).await,
+                false => Vec::new(),
+            },
+            closed: still_open,
         }),
         Err(e) => {
             if let Some(s) = s {
@@ -738,7 +760,7 @@ async fn commit(
     n: &Arc<Nested>,
     dir: &Path,
     session: &mut Session,
-    s: Option<streamer::Streamer>,
+    (s, flows): (Option<streamer::Streamer>, &[crate::net::relay::Flow]),
     held: Option<HashMap<String, Held>>,
     t_freeze: Instant,
     sent: &mut Option<Sent>,
@@ -786,7 +808,8 @@ async fn commit(
     .map_err(MigrateError::Stream)?;
     let diff_ms = ms(t_diff.elapsed());
     files.push(diff_entry);
-    let manifest = Manifest { files, meta: checkpoint::meta(&ctx.cfg, n), pages };
+    let meta = checkpoint::Meta { relay_flows: flows.to_vec(), ..checkpoint::meta(&ctx.cfg, n) };
+    let manifest = Manifest { files, meta, pages };
     let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
     // From here on the destination may restore: only its word settles it.
     *sent = Some(Sent { bytes, flushed_at: None });

@@ -70,6 +70,12 @@ pub enum Kind {
     /// Binary: u32 file id, u64 offset, u32 length before compression, a
     /// zstd frame of those bytes (only when `HelloOk.compression` is zstd).
     DataZ = 19,
+    /// JSON, the first frame of a connection that carries the packets of the
+    /// client connections a migration took along (`net::relay`):
+    /// `{migration_id}`; then u16-length-prefixed IPv4 packets, both ways.
+    Relay = 22,
+    /// JSON, the destination's answer to `Relay`: its half is ready.
+    RelayOk = 23,
     /// JSON, the first frame of a connection to a witness (`witness`):
     /// `{migration_id, decision}`, "record this unless a decision is held".
     WitnessRecord = 30,
@@ -102,6 +108,8 @@ impl Kind {
             17 => Probe,
             18 => ProbeAnswer,
             19 => DataZ,
+            22 => Relay,
+            23 => RelayOk,
             30 => WitnessRecord,
             31 => WitnessAnswer,
             _ => return None,

@@ -3,3 +3,4 @@
 //! the destination after it.
 
 pub mod proxy;
+pub mod relay;

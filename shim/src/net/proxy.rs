@@ -151,6 +151,27 @@ struct Kernel {
     run: Option<IptablesRunner>,
     /// The ports whose DNAT rule is in place.
     on: std::collections::BTreeSet<PortMap>,
+    /// The workload's veth, and whether it is cut off (`isolate_rules`).
+    host_if: String,
+    isolated: bool,
+    /// Rules that let some of the workload's packets through the cut.
+    exempt: Vec<Vec<String>>,
+}
+
+/// The comment that tags the rules that cut the workload's veth off.
+const ISOLATE_TAG: &str = "ums-isolate";
+
+/// `iptables` arguments that add (`-I`) or delete (`-D`) the rules that cut
+/// the workload's veth `host_if` off: nothing from it (raw PREROUTING, before
+/// conntrack), nothing to it (mangle POSTROUTING).
+fn isolate_rules(op: &str, host_if: &str) -> [Vec<String>; 2] {
+    let rule = |table: &str, chain: &str, dir: &str| -> Vec<String> {
+        ["-t", table, op, chain, dir, host_if, "-m", "comment", "--comment", ISOLATE_TAG, "-j", "DROP"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    [rule("raw", "PREROUTING", "-i"), rule("mangle", "POSTROUTING", "-o")]
 }
 
 /// The comment that tags ums's DNAT rules.
@@ -188,11 +209,17 @@ fn loopback_snat_rule(op: &str, target: Ipv4Addr, gateway: Ipv4Addr, host_if: &s
 /// The delete commands for the `ums-publish` rules in `iptables -t nat -S`
 /// output (left by an earlier ums in this network namespace).
 fn stale_rules(listing: &str) -> Vec<Vec<String>> {
+    stale_rules_in("nat", RULE_TAG, listing)
+}
+
+/// The delete commands for the rules tagged `tag` in `iptables -t TABLE -S`
+/// output.
+fn stale_rules_in(table: &str, tag: &str, listing: &str) -> Vec<Vec<String>> {
     listing
         .lines()
-        .filter(|l| l.starts_with("-A ") && l.split_whitespace().any(|w| w == RULE_TAG))
+        .filter(|l| l.starts_with("-A ") && l.split_whitespace().any(|w| w == tag))
         .map(|l| {
-            let mut v: Vec<String> = vec!["-t".into(), "nat".into(), "-D".into()];
+            let mut v: Vec<String> = vec!["-t".into(), table.into(), "-D".into()];
             v.extend(l.split_whitespace().skip(1).map(String::from));
             v
         })
@@ -261,6 +288,12 @@ impl Publisher {
         for stale in stale_rules(&rules) {
             run(stale).await?;
         }
+        for table in ["raw", "mangle"] {
+            let rules = run(["-t", table, "-S"].map(String::from).to_vec()).await.unwrap_or_default();
+            for stale in stale_rules_in(table, ISOLATE_TAG, &rules) {
+                run(stale).await?;
+            }
+        }
         // A packet from 127.0.0.1 may leave loopback only with route_localnet
         // (as kube-proxy sets it for node ports on localhost).
         std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1")
@@ -269,6 +302,8 @@ impl Publisher {
         let mut k = self.s.kernel.lock().await;
         k.run = Some(run);
         k.on.clear();
+        k.host_if = host_if.to_string();
+        k.isolated = false;
         self.s.kernel_enabled.store(true, Ordering::Release);
         Ok(())
     }
@@ -402,7 +437,40 @@ impl Publisher {
         }
         self.s.mode.send_replace(m);
         if m == Mode::Direct {
+            self.isolate(false).await;
             self.kernel_rules(true).await;
+        }
+    }
+
+    /// Cut the workload's veth off (`on`), or join it again. A migration that
+    /// takes established connections along cuts it before the dump: once
+    /// CRIU has their state, the copy left here must neither acknowledge a
+    /// client's bytes (they would be lost) nor send anything (its end, when
+    /// it is killed, would close the client's connection). Conntrack keeps
+    /// the connections' translation; the relay carries them afterwards. The
+    /// cut holds until the workload runs here again (`Direct`): after a
+    /// failed migration, or a restore here.
+    async fn isolate(&self, on: bool) {
+        let mut k = self.s.kernel.lock().await;
+        if k.isolated == on {
+            return;
+        }
+        let exempt = std::mem::take(&mut k.exempt);
+        let Some(run) = k.run.as_ref() else { return };
+        let op = if on { "-I" } else { "-D" };
+        let mut ok = true;
+        for mut r in exempt {
+            r[2] = "-D".into();
+            let _ = run(r).await;
+        }
+        for r in isolate_rules(op, &k.host_if) {
+            if let Err(e) = run(r).await {
+                tracing::error!(error = %e, on, "cutting the workload's veth off");
+                ok = false;
+            }
+        }
+        if ok || !on {
+            k.isolated = on;
         }
     }
 
@@ -421,6 +489,70 @@ impl Publisher {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         open()
+    }
+
+    /// Let the packets the workload's copy here sends on these connections
+    /// (client address, client port, workload port) through the cut (see
+    /// `isolate`): connections that did not move, whose clients must see
+    /// them end (reset) when the copy here is ended.
+    pub async fn let_through(&self, conns: &[(Ipv4Addr, u16, u16)]) {
+        let mut k = self.s.kernel.lock().await;
+        if !k.isolated {
+            return;
+        }
+        let Some(run) = k.run.as_ref() else { return };
+        let mut added = Vec::new();
+        for (client, client_port, port) in conns {
+            let r: Vec<String> = [
+                "-t",
+                "raw",
+                "-I",
+                "PREROUTING",
+                "-i",
+                &k.host_if,
+                "-s",
+                &self.s.target.to_string(),
+                "-d",
+                &client.to_string(),
+                "-p",
+                "tcp",
+                "--sport",
+                &port.to_string(),
+                "--dport",
+                &client_port.to_string(),
+                "-m",
+                "comment",
+                "--comment",
+                ISOLATE_TAG,
+                "-j",
+                "ACCEPT",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            match run(r.clone()).await {
+                Ok(_) => added.push(r),
+                Err(e) => tracing::warn!(error = %e, "a connection left behind may not see its reset"),
+            }
+        }
+        k.exempt.extend(added);
+    }
+
+    /// As `hold_and_drain`, for a migration that takes the connections the
+    /// kernel forwarded along (`net::relay`): only the proxy's own
+    /// connections, which cannot move, are given time to finish.
+    /// The workload's veth is then cut off (see `isolate`) until it runs
+    /// here again.
+    pub async fn hold_and_drain_proxied(&self) -> usize {
+        self.set(Mode::Hold).await;
+        let until = Instant::now() + self.s.hold.in_flight;
+        let open = || self.s.active.load(Ordering::Acquire);
+        while open() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let still = open();
+        self.isolate(true).await;
+        still
     }
 
     /// The workload left for `ip`: end connections to the old copy, send
@@ -684,6 +816,12 @@ mod tests {
         assert_eq!(&stale[0][..4], &["-t", "nat", "-D", "PREROUTING"]);
         assert_eq!(&stale[1][..4], &["-t", "nat", "-D", "POSTROUTING"]);
         assert!(stale[0].contains(&"10.88.0.2:8080".to_string()));
+        let [from, to] = isolate_rules("-I", "ums0");
+        assert_eq!(from.join(" "), "-t raw -I PREROUTING -i ums0 -m comment --comment ums-isolate -j DROP");
+        assert_eq!(to.join(" "), "-t mangle -I POSTROUTING -o ums0 -m comment --comment ums-isolate -j DROP");
+        let listing = format!("-P PREROUTING ACCEPT\n{}\n", isolate_rules("-A", "ums0")[0][2..].join(" "));
+        let stale = stale_rules_in("raw", ISOLATE_TAG, &listing);
+        assert_eq!(stale, vec![isolate_rules("-D", "ums0")[0].clone()]);
     }
 
     #[test]

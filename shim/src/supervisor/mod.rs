@@ -239,6 +239,7 @@ impl Supervisor {
             "last_op": self.last_op,
             "orphans_reaped": self.ctx.reaper.orphans_reaped(),
             "published": self.ctx.publisher.status(),
+            "relay": crate::net::relay::status(self.ctx.cfg.net.address),
             "listen_drain_ms": checkpoint::ms(self.ctx.cfg.listen_drain),
             "ums": { "version": env!("CARGO_PKG_VERSION"), "pid": std::process::id(), "rss_kib": rss_kib },
         })

@@ -58,6 +58,11 @@ pub struct Meta {
     /// ums: the restoring side's own flags apply then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settings: Option<nested::Settings>,
+    /// A migration's client connections that the source relays to the
+    /// destination after the move (`net::relay`): the destination routes the
+    /// workload's answers on them back through the relay.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relay_flows: Vec<crate::net::relay::Flow>,
 }
 
 /// The config to restore the checkpoint described by `m` with: `cfg` with the
@@ -321,6 +326,7 @@ pub fn meta(cfg: &Config, n: &Nested) -> Meta {
             .unwrap_or(0),
         tcp_established: n.settings.tcp_established,
         settings: Some(n.settings.clone()),
+        relay_flows: Vec::new(),
     }
 }
 
