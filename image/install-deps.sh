@@ -81,6 +81,26 @@ build_criu() {
 
 apt_install "${RUNTIME_PKGS[@]}"
 [ "$WITH_TEST" = 1 ] && apt_install "${TEST_PKGS[@]}"
+
+# Real servers the tests run as nested workloads (tests/tests/real_servers.rs),
+# as Debian's packages: downloaded, never installed (installing would start
+# them as services on this host). The tests unpack them into their images.
+TEST_DEBS=(nginx memcached libevent-2.1-7)
+TEST_DEBS_DIR=/var/cache/ums-test-debs
+fetch_test_debs() {
+  mkdir -p "$TEST_DEBS_DIR"
+  local p need=()
+  for p in "${TEST_DEBS[@]}"; do
+    compgen -G "$TEST_DEBS_DIR/${p}_*.deb" >/dev/null || need+=("$p")
+  done
+  [ ${#need[@]} -eq 0 ] && return 0
+  log "downloading (not installing) Debian packages for the tests: ${need[*]}"
+  if ! (cd "$TEST_DEBS_DIR" && apt-get download -qq -o APT::Sandbox::User=root "${need[@]}" >/dev/null); then
+    apt-get update -qq
+    (cd "$TEST_DEBS_DIR" && apt-get download -qq -o APT::Sandbox::User=root "${need[@]}" >/dev/null)
+  fi
+}
+[ "$WITH_TEST" = 1 ] && fetch_test_debs
 if criu_ok; then
   log "criu $(criu --version | awk '/^Version:/ {print $2}') already present"
 else

@@ -17,6 +17,7 @@
 pub mod cgroup;
 pub mod chaos;
 pub mod copy;
+pub mod debs;
 pub mod fault;
 pub mod host;
 pub mod invariants;
