@@ -322,3 +322,86 @@ fn ctr_checkpoint_then_restore_into_a_new_container() {
     let mounts = ums_e2e::outer::mounts_below(&c.dir);
     assert!(mounts.is_empty(), "mounts left: {mounts:?}");
 }
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The shim serving container `id` (its command line names the id).
+fn shim_of(c: &Containerd, id: &str) -> Option<i32> {
+    c.shims().into_iter().find(|pid| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        String::from_utf8_lossy(&cmdline).split('\0').any(|a| a == id)
+    })
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Start time, shim RSS and `ctr task checkpoint` time at 128 MiB, beside
+/// containerd's own `io.containerd.runc.v2` in the same containerd and the
+/// same run, rounds interleaved. Prints the figures (docs/containerd.md);
+/// asserts only that both runtimes did every step.
+#[test]
+fn figures_beside_the_runc_v2_shim() {
+    let _one = ONE_CONTAINERD.lock().unwrap_or_else(|e| e.into_inner());
+    require_tool("containerd-shim-runc-v2", "containerd");
+    let tmp = tempfile::Builder::new().prefix("ums-test-cshim-").tempdir().unwrap();
+    let c = containerd(tmp.path());
+    let image = import_memctr(&c, tmp.path());
+    let runtimes = ["io.containerd.runc.v2", RUNTIME];
+    const ROUNDS: usize = 5;
+    let mut start = [Vec::new(), Vec::new()];
+    let mut rss = [Vec::new(), Vec::new()];
+    let mut ckpt = [Vec::new(), Vec::new()];
+    for round in 0..ROUNDS {
+        for (i, rt) in runtimes.iter().enumerate() {
+            let id = unique_name("fig");
+            let mib = if round < 3 { "128" } else { "0" };
+            let mut cmd = c.ctr();
+            cmd.args(["run", "--runtime", rt, &image, &id, "/bin/memctr", mib]);
+            let t0 = Instant::now();
+            let mut a = Attached::spawn(cmd);
+            // The first output line comes before memctr touches its memory.
+            a.log.wait_for_from(0, "env ", T).unwrap_or_else(|e| panic!("{rt}: {e}: {:?}", a.log.lines()));
+            start[i].push(t0.elapsed().as_secs_f64() * 1e3);
+            a.log.wait_for_from(0, "tick 2 ", T).unwrap();
+            let shim = shim_of(&c, &id).unwrap_or_else(|| panic!("{rt}: no shim for {id}"));
+            rss[i].push(rss_kib(shim) as f64 / 1024.0);
+            if mib == "128" {
+                let t1 = Instant::now();
+                run(c.ctr().args(["task", "checkpoint", &id])).unwrap_or_else(|e| panic!("{rt}: {e:#}"));
+                ckpt[i].push(t1.elapsed().as_secs_f64() * 1e3);
+                let n = a.log.len();
+                a.log.wait_for_from(n, "tick ", T).unwrap();
+            }
+            run(c.ctr().args(["task", "kill", "--signal", "SIGKILL", &id])).unwrap();
+            assert_eq!(a.wait_exit(T), 137, "{rt}");
+            run(c.ctr().args(["containers", "delete", &id])).unwrap();
+        }
+    }
+    say!("containerd {} shim figures, median of {ROUNDS} runs (checkpoint: 3 runs, 128 MiB):", RUNTIME);
+    say!("| runtime | start to first output (ms) | shim RSS (MiB) | ctr task checkpoint 128 MiB (ms) |");
+    say!("|---|---|---|---|");
+    for (i, rt) in runtimes.iter().enumerate() {
+        say!(
+            "| {rt} | {:.0} (min {:.0}, max {:.0}) | {:.1} | {:.0} (min {:.0}, max {:.0}) |",
+            median(&mut start[i].clone()),
+            start[i].iter().cloned().fold(f64::MAX, f64::min),
+            start[i].iter().cloned().fold(0.0, f64::max),
+            median(&mut rss[i].clone()),
+            median(&mut ckpt[i].clone()),
+            ckpt[i].iter().cloned().fold(f64::MAX, f64::min),
+            ckpt[i].iter().cloned().fold(0.0, f64::max),
+        );
+    }
+    assert!(rss.iter().all(|r| r.iter().all(|k| *k > 0.0)), "every shim's RSS was read");
+    wait_gone("shim processes", Duration::from_secs(10), || c.shims());
+}
