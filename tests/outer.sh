@@ -4,7 +4,8 @@
 #
 #   outer.sh --name NAME --root DIR [--netns PATH] [--layout OCI_LAYOUT_DIR]
 #            [--ums PATH_TO_UMS_BINARY] [--peer-keys KEY_SET_DIR]
-#            [--cgroup-procs FILE]... [--state-size SIZE] -- ARGS_FOR_UMS_INIT...
+#            [--cgroup-procs FILE]... [--state-size SIZE] [--clock-offset SECS]
+#            -- ARGS_FOR_UMS_INIT...
 #
 # It builds a root filesystem under DIR and runs `ums init ARGS...` in it as
 # PID 1 of new mount, pid, uts and ipc namespaces, in the network namespace PATH
@@ -21,6 +22,9 @@
 #                                Kubernetes Secret would be mounted; /etc is then
 #                                the host's under a read-only overlay (the host's
 #                                /etc is never written)
+# --clock-offset SECS: the outer container gets a time namespace of its own
+# whose CLOCK_MONOTONIC and CLOCK_BOOTTIME run SECS ahead of the host's, as
+# on a host booted that much earlier (two real hosts never agree on them).
 # --cgroup-procs FILE (repeatable): the outer container joins that cgroup
 # (writes its pid to FILE) before anything else, as an orchestrator puts a
 # container in a cgroup of its own; the caller made the cgroup and removes it.
@@ -48,7 +52,7 @@ usage() {
 	exit 2
 }
 
-name= root= netns= layout= ums= peer_keys= state_size=
+name= root= netns= layout= ums= peer_keys= state_size= clock_offset=
 cgroup_procs=()
 UMS_PEER_KEYS_DIR=/etc/ums/peer
 args=()
@@ -64,6 +68,7 @@ parse_args() {
 		--peer-keys) peer_keys=${2:?}; shift 2 ;;
 		--cgroup-procs) cgroup_procs+=("${2:?}"); shift 2 ;;
 		--state-size) state_size=${2:?}; shift 2 ;;
+		--clock-offset) clock_offset=${2:?}; shift 2 ;;
 		--) shift; args=("$@"); return ;;
 		*) usage ;;
 		esac
@@ -105,6 +110,7 @@ outer_stage() {
 	else
 		ns+=(--net)
 	fi
+	[[ -z $clock_offset ]] || ns+=(--time --monotonic "$clock_offset" --boottime "$clock_offset")
 	local inner=(--name "$name" --root "$root")
 	[[ -z $layout ]] || inner+=(--layout "$layout")
 	[[ -z $ums ]] || inner+=(--ums "$ums")

@@ -96,6 +96,9 @@ pub struct Config {
     pub evacuate_within: Duration,
     /// A restore (runc and CRIU) still running after this is killed.
     pub restore_timeout: Duration,
+    /// The witness (HOST:PORT, a third `ums` of the group) that outgoing
+    /// migrations name as their commit point (`migration::witness`).
+    pub witness: Option<String>,
     /// Where the workload's cgroups go: below the outer container's own
     /// (`workload::cgroup::setup` decides it at start).
     pub cgroup_parent: crate::workload::cgroup::Parent,
@@ -224,6 +227,7 @@ impl Default for Config {
             evacuate_within: Duration::from_secs(20),
             cgroup_parent: crate::workload::cgroup::Parent::Relative,
             restore_timeout: Self::DEFAULT_RESTORE_TIMEOUT,
+            witness: None,
             precopy_target_freeze: Duration::from_millis(500),
             precopy_rounds: 5,
         }

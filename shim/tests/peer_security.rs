@@ -167,6 +167,7 @@ async fn dest(peer_timeout: Duration) -> Dest {
         cpu_features: None,
         post_copy: false,
         pre_copy: false,
+        witness: None,
     };
     let before = tree(root);
     Dest { addr, tmp, events, hello, before }

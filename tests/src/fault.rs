@@ -213,6 +213,15 @@ impl Partition {
         Ok(p)
     }
 
+    /// Cut `host` off from `addr` only (one of several links, say).
+    pub fn between(host: &crate::Host, addr: std::net::Ipv4Addr) -> anyhow::Result<Partition> {
+        crate::require_tool("iptables", "iptables");
+        let mut p = Partition { netns: host.name().to_string(), peer: addr, on: false };
+        p.rules("-I")?;
+        p.on = true;
+        Ok(p)
+    }
+
     /// Let packets through again.
     pub fn heal(&mut self) -> anyhow::Result<()> {
         if self.on {

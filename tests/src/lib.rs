@@ -38,7 +38,7 @@ pub use host::{in_netns, Host};
 pub use oci_layout::{Compression, ImageBuilder, Layer, OciImage};
 pub use outer::{last_tick, status, ticks, Outer, OuterBuilder};
 pub use output::LineLog;
-pub use workload::{build_websrv, build_workload, parse_sum, parse_tick, Tick};
+pub use workload::{build_clockmon, build_websrv, build_workload, parse_sum, parse_tick, Tick};
 
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {

@@ -43,6 +43,7 @@ pub struct OuterBuilder {
     peer_keys: PeerKeys,
     cgroup: Option<Option<u64>>,
     state_size: Option<String>,
+    clock_offset: Option<u64>,
 }
 
 /// Which peer key set an outer container gets at [`PEER_KEYS_IN_OUTER`].
@@ -174,6 +175,13 @@ impl OuterBuilder {
 
     /// The size of the tmpfs on the state dir (/var/lib/ums: layers,
     /// bundle, images dirs), as `mount -o size=` spells it (`48m`).
+    /// A time namespace for the outer container whose CLOCK_MONOTONIC and
+    /// CLOCK_BOOTTIME run `secs` ahead of the host's (a host booted earlier).
+    pub fn clock_offset(mut self, secs: u64) -> Self {
+        self.clock_offset = Some(secs);
+        self
+    }
+
     pub fn state_size(mut self, size: &str) -> Self {
         self.state_size = Some(size.into());
         self
@@ -243,6 +251,9 @@ impl OuterBuilder {
         if let Some(size) = &self.state_size {
             cmd.arg("--state-size").arg(size);
         }
+        if let Some(secs) = self.clock_offset {
+            cmd.arg("--clock-offset").arg(secs.to_string());
+        }
         cmd.arg("--").args(&self.args);
         cmd.env_remove("UMS_OUTER_STAGE");
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
@@ -300,6 +311,7 @@ impl Outer {
             peer_keys: PeerKeys::Default,
             cgroup: None,
             state_size: None,
+            clock_offset: None,
         }
     }
 
@@ -380,10 +392,14 @@ impl Outer {
     }
 
     /// A command that runs `program` inside the outer container (all its
-    /// namespaces and its root), with the outer's PATH and no other env.
+    /// namespaces, its time namespace too, and its root), with the outer's
+    /// PATH and no other env.
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg("-t").arg(self.pid1().to_string()).args(["-m", "-p", "-n", "-u", "-i", "-r", "-w", "--"]).arg(program);
+        cmd.arg("-t")
+            .arg(self.pid1().to_string())
+            .args(["-m", "-p", "-n", "-u", "-i", "-T", "-r", "-w", "--"])
+            .arg(program);
         cmd.env_clear().env("PATH", OUTER_PATH).env("HOME", "/root");
         for key in ["RUST_LOG", "RUST_BACKTRACE"] {
             if let Some(v) = std::env::var_os(key) {

@@ -32,6 +32,11 @@ pub fn build_websrv(tmp: &Path) -> PathBuf {
     try_build(tmp, "websrv").unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// Compiles `tests/workloads/clockmon.c` (prints its clocks every 100 ms).
+pub fn build_clockmon(tmp: &Path) -> PathBuf {
+    try_build(tmp, "clockmon").unwrap_or_else(|e| panic!("{e:#}"))
+}
+
 fn try_build(tmp: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads").join(format!("{name}.c"));
     let code = std::fs::read(&source).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", source.display()))?;

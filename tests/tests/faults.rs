@@ -176,3 +176,88 @@ fn a_partition_during_the_transfer_thaws_the_source_and_the_destination_discards
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(verdict(&mut p, &m).verdict, Verdict::Runs(1));
 }
+
+#[test]
+fn a_disk_that_fills_up_during_the_transfer_thaws_the_source_and_the_destination_discards() {
+    // Room for the checkpoint when the migration starts (the pre-migration
+    // check passes); then something else on the destination's disk takes
+    // what is left while the checkpoint streams in.
+    let mut p = Pair::start("ffill", slow_link(), destination(|b| b.state_size("320m")));
+    let m = marks(&p);
+    let h = p.start_migrate(0);
+    p.wait_receiving(1, 16);
+    let fill = p.sides[1]
+        .exec(
+            "sh",
+            &["-c", "dd if=/dev/zero of=/var/lib/ums/filler bs=1M 2>&1 | tail -1; df -m /var/lib/ums | tail -1"],
+        )
+        .unwrap();
+    println!("filled: {}", String::from_utf8_lossy(&fill.stdout).trim());
+    let out = h.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "the migration succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    println!("migrate: {}", err.trim());
+    assert!(err.contains("No space left on device") || err.contains("space"), "the cause is not named: {err}");
+    // The filler is someone else's: the destination discards only its own
+    // files, so remove it before checking that it is a clean standby.
+    let rm = p.sides[1].exec("rm", &["-f", "/var/lib/ums/filler"]).unwrap();
+    assert!(rm.status.success());
+    let c = verdict(&mut p, &m);
+    assert_eq!(c.verdict, Verdict::Runs(0));
+    // With its disk back, the destination takes it.
+    let m = marks(&p);
+    let out = p.start_migrate(0).join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(verdict(&mut p, &m).verdict, Verdict::Runs(1));
+}
+
+#[test]
+fn a_partition_while_the_image_is_sent_fails_before_anything_is_frozen() {
+    // A's image carries a 48 MiB layer that B lacks: pre-migration sends it
+    // (over 400 Mbit/s, about a second) before anything is frozen.
+    let tmp = tempfile::tempdir().unwrap();
+    let memctr = build_workload(tmp.path());
+    let mut big = vec![0u8; 48 << 20];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for c in big.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+    let img = ImageBuilder::new(&memctr)
+        .cmd(&["128"])
+        .env("MEMCTR_FILE", "/data-marker")
+        .layer(Layer::new(Compression::None).file("opt/big.bin", big, 0o644))
+        .build(&tmp.path().join("big-layout"))
+        .expect("build the image with a big layer");
+    let layout = img.layout.clone();
+    let mut p = Pair::start("fprem", slow_link(), move |side, b| if side == 0 { b.layout(&layout) } else { b });
+    let m = marks(&p);
+    let h = p.start_migrate(0);
+    // Wait for the blob to be on its way into B's image layout.
+    let t0 = std::time::Instant::now();
+    loop {
+        let out = p.sides[1].exec("du", &["-sm", "/var/lib/ums/image"]).unwrap();
+        let mib: u64 =
+            String::from_utf8_lossy(&out.stdout).split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        if mib >= 8 {
+            break;
+        }
+        assert!(t0.elapsed() < T, "B never received the image's blob");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut cut = Partition::start(&p.hosts[0]).unwrap();
+    let out = h.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    println!("migrate: {}", err.trim());
+    let c = verdict(&mut p, &m);
+    assert_eq!(c.verdict, Verdict::Runs(0));
+    assert!(c.longest_gap < Duration::from_millis(400), "the workload was frozen for {:?}", c.longest_gap);
+    cut.heal().unwrap();
+    let m = marks(&p);
+    let out = p.start_migrate(0).join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(verdict(&mut p, &m).verdict, Verdict::Runs(1));
+}

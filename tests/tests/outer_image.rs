@@ -22,6 +22,7 @@
 //! debootstrap); compiled only with `--features image-tests`.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -833,7 +834,10 @@ fn require_docker_tools() {
 /// Docker Engine: `docker build` of the Dockerfile (on the debootstrap'ed
 /// base, `docker import`ed into a dockerd the test starts), `docker run`
 /// with the least-privileged flags (DOCKER_OUTER, not `--privileged`), and a
-/// live migration Docker -> podman -> Docker of the workload.
+/// live migration Docker -> podman -> Docker of a web workload whose port is
+/// published: a client on a third host asks both outer containers' published
+/// ports before, between and after the moves, and the server's request
+/// counter (in its memory) goes on across both, in the same process.
 #[test]
 fn outer_image_migrates_between_docker_and_podman() {
     require_root();
@@ -846,12 +850,18 @@ fn outer_image_migrates_between_docker_and_podman() {
     let tag = unique_name("dk").replace("ums-test-", "localhost/ums-test-");
     let workload_tag = format!("{tag}:workload");
 
+    // websrv (HTTP on 8080, exposed by the image, so ums publishes it on the
+    // outer container's addresses), with a file written into its image.
     let memctr = build_workload(tmp.path());
+    let websrv = std::fs::read(build_websrv(tmp.path())).unwrap();
     let img = ImageBuilder::new(&memctr)
-        .cmd(&["64"])
-        .env("MEMCTR_FILE", "/data-marker")
+        .file("bin/websrv", websrv, 0o755)
+        .file("data-marker", b"written-by-the-image".to_vec(), 0o644)
+        .entrypoint(&["/bin/websrv"])
+        .cmd(&["8080", "5353"])
+        .expose("8080/tcp")
         .build(&tmp.path().join("layout"))
-        .expect("build the workload image");
+        .expect("build the web workload image");
     let tarball = tmp.path().join("workload.oci.tar");
     oci_tarball(&img.layout, &tarball);
 
@@ -899,31 +909,113 @@ fn outer_image_migrates_between_docker_and_podman() {
     a.wait_for_line("ums ready");
     let ha = Host::attach("dk-a", a.pid1()).unwrap();
     let (a_addr, b_addr) = ha.link(&hb).unwrap();
+    // The client's host, linked to both outer containers.
+    let hc = Host::isolated("dk-c").unwrap();
+    let (_, a_for_c) = hc.link(&ha).unwrap();
+    let (_, b_for_c) = hc.link(&hb).unwrap();
     let b = podman_run(&podman, &b_name, &hb, &workload_tag, keys.as_deref(), &["--standby"]);
-    a.wait_for_line("tick 5 ");
+    a.wait_for_line("listening");
     b.wait_for_line("standby");
     assert!(ready(&a) && !ready(&b), "ums-ready: the workload's outer container only");
-    let sum0 = a.lines().iter().find_map(|l| parse_sum(l)).unwrap();
-    let file0 =
-        a.lines().iter().find(|l| l.starts_with("file ")).unwrap().split_whitespace().nth(2).unwrap().to_string();
+    assert_eq!(web_file(&a), "written-by-the-image");
 
-    let r1 = migrate(&a, &b, b_addr);
+    let at_a = SocketAddr::from((a_for_c, 8080));
+    let at_b = SocketAddr::from((b_for_c, 8080));
+    let (n0, token) = hits(&hc, at_a, "docker's published port before the move");
+    let mut last = n0;
+    let mut next = |addr: SocketAddr, what: &str| {
+        let (n, t) = hits(&hc, addr, what);
+        assert_eq!(t, token, "{what}: another process answered (the server restarted)");
+        assert!(n > last, "{what}: the request counter went from {last} to {n}");
+        last = n;
+    };
+
+    let r1 = migrate_web(&a, &b, b_addr);
     say!("docker -> podman: {r1}");
-    assert!(r1["bytes"].as_u64().unwrap() > 64 << 20, "{r1}");
-    assert_eq!(checksum(&b), sum0, "memory checksum after docker -> podman");
-    assert_eq!(marker(&b), file0, "file written before the migration");
+    assert!(r1["bytes"].as_u64().unwrap() > 1 << 20, "{r1}");
+    next(at_b, "podman's published port after docker -> podman");
+    next(at_a, "docker's published port (forwarded to podman) after docker -> podman");
+    assert_eq!(web_file(&b), "written-by-the-image", "the image's file after docker -> podman");
     assert!(!ready(&a) && ready(&b), "ums-ready follows the workload");
 
-    let r2 = migrate(&b, &a, a_addr);
+    let r2 = migrate_web(&b, &a, a_addr);
     say!("podman -> docker: {r2}");
-    assert_eq!(checksum(&a), sum0, "memory checksum after podman -> docker");
-    assert_eq!(marker(&a), file0, "file written before the first migration");
+    next(at_a, "docker's published port after podman -> docker");
+    next(at_b, "podman's published port (forwarded to docker) after podman -> docker");
+    assert_eq!(web_file(&a), "written-by-the-image", "the image's file after podman -> docker");
     assert!(ready(&a) && !ready(&b));
 
     drop(b);
     drop(a);
+    drop(hc);
     drop(ha);
     say!("docker round trip in {:.1} s in all", t_all.elapsed().as_secs_f64());
+}
+
+/// `ums migrate --json` from `src` to `dst`; then `src` is a standby and
+/// `dst` runs the workload.
+fn migrate_web(src: &EngineOuter, dst: &EngineOuter, addr: std::net::Ipv4Addr) -> serde_json::Value {
+    let out = src.exec("ums", &["migrate", "--json", "--to", &format!("{addr}:{PEER_PORT}")]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "migrate {} -> {} failed: {text} {}\n--- {}:\n{}\n--- {}:\n{}",
+        src.name,
+        dst.name,
+        String::from_utf8_lossy(&out.stderr),
+        src.name,
+        src.lines().join("\n"),
+        dst.name,
+        dst.lines().join("\n")
+    );
+    assert_eq!(status(src)["state"], "standby");
+    assert_eq!(status(dst)["state"], "running");
+    serde_json::from_str::<serde_json::Value>(&text).unwrap()["result"].clone()
+}
+
+/// One HTTP/1.0 request to websrv from `client`'s namespace: (its request
+/// count, its process's start token). Retries for a few seconds (a
+/// connection refused while a moved port comes up).
+fn hits(client: &Host, addr: SocketAddr, what: &str) -> (u64, String) {
+    let body = client
+        .spawn_in(move || {
+            let until = Instant::now() + Duration::from_secs(20);
+            loop {
+                match http_get(addr) {
+                    Ok(b) => return Ok(b),
+                    Err(e) if Instant::now() > until => return Err(e),
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        })
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{what} ({addr}): {e}"));
+    // "hits <n> pid-start <token>"
+    let f: Vec<&str> = body.split_whitespace().collect();
+    assert!(f.len() == 4 && f[0] == "hits" && f[2] == "pid-start", "{what}: unexpected answer {body:?}");
+    (f[1].parse().unwrap(), f[3].to_string())
+}
+
+fn http_get(addr: SocketAddr) -> Result<String, String> {
+    use std::io::Read;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").map_err(|e| format!("write: {e}"))?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(|e| format!("read: {e}"))?;
+    match resp.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.0 200") => Ok(body.to_string()),
+        _ => Err(format!("bad response {resp:?}")),
+    }
+}
+
+/// The image's file, read through the workload's root.
+fn web_file(o: &EngineOuter) -> String {
+    let pid = status(o)["workload"]["pid"].as_i64().unwrap();
+    let f = o.exec("cat", &[&format!("/proc/{pid}/root/data-marker")]);
+    String::from_utf8_lossy(&f.stdout).trim().to_string()
 }
 
 /// A command's outcome in one line: `ok`, or its exit status and last line.

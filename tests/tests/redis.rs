@@ -60,6 +60,16 @@ fn redis_keeps_every_key_through_stop_copy_pre_copy_and_post_copy() {
     a.wait_for_line("Ready to accept connections", T).unwrap();
     b.wait_for_line("standby", T).unwrap();
     let a_addr = ha.addr();
+    // The outer container's file limit reaches the server (not 1024): it
+    // keeps the full 10000 clients it asks for by default.
+    let info = hb.spawn_in(move || redis::Client::connect(a_addr, T).cmd(&[b"INFO", b"clients"]).1).join().unwrap();
+    let info = String::from_utf8_lossy(&info.expect("INFO clients")).to_string();
+    assert!(info.lines().any(|l| l.trim() == "maxclients:10000"), "redis's maxclients: {info}");
+    assert!(
+        !a.lines().iter().any(|l| l.contains("maxclients") && l.contains("max file descriptors")),
+        "redis lowered maxclients for lack of file descriptors:\n{}",
+        a.lines().join("\n")
+    );
     hb.spawn_in(move || redis::Client::connect(a_addr, T).load(KEYS)).join().unwrap();
     // Stop-copy (its restore serves the memory from the received images).
     migrate(&a, &b, &hb, "stop-copy");

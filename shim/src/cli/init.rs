@@ -98,6 +98,12 @@ pub struct Args {
     /// started, and fails (5m).
     #[arg(long, env = "UMS_RESTORE_TIMEOUT", default_value = "5m", value_parser = crate::supervisor::parse_duration)]
     pub restore_timeout: std::time::Duration,
+    /// A third ums of the peer group (HOST:PORT) that witnesses this side's
+    /// outgoing migrations: its record is their commit point, so that a
+    /// partition between source and destination is settled by the side
+    /// that still reaches it (docs/migration-protocol.md, "The witness").
+    #[arg(long, env = "UMS_WITNESS")]
+    pub witness: Option<String>,
     /// Inject a fault (tests only).
     #[arg(long, env = "UMS_FAILPOINT", hide = true, value_enum)]
     pub failpoint: Option<crate::config::Failpoint>,
@@ -173,6 +179,7 @@ impl Args {
             evacuate_to: self.evacuate_to,
             evacuate_within: self.evacuate_within,
             restore_timeout: self.restore_timeout,
+            witness: self.witness,
             precopy_target_freeze: self.precopy_target_freeze,
             precopy_rounds: self.precopy_rounds,
             ..Config::default()

@@ -36,6 +36,7 @@ pub async fn serve_peers(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let outcomes = Outcomes::default();
+    let witness = super::witness::Store::open(ctx.cfg.state_dir.join("witness.json"));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
     loop {
         tokio::select! {
@@ -46,10 +47,11 @@ pub async fn serve_peers(
                         tracing::warn!(peer = %addr, "too many peer connections; closing this one");
                         continue;
                     };
-                    let (ctx, inbox, outcomes) = (ctx.clone(), inbox.clone(), outcomes.clone());
+                    let (ctx, inbox, outcomes, witness) =
+                        (ctx.clone(), inbox.clone(), outcomes.clone(), witness.clone());
                     tokio::spawn(async move {
                         let _slot = slot;
-                        if let Err(e) = handle(ctx, stream, inbox, outcomes).await {
+                        if let Err(e) = handle(ctx, stream, inbox, outcomes, witness).await {
                             tracing::warn!(peer = %addr, error = %e, "incoming peer connection ended");
                         }
                     });
@@ -71,7 +73,13 @@ enum InError {
     Refuse(String),
 }
 
-async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes: Outcomes) -> Result<(), InError> {
+async fn handle(
+    ctx: Ctx,
+    stream: TcpStream,
+    inbox: mpsc::Sender<Msg>,
+    outcomes: Outcomes,
+    witness: super::witness::Store,
+) -> Result<(), InError> {
     let conn = super::transport::accept(&ctx.cfg, stream)
         .await
         .map_err(|e| InError::Refuse(format!("peer connection: {e}")))?;
@@ -87,6 +95,19 @@ async fn handle(ctx: Ctx, stream: TcpStream, inbox: mpsc::Sender<Msg>, outcomes:
         let answer = answer_query(&q, &outcomes, &inbox).await;
         tracing::info!(peer = %peer, id = %q.migration_id, action = ?q.action, state = ?answer.state, "query answered");
         wire::send_json(&mut w, Kind::QueryAnswer, &answer).await?;
+        return Ok(());
+    }
+    if first.kind == Kind::WitnessRecord {
+        let rec: super::witness::Record = refuse_malformed(&mut w, first.parse()).await?;
+        let held = match witness.record(&rec) {
+            Ok(h) => h,
+            Err(message) => {
+                wire::send_json(&mut w, Kind::Error, &wire::ErrorMsg { message: message.clone() }).await?;
+                return Err(InError::Refuse(message));
+            }
+        };
+        tracing::info!(peer = %peer, id = %rec.migration_id, asked = ?rec.decision, held = ?held.decision, "witness: decision held");
+        wire::send_json(&mut w, Kind::WitnessAnswer, &held).await?;
         return Ok(());
     }
     if first.kind == Kind::PageLink {
@@ -382,7 +403,12 @@ async fn receive(
     wire::send_json(
         w,
         Kind::HelloOk,
-        &HelloOk { protocol: wire::PROTOCOL_VERSION, missing_blobs: missing.clone(), criu_version },
+        &HelloOk {
+            protocol: wire::PROTOCOL_VERSION,
+            missing_blobs: missing.clone(),
+            criu_version,
+            witness: hello.witness.is_some(),
+        },
     )
     .await?;
 
@@ -412,6 +438,13 @@ async fn receive(
         verify_ms += ms(t.elapsed());
     }
     tracing::info!(files = manifest.files.len(), bytes = total, verify_ms, "checkpoint verified; restoring");
+    // With a witness, its record is the commit point: no restore unless it
+    // holds `commit` (a source in doubt may have recorded `abort` first).
+    if let Some(addr) = &hello.witness {
+        let commit = super::witness::commit(cfg, addr, &hello.migration_id, cfg.peer_read_timeout);
+        with_heartbeats(w, cfg.peer_read_timeout, commit).await.map_err(InError::Refuse)?;
+        tracing::info!(id = %hello.migration_id, witness = %addr, "committed at the witness; restoring");
+    }
     // A source that asked meanwhile was told "not running": keep the promise.
     if let Err(phase) = outcomes.start_restore(&hello.migration_id) {
         return Err(InError::Refuse(format!(

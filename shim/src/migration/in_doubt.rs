@@ -13,6 +13,12 @@
 //!   id so it never will; the source thaws;
 //! * `restoring`: ask again.
 //!
+//! With a witness (`--witness`, `witness`), the source also asks it to record
+//! `abort`: if the witness then holds `abort`, the destination can never
+//! restore the workload, and the source thaws at once, whatever the link to
+//! the destination does; if it holds `commit`, the destination may run it,
+//! and the source waits for the destination's answer as above.
+//!
 //! An operator can settle it instead (`ums resolve --thaw | --abandon`),
 //! accepting the risk each names. After `--thaw` the source keeps asking the
 //! destination to end any copy it runs (`Query`, action `stop`) until it
@@ -35,6 +41,8 @@ pub enum Settled {
     Running { since_unix_ms: u64 },
     /// It does not run there and never will (fenced).
     NotRunning,
+    /// The witness holds `abort`: the destination can never restore it.
+    AbortedAtWitness { witness: String },
     /// An operator decided; answer `reply` once done.
     Operator(Resolution, oneshot::Sender<Response>),
 }
@@ -81,13 +89,47 @@ pub async fn settle(cfg: &Config, board: &Board, to: &str, id: &str, cause: Stri
             queries: 0,
             last_error: None,
             last_answer: None,
+            witness: None,
         });
         g.decide = Some(tx);
     }
     tracing::warn!(id, peer = to, cause = %cause, "migration in doubt: the workload stays frozen here until the destination answers (or `ums resolve`)");
     let mut wait = Duration::from_millis(250);
+    let mut witness_held = None;
     // The sender stays on the board until an operator uses it.
     let settled = loop {
+        if let (Some(addr), None) = (&cfg.witness, witness_held) {
+            let asked = tokio::select! {
+                Ok((r, reply)) = &mut decided => break Settled::Operator(r, reply),
+                a = super::witness::ask(cfg, addr, id, super::witness::Decision::Abort, query_timeout(cfg)) => a,
+            };
+            let shown = match &asked {
+                Ok(h) => format!("{:?}", h.decision).to_lowercase(),
+                Err(e) => format!("not reached: {e}"),
+            };
+            if let Some(i) = board.lock().info.as_mut() {
+                i.witness = Some(shown);
+            }
+            match asked {
+                Ok(h) if h.decision == super::witness::Decision::Abort => {
+                    tracing::warn!(
+                        id,
+                        witness = addr.as_str(),
+                        "the witness holds `abort`: the destination can never restore the workload; it runs here again"
+                    );
+                    break Settled::AbortedAtWitness { witness: addr.clone() };
+                }
+                Ok(h) => {
+                    tracing::warn!(
+                        id,
+                        witness = addr.as_str(),
+                        "the witness holds `commit`: the destination may run the workload; waiting for its answer"
+                    );
+                    witness_held = Some(h.decision);
+                }
+                Err(e) => tracing::info!(id, witness = addr.as_str(), error = %e, "the witness does not answer yet"),
+            }
+        }
         let asked = tokio::select! {
             Ok((r, reply)) = &mut decided => break Settled::Operator(r, reply),
             a = query(cfg, to, id, QueryAction::Fence) => a,

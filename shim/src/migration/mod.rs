@@ -36,6 +36,7 @@ pub mod source;
 pub mod streamer;
 pub mod transport;
 pub mod wire;
+pub mod witness;
 
 use serde::{Deserialize, Serialize};
 
@@ -93,6 +94,10 @@ pub struct Hello {
     /// with `RoundOk`, before the final, frozen one (`precopy`).
     #[serde(default)]
     pub pre_copy: bool,
+    /// The witness (HOST:PORT, a third `ums` of the group) whose record is
+    /// this migration's commit point (`witness`). Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,6 +106,10 @@ pub struct HelloOk {
     pub protocol: u32,
     pub missing_blobs: Vec<String>,
     pub criu_version: String,
+    /// The destination commits at the Hello's witness before it restores.
+    /// A source that named a witness migrates only when this is true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub witness: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

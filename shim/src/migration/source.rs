@@ -190,6 +190,7 @@ async fn pre_migration(
         cpu_features: Some(super::cpu::local(&cfg.cpu_hide).into_iter().collect()),
         post_copy: mode == Mode::PostCopy,
         pre_copy: mode == Mode::PreCopy,
+        witness: cfg.witness.clone(),
     };
     send(Frame::json(Kind::Hello, &hello)).await.map_err(MigrateError::Pre)?;
     let ok: HelloOk =
@@ -200,6 +201,12 @@ async fn pre_migration(
         };
     if mode == Mode::PostCopy {
         postcopy::check_criu_versions(&facts.criu_version, &ok.criu_version).map_err(MigrateError::Refused)?;
+    }
+    if let (Some(w), false) = (&cfg.witness, ok.witness) {
+        return Err(MigrateError::Refused(format!(
+            "the destination does not commit at the witness {w} (an older ums?): a partition could then leave the \
+             workload running twice; upgrade it, or migrate without --witness"
+        )));
     }
     // Exactly the missing blobs, each one of ours.
     let blobs_sent: Result<u64, MigrateError> = async {
@@ -814,6 +821,9 @@ async fn settle(
         Settled::NotRunning => Err(MigrateError::Restore(format!(
             "{e}; the destination then said the workload does not run there, and fenced the migration"
         ))),
+        Settled::AbortedAtWitness { witness } => Err(MigrateError::Restore(format!(
+            "{e}; the witness {witness} holds `abort` for this migration, so the destination can never restore it"
+        ))),
         Settled::Operator(Resolution::Abandon, reply) => {
             tracing::warn!(error = %e, "in doubt; the operator ended the frozen copy here (ums resolve --abandon)");
             let _ = reply.send(Response::ok(json!({
@@ -932,7 +942,7 @@ async fn post_copy(
                     end_lazy_dump(dump, (!link_done).then_some(link), at).await;
                     Ok(None)
                 }
-                Settled::NotRunning => {
+                Settled::NotRunning | Settled::AbortedAtWitness { .. } => {
                     end_lazy_dump(dump, (!link_done).then_some(link), at).await;
                     Err((
                         MigrateError::PostCopy(format!(

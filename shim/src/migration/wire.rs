@@ -58,6 +58,11 @@ pub enum Kind {
     RoundEnd = 15,
     /// JSON, destination to source: the round's images are rebuilt and held.
     RoundOk = 16,
+    /// JSON, the first frame of a connection to a witness (`witness`):
+    /// `{migration_id, decision}`, "record this unless a decision is held".
+    WitnessRecord = 30,
+    /// JSON, the witness's answer: `{decision, since_unix_ms}`, the held one.
+    WitnessAnswer = 31,
 }
 
 impl Kind {
@@ -82,6 +87,8 @@ impl Kind {
             21 => PageAck,
             15 => RoundEnd,
             16 => RoundOk,
+            30 => WitnessRecord,
+            31 => WitnessAnswer,
             _ => return None,
         })
     }

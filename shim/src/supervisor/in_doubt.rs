@@ -36,6 +36,11 @@ pub struct Info {
     pub queries: u64,
     pub last_error: Option<String>,
     pub last_answer: Option<PeerAnswer>,
+    /// With a witness (`--witness`): the decision it holds for this
+    /// migration (`commit`: the destination may run it, so this side waits
+    /// for it), or the last error reaching it. Absent without a witness.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub witness: Option<String>,
 }
 
 /// A migration whose copy here was thawed by an operator while the
