@@ -9,6 +9,7 @@
 //! containerd hands over, its stdio FIFOs, its events. See docs/containerd.md.
 
 mod service;
+mod stats;
 mod stdio;
 
 use containerd_shim::asynchronous::run;

@@ -678,6 +678,25 @@ impl Task for Service {
         Ok(Empty::new())
     }
 
+    async fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+        let pid = {
+            let cs = self.inner.containers.lock().await;
+            let c = cs.get(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            if c.init.pid <= 0 || c.init.exited().is_some() {
+                return Err(not_found(&format!("process of container {}", req.id)));
+            }
+            c.init.pid
+        };
+        let m = Self::blocking(move || {
+            crate::stats::metrics(pid).ok_or_else(|| {
+                status_err(ttrpc::Code::UNIMPLEMENTED, "Stats reads cgroup v1 only (no v1 memory cgroup)")
+            })
+        })
+        .await?;
+        let any = containerd_shim::util::convert_to_any(Box::new(m)).map_err(internal)?;
+        Ok(api::StatsResponse { stats: Some(any).into(), ..Default::default() })
+    }
+
     async fn connect(&self, _ctx: &TtrpcContext, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
         let cs = self.inner.containers.lock().await;
         let task_pid = cs.get(&req.id).map(|c| c.init.pid).unwrap_or(0);

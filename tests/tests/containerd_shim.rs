@@ -5,7 +5,7 @@
 //!
 //! - `ctr run --runtime io.containerd.ums.v1` of the memctr image the test
 //!   imports: its output reaches `ctr`, `ctr task ps/pause/resume/exec`
-//!   work, `ctr task kill` ends it with the workload's own exit status (and
+//!   work, `ctr task metrics` shows its cgroup's figures, `ctr task kill` ends it with the workload's own exit status (and
 //!   SIGKILL with 137), and after `ctr containers delete` no shim, no
 //!   workload process and no mount is left;
 //!   `ctr task checkpoint` stores a checkpoint image and the task runs on;
@@ -173,6 +173,17 @@ fn ctr_runs_execs_kills_and_deletes_through_the_ums_shim() {
     assert!(alive(pid), "task pid {pid} runs");
     let ps = run(c.ctr().args(["task", "ps", &id])).unwrap();
     assert!(ps.lines().any(|l| l.split_whitespace().next() == Some(&pid.to_string())), "ctr task ps: {ps}");
+
+    // Stats: `ctr task metrics` prints the task's cgroup figures.
+    let metrics = run(c.ctr().args(["task", "metrics", &id])).unwrap();
+    let value = |key: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().parse::<u64>().unwrap_or(0)))
+            .unwrap_or_else(|| panic!("no {key} in ctr task metrics:\n{metrics}"))
+    };
+    assert!(value("memory.usage_in_bytes") > 0, "{metrics}");
+    assert!(value("pids.current") >= 1, "{metrics}");
 
     // Exec: output and exit status of a second process.
     let out =
