@@ -8,6 +8,7 @@
 //! quoted). What is containerd's here is only the protocol: the bundle
 //! containerd hands over, its stdio FIFOs, its events. See docs/containerd.md.
 
+mod console;
 mod service;
 mod stats;
 mod stdio;

@@ -135,11 +135,13 @@ struct Proc {
     io: TaskIO,
     exited: watch::Receiver<Option<Exited>>,
     stdin: Option<StdinHandle>,
+    /// The terminal's master, for `ResizePty`.
+    console: Option<std::fs::File>,
 }
 
 impl Proc {
     fn new(io: TaskIO) -> Proc {
-        Proc { pid: 0, io, exited: watch::channel(None).1, stdin: None }
+        Proc { pid: 0, io, exited: watch::channel(None).1, stdin: None, console: None }
     }
     fn exited(&self) -> Option<Exited> {
         *self.exited.borrow()
@@ -298,10 +300,10 @@ impl Service {
 #[async_trait]
 impl Task for Service {
     async fn create(&self, _ctx: &TtrpcContext, req: api::CreateTaskRequest) -> TtrpcResult<api::CreateTaskResponse> {
-        if req.terminal {
+        if req.terminal && !req.checkpoint.is_empty() {
             return Err(status_err(
                 ttrpc::Code::UNIMPLEMENTED,
-                "io.containerd.ums.v1 has no terminal yet (run without -t)",
+                "io.containerd.ums.v1 restores no terminal yet (restore without -t)",
             ));
         }
         if self.inner.containers.lock().await.contains_key(&req.id) {
@@ -321,7 +323,7 @@ impl Task for Service {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
-            terminal: false,
+            terminal: req.terminal,
             ..Default::default()
         };
         let fail = |e: ttrpc::Error| {
@@ -330,22 +332,42 @@ impl Task for Service {
             }
             e
         };
-        let opened =
-            stdio::open(&req.stdin, &req.stdout, &req.stderr).map_err(|e| fail(internal(format!("stdio: {e}"))))?;
+        // A terminal: runc makes it and sends its master to this socket;
+        // the workload's stdio are the terminal, runc's own are /dev/null.
+        let console = if req.terminal {
+            Some(crate::console::ConsoleSocket::new().map_err(|e| fail(internal(format!("console socket: {e}"))))?)
+        } else {
+            None
+        };
+        let opened = if req.terminal {
+            stdio::Io { child: [Stdio::null(), Stdio::null(), Stdio::null()], stdin: None }
+        } else {
+            stdio::open(&req.stdin, &req.stdout, &req.stderr).map_err(|e| fail(internal(format!("stdio: {e}"))))?
+        };
         let runtime = runtime_for(&bundle);
         let mut init = Proc::new(io.clone());
         init.stdin = opened.stdin;
         let (restore_from, pending_io) = if req.checkpoint.is_empty() {
             let (rt, reaper, id, b) = (runtime.clone(), self.inner.reaper.clone(), req.id.clone(), bundle.clone());
             let child = opened.child;
-            let pid = Self::blocking(move || {
+            let (pid, master) = Self::blocking(move || {
                 let pid_file = b.join("init.pid");
-                rt.create_detached(&reaper, &id, &b, &pid_file, child)
+                let sock = console.as_ref().map(|c| c.path().to_path_buf());
+                rt.create_detached(&reaper, &id, &b, &pid_file, sock.as_deref(), child)
                     .map_err(|e| internal(format!("runc create: {e}")))?;
-                read_pid(&pid_file)
+                let master = match &console {
+                    Some(c) => Some(c.receive().map_err(|e| internal(format!("terminal from runc: {e}")))?),
+                    None => None,
+                };
+                Ok((read_pid(&pid_file)?, master))
             })
             .await
             .map_err(fail)?;
+            if let Some(m) = master {
+                let f = crate::console::attach(m, &req.stdin, &req.stdout)
+                    .map_err(|e| fail(internal(format!("terminal: {e}"))))?;
+                init.console = Some(f);
+            }
             init.pid = pid;
             init.exited = self.watch_exit(&req.id, "", pid);
             (None, None)
@@ -661,6 +683,19 @@ impl Task for Service {
         drop(cs);
         let ev = TaskExecAdded { container_id: req.id.clone(), exec_id: req.exec_id.clone(), ..Default::default() };
         self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(ev)).await;
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<Empty> {
+        let cs = self.inner.containers.lock().await;
+        let c = cs.get(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let p = if req.exec_id.is_empty() {
+            &c.init
+        } else {
+            &c.execs.get(&req.exec_id).ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?.proc
+        };
+        let master = p.console.as_ref().ok_or_else(|| status_err(ttrpc::Code::FAILED_PRECONDITION, "no terminal"))?;
+        crate::console::resize(master, req.width, req.height).map_err(internal)?;
         Ok(Empty::new())
     }
 

@@ -4,15 +4,18 @@
 //! `ctr` as a user would:
 //!
 //! - `ctr run --runtime io.containerd.ums.v1` of the memctr image the test
-//!   imports: its output reaches `ctr`, `ctr task ps/pause/resume/exec`
-//!   work, `ctr task metrics` shows its cgroup's figures, `ctr task kill` ends it with the workload's own exit status (and
-//!   SIGKILL with 137), and after `ctr containers delete` no shim, no
+//!   imports: its output reaches `ctr`; `ctr task ps`, `metrics`, `exec`,
+//!   `pause`, `resume` and `checkpoint` work (the task runs on after the
+//!   checkpoint); `ctr task kill` ends it with the workload's own exit
+//!   status (SIGKILL: 137); after `ctr containers delete` no shim, no
 //!   workload process and no mount is left;
-//!   `ctr task checkpoint` stores a checkpoint image and the task runs on;
+//! - `ctr run -t` gets a terminal of the size ctr asks for;
 //! - `ctr containers checkpoint --task --rw` (the form ctr 1.6 can restore;
 //!   the same Checkpoint call to the shim), then `ctr containers restore
 //!   --live --rw` of it into a new container: memctr's counter goes on from
-//!   where the checkpoint saw it and its memory checksum is the same.
+//!   where the checkpoint saw it and its memory checksum is the same;
+//! - start time, shim RSS and checkpoint time beside io.containerd.runc.v2
+//!   (printed, docs/containerd.md).
 //!
 //! Needs containerd (image/install-deps.sh --test) and the shim binary:
 //! `cargo build -p containerd-shim-ums` (or UMS_SHIM_BIN).
@@ -414,5 +417,36 @@ fn figures_beside_the_runc_v2_shim() {
         );
     }
     assert!(rss.iter().all(|r| r.iter().all(|k| *k > 0.0)), "every shim's RSS was read");
+    wait_gone("shim processes", Duration::from_secs(10), || c.shims());
+}
+
+/// `ctr run -t`: the workload gets a terminal (runc's console socket hands
+/// the shim its master) and `ResizePty` sets its size: ctr runs under
+/// `script` (a terminal of 33x77 rows and columns), and the workload sees
+/// a /dev/pts terminal of that size.
+#[test]
+fn ctr_run_with_a_terminal() {
+    let _one = ONE_CONTAINERD.lock().unwrap_or_else(|e| e.into_inner());
+    require_tool("script", "util-linux");
+    let tmp = tempfile::Builder::new().prefix("ums-test-cshim-").tempdir().unwrap();
+    let c = containerd(tmp.path());
+    let image = import_memctr(&c, tmp.path());
+    let id = unique_name("tty");
+    let line = format!(
+        "stty rows 33 cols 77; ctr --address {} --namespace {} run -t --rm --runtime {RUNTIME} {image} {id} \
+         /bin/sh -c 'tty; stty size; exit 5'",
+        c.socket.display(),
+        c.namespace
+    );
+    let out = Command::new("timeout")
+        .args(["60", "script", "-qec", &line, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script");
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    say!("ctr run -t: {text:?}");
+    assert!(text.lines().any(|l| l.contains("/dev/pts/")), "the workload's stdin is a terminal: {text}");
+    assert!(text.lines().any(|l| l.trim() == "33 77"), "ResizePty gave it ctr's size: {text}");
+    assert_eq!(out.status.code(), Some(5), "the exit status reaches ctr through script: {text}");
     wait_gone("shim processes", Duration::from_secs(10), || c.shims());
 }

@@ -72,12 +72,18 @@ impl Runtime {
 
     /// `create`: the container's init waits (runc's exec fifo) until `start`.
     /// containerd's Create/Start pair maps onto it (containerd-shim-ums).
-    pub fn create_args(&self, id: &str, bundle: &Path, pid_file: &Path) -> Vec<String> {
+    /// With `console`, runc sends the terminal's master end to that Unix
+    /// socket (a spec with `process.terminal`).
+    pub fn create_args(&self, id: &str, bundle: &Path, pid_file: &Path, console: Option<&Path>) -> Vec<String> {
         let mut a = self.global();
         a.extend(["create", "--bundle"].map(String::from));
         a.push(s(bundle));
         a.push("--pid-file".into());
         a.push(s(pid_file));
+        if let Some(c) = console {
+            a.push("--console-socket".into());
+            a.push(s(c));
+        }
         a.push(id.into());
         a
     }
@@ -209,9 +215,10 @@ impl Runtime {
         id: &str,
         bundle: &Path,
         pid_file: &Path,
+        console: Option<&Path>,
         stdio: [Stdio; 3],
     ) -> Result<(), ExecError> {
-        self.detached(reaper, self.create_args(id, bundle, pid_file), stdio, None, None)
+        self.detached(reaper, self.create_args(id, bundle, pid_file, console), stdio, None, None)
     }
 
     /// Run one more process in the container, detached, with these stdio.
@@ -513,8 +520,10 @@ mod tests {
 
     #[test]
     fn create_start_and_exec_name_the_container_last() {
-        let a = rt().create_args("w1", Path::new("/b"), Path::new("/b/init.pid"));
+        let a = rt().create_args("w1", Path::new("/b"), Path::new("/b/init.pid"), None);
         assert_eq!(a, ["--root", "/run/ums/runtime", "create", "--bundle", "/b", "--pid-file", "/b/init.pid", "w1"]);
+        let a = rt().create_args("w1", Path::new("/b"), Path::new("/b/init.pid"), Some(Path::new("/c.sock")));
+        assert_eq!(a[7..], ["--console-socket", "/c.sock", "w1"]);
         assert_eq!(rt().start_args("w1")[2..], ["start", "w1"]);
         let a = rt().exec_args("w1", Path::new("/b/e1.json"), Path::new("/b/e1.pid"));
         assert_eq!(a[2..], ["exec", "--detach", "--process", "/b/e1.json", "--pid-file", "/b/e1.pid", "w1"]);
