@@ -65,8 +65,9 @@ fn rand_u32() -> u32 {
 
 /// Copy the master to the stdout FIFO and the stdin FIFO to the master;
 /// returns the master for `ResizePty`.
-pub fn attach(master: OwnedFd, stdin: &str, stdout: &str) -> std::io::Result<File> {
+pub fn attach(master: OwnedFd, stdin: &str, stdout: &str) -> std::io::Result<(File, std::sync::mpsc::Receiver<()>)> {
     let master = File::from(master);
+    let (token, copies) = std::sync::mpsc::channel::<()>();
     if !stdout.is_empty() {
         let mut out = OpenOptions::new().read(true).write(true).open(stdout)?;
         let mut from = master.try_clone()?;
@@ -78,6 +79,7 @@ pub fn attach(master: OwnedFd, stdin: &str, stdout: &str) -> std::io::Result<Fil
                     break;
                 }
             }
+            drop(token);
         })?;
     }
     if !stdin.is_empty() {
@@ -88,7 +90,7 @@ pub fn attach(master: OwnedFd, stdin: &str, stdout: &str) -> std::io::Result<Fil
             let _ = std::io::copy(&mut f, &mut to);
         })?;
     }
-    Ok(master)
+    Ok((master, copies))
 }
 
 /// `ResizePty`: the terminal's rows and columns.

@@ -37,6 +37,8 @@ const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 /// Where runc keeps a container's state: inside its bundle, so nothing of
 /// it outlives the bundle containerd removes.
 const RUNC_ROOT: &str = ".ums-runc";
+/// How long an exit waits for the copies of the process's output to end.
+const COPY_GRACE: Duration = Duration::from_secs(2);
 /// A restore still running after this is killed (ums's `RestoreOpts`).
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -137,11 +139,13 @@ struct Proc {
     stdin: Option<StdinHandle>,
     /// The terminal's master, for `ResizePty`.
     console: Option<std::fs::File>,
+    /// Ends when the copies of its output have written everything.
+    copies: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 impl Proc {
     fn new(io: TaskIO) -> Proc {
-        Proc { pid: 0, io, exited: watch::channel(None).1, stdin: None, console: None }
+        Proc { pid: 0, io, exited: watch::channel(None).1, stdin: None, console: None, copies: None }
     }
     fn exited(&self) -> Option<Exited> {
         *self.exited.borrow()
@@ -261,7 +265,13 @@ impl Service {
 
     /// Learn when `pid` exits (from ums's reaper); then record it and tell
     /// containerd (`TaskExit`).
-    fn watch_exit(&self, container_id: &str, exec_id: &str, pid: i32) -> watch::Receiver<Option<Exited>> {
+    fn watch_exit(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        pid: i32,
+        copies: Option<std::sync::mpsc::Receiver<()>>,
+    ) -> watch::Receiver<Option<Exited>> {
         let (tx, rx) = watch::channel(None);
         let exit = self.inner.reaper.watch(pid);
         let svc = self.clone();
@@ -269,6 +279,10 @@ impl Service {
         tokio::spawn(async move {
             let status = exit.await.map(|e| e.code() as u32).unwrap_or(255);
             let at = SystemTime::now();
+            // Its last output reaches the FIFO before anyone hears it ended.
+            if let Some(c) = copies {
+                let _ = tokio::task::spawn_blocking(move || stdio::wait_copies(&c, COPY_GRACE)).await;
+            }
             tx.send_replace(Some(Exited { status, at }));
             let ev = TaskExit {
                 container_id: cid,
@@ -340,13 +354,18 @@ impl Task for Service {
             None
         };
         let opened = if req.terminal {
-            stdio::Io { child: [Stdio::null(), Stdio::null(), Stdio::null()], stdin: None }
+            stdio::Io {
+                child: [Stdio::null(), Stdio::null(), Stdio::null()],
+                stdin: None,
+                copies: std::sync::mpsc::channel().1,
+            }
         } else {
             stdio::open(&req.stdin, &req.stdout, &req.stderr).map_err(|e| fail(internal(format!("stdio: {e}"))))?
         };
         let runtime = runtime_for(&bundle);
         let mut init = Proc::new(io.clone());
         init.stdin = opened.stdin;
+        init.copies = (!req.terminal).then_some(opened.copies);
         let (restore_from, pending_io) = if req.checkpoint.is_empty() {
             let (rt, reaper, id, b) = (runtime.clone(), self.inner.reaper.clone(), req.id.clone(), bundle.clone());
             let child = opened.child;
@@ -364,12 +383,13 @@ impl Task for Service {
             .await
             .map_err(fail)?;
             if let Some(m) = master {
-                let f = crate::console::attach(m, &req.stdin, &req.stdout)
+                let (f, copies) = crate::console::attach(m, &req.stdin, &req.stdout)
                     .map_err(|e| fail(internal(format!("terminal: {e}"))))?;
                 init.console = Some(f);
+                init.copies = Some(copies);
             }
             init.pid = pid;
-            init.exited = self.watch_exit(&req.id, "", pid);
+            init.exited = self.watch_exit(&req.id, "", pid, init.copies.take());
             (None, None)
         } else {
             (Some(PathBuf::from(&req.checkpoint)), Some(opened.child))
@@ -430,7 +450,7 @@ impl Task for Service {
             })
             .await?;
             c.init.pid = pid;
-            c.init.exited = self.watch_exit(&req.id, "", pid);
+            c.init.exited = self.watch_exit(&req.id, "", pid, c.init.copies.take());
         } else {
             Self::blocking(move || rt.start(&reaper, &id).map_err(|e| internal(format!("runc start: {e}")))).await?;
         }
@@ -660,9 +680,6 @@ impl Task for Service {
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<Empty> {
-        if req.terminal {
-            return Err(status_err(ttrpc::Code::UNIMPLEMENTED, "io.containerd.ums.v1 has no terminal yet"));
-        }
         let mut cs = self.inner.containers.lock().await;
         let c = cs.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
         if c.execs.contains_key(&req.exec_id) {
@@ -676,7 +693,7 @@ impl Task for Service {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
-            terminal: false,
+            terminal: req.terminal,
             ..Default::default()
         };
         c.execs.insert(req.exec_id.clone(), ExecProc { proc: Proc::new(io), spec, started: false });
@@ -763,21 +780,48 @@ impl Service {
         if e.started {
             return Err(status_err(ttrpc::Code::FAILED_PRECONDITION, format!("exec {} already started", req.exec_id)));
         }
-        let opened = stdio::open(&e.proc.io.stdin, &e.proc.io.stdout, &e.proc.io.stderr)
-            .map_err(|err| internal(format!("stdio: {err}")))?;
+        let terminal = e.proc.io.terminal;
+        let console = if terminal {
+            Some(crate::console::ConsoleSocket::new().map_err(|err| internal(format!("console socket: {err}")))?)
+        } else {
+            None
+        };
+        let opened = if terminal {
+            stdio::Io {
+                child: [Stdio::null(), Stdio::null(), Stdio::null()],
+                stdin: None,
+                copies: std::sync::mpsc::channel().1,
+            }
+        } else {
+            stdio::open(&e.proc.io.stdin, &e.proc.io.stdout, &e.proc.io.stderr)
+                .map_err(|err| internal(format!("stdio: {err}")))?
+        };
         let spec = e.spec.clone();
         let pid_file = bundle.join(format!("exec-{}.pid", req.exec_id));
         let child = opened.child;
-        let pid = Self::blocking(move || {
-            rt.exec_detached(&reaper, &id, &spec, &pid_file, child).map_err(|e| internal(format!("runc exec: {e}")))?;
+        let (pid, master) = Self::blocking(move || {
+            let sock = console.as_ref().map(|c| c.path().to_path_buf());
+            rt.exec_detached(&reaper, &id, &spec, &pid_file, sock.as_deref(), child)
+                .map_err(|e| internal(format!("runc exec: {e}")))?;
+            let master = match &console {
+                Some(c) => Some(c.receive().map_err(|e| internal(format!("terminal from runc: {e}")))?),
+                None => None,
+            };
             let pid = read_pid(&pid_file);
             let _ = std::fs::remove_file(&pid_file);
-            pid
+            Ok((pid?, master))
         })
         .await?;
+        let mut copies = (!terminal).then_some(opened.copies);
+        if let Some(m) = master {
+            let (f, c) = crate::console::attach(m, &e.proc.io.stdin, &e.proc.io.stdout)
+                .map_err(|err| internal(format!("terminal: {err}")))?;
+            e.proc.console = Some(f);
+            copies = Some(c);
+        }
         e.proc.pid = pid;
         e.proc.stdin = opened.stdin;
-        e.proc.exited = self.watch_exit(&req.id, &req.exec_id, pid);
+        e.proc.exited = self.watch_exit(&req.id, &req.exec_id, pid, copies);
         e.started = true;
         drop(cs);
         let ev = TaskExecStarted {

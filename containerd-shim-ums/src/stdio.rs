@@ -17,10 +17,29 @@ use std::sync::{Arc, Mutex};
 /// The write end of the workload's stdin pipe, shared with `CloseIO`.
 pub type StdinHandle = Arc<Mutex<Option<File>>>;
 
-/// The ends that go to the workload, and the handle on its stdin.
+/// The ends that go to the workload, the handle on its stdin, and the end
+/// of its output copies: `recv` fails once every copy thread has ended.
 pub struct Io {
     pub child: [Stdio; 3],
     pub stdin: Option<StdinHandle>,
+    pub copies: std::sync::mpsc::Receiver<()>,
+}
+
+/// Held by each output copy thread until it has written everything.
+pub type CopyToken = std::sync::mpsc::Sender<()>;
+
+/// Wait (at most `limit`) until every copy thread holding a token of
+/// `copies` has ended: a process's last output reaches its FIFO before
+/// containerd hears that it exited.
+pub fn wait_copies(copies: &std::sync::mpsc::Receiver<()>, limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match copies.recv_timeout(left) {
+            Ok(()) => continue,
+            Err(_) => return, // disconnected (all done) or timed out
+        }
+    }
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -29,6 +48,7 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 
 /// Pipes for the three FIFOs (an empty path: /dev/null for that stream).
 pub fn open(stdin: &str, stdout: &str, stderr: &str) -> std::io::Result<Io> {
+    let (token, copies) = std::sync::mpsc::channel();
     let (child_in, handle) = if stdin.is_empty() {
         (Stdio::null(), None)
     } else {
@@ -37,7 +57,7 @@ pub fn open(stdin: &str, stdout: &str, stderr: &str) -> std::io::Result<Io> {
         copy_stdin(stdin.to_string(), handle.clone());
         (Stdio::from(r), Some(handle))
     };
-    let out = output(stdout)?;
+    let out = output(stdout, &token)?;
     let err = if stderr == stdout && !stderr.is_empty() {
         // One FIFO for both (a terminal would do this): share the pipe.
         match &out {
@@ -45,21 +65,25 @@ pub fn open(stdin: &str, stdout: &str, stderr: &str) -> std::io::Result<Io> {
             None => None,
         }
     } else {
-        output(stderr)?
+        output(stderr, &token)?
     };
     let to_stdio = |w: Option<OwnedFd>| w.map(Stdio::from).unwrap_or_else(Stdio::null);
-    Ok(Io { child: [child_in, to_stdio(out), to_stdio(err)], stdin: handle })
+    Ok(Io { child: [child_in, to_stdio(out), to_stdio(err)], stdin: handle, copies })
 }
 
 /// The write end of a pipe whose read end a thread copies into `fifo`.
-fn output(fifo: &str) -> std::io::Result<Option<OwnedFd>> {
+fn output(fifo: &str, token: &CopyToken) -> std::io::Result<Option<OwnedFd>> {
     if fifo.is_empty() {
         return Ok(None);
     }
     let f = OpenOptions::new().read(true).write(true).open(Path::new(fifo))?;
     let (r, w) = pipe()?;
     let name = format!("stdio-out {fifo}");
-    std::thread::Builder::new().name(name).spawn(move || pump(File::from(r), f))?;
+    let token = token.clone();
+    std::thread::Builder::new().name(name).spawn(move || {
+        pump(File::from(r), f);
+        drop(token);
+    })?;
     Ok(Some(w))
 }
 

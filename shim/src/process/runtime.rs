@@ -96,12 +96,16 @@ impl Runtime {
 
     /// `exec --detach`: one more process, described by an OCI `process`
     /// JSON file, in a running container.
-    pub fn exec_args(&self, id: &str, process: &Path, pid_file: &Path) -> Vec<String> {
+    pub fn exec_args(&self, id: &str, process: &Path, pid_file: &Path, console: Option<&Path>) -> Vec<String> {
         let mut a = self.global();
         a.extend(["exec", "--detach", "--process"].map(String::from));
         a.push(s(process));
         a.push("--pid-file".into());
         a.push(s(pid_file));
+        if let Some(c) = console {
+            a.push("--console-socket".into());
+            a.push(s(c));
+        }
         a.push(id.into());
         a
     }
@@ -228,9 +232,10 @@ impl Runtime {
         id: &str,
         process: &Path,
         pid_file: &Path,
+        console: Option<&Path>,
         stdio: [Stdio; 3],
     ) -> Result<(), ExecError> {
-        self.detached(reaper, self.exec_args(id, process, pid_file), stdio, None, None)
+        self.detached(reaper, self.exec_args(id, process, pid_file, console), stdio, None, None)
     }
 
     /// Restore detached; the new pipe ends replace the checkpointed stdio.
@@ -525,8 +530,10 @@ mod tests {
         let a = rt().create_args("w1", Path::new("/b"), Path::new("/b/init.pid"), Some(Path::new("/c.sock")));
         assert_eq!(a[7..], ["--console-socket", "/c.sock", "w1"]);
         assert_eq!(rt().start_args("w1")[2..], ["start", "w1"]);
-        let a = rt().exec_args("w1", Path::new("/b/e1.json"), Path::new("/b/e1.pid"));
+        let a = rt().exec_args("w1", Path::new("/b/e1.json"), Path::new("/b/e1.pid"), None);
         assert_eq!(a[2..], ["exec", "--detach", "--process", "/b/e1.json", "--pid-file", "/b/e1.pid", "w1"]);
+        let a = rt().exec_args("w1", Path::new("/b/e1.json"), Path::new("/b/e1.pid"), Some(Path::new("/c.sock")));
+        assert_eq!(a[8..], ["--console-socket", "/c.sock", "w1"]);
     }
 
     #[test]
