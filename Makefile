@@ -7,10 +7,12 @@
 #   make install-shim  build containerd-shim-ums-v1 (runtime io.containerd.ums.v1)
 #                in release and install it into $(PREFIX)/bin (docs/containerd.md)
 #   make bench   the benchmarks (extra arguments: make bench ARGS="...")
-#   make bench-compare  ums beside stop-then-copy, CRIU's page server and
-#                podman: 0..1024 MiB and 1/4/8 processes, 1 Gbit/s and
-#                unlimited, 5 runs each; writes docs/bench/compare.md and
-#                compare.png (about 20 min; needs make image-deps for podman)
+#   make bench-compare  ums (stop-copy, pre-copy, post-copy, auto) beside
+#                stop-then-copy, CRIU's page server and podman: 0..1024 MiB,
+#                1/4/8 processes and 512 MiB of compressible memory, 1 Gbit/s
+#                and unlimited, 5 runs each; writes docs/bench/compare.md and
+#                compare.png (about 40 min, not yet timed; needs make
+#                image-deps for podman)
 #   make chaos   a bounded soak (not part of make test): 200 migrations A<->B
 #                with seeded random faults (cut, corrupt byte, partitions,
 #                killed destination, failing restore, full disk), the

@@ -107,6 +107,8 @@ pub struct Config {
     pub precopy_target_freeze: Duration,
     /// Pre-copy: most rounds while the workload runs (then the final one).
     pub precopy_rounds: u32,
+    /// zstd on the wire, as a source (`migration::compress`).
+    pub compress: crate::migration::compress::Policy,
 }
 
 /// Faults the end-to-end tests inject into a real `ums init` (hidden flag
@@ -230,6 +232,7 @@ impl Default for Config {
             witness: None,
             precopy_target_freeze: Duration::from_millis(500),
             precopy_rounds: 5,
+            compress: crate::migration::compress::Policy::Auto,
         }
     }
 }

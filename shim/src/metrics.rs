@@ -108,6 +108,9 @@ fn mode_key(m: MigrationMode) -> u8 {
         MigrationMode::StopCopy => 0,
         MigrationMode::PostCopy => 1,
         MigrationMode::PreCopy => 2,
+        // Counted only when `auto` failed before it chose (a migration is
+        // counted under the mode it chose).
+        MigrationMode::Auto => 3,
     }
 }
 
@@ -132,6 +135,7 @@ struct Inner {
     downtime: BTreeMap<u8, Histogram>,
     last: BTreeMap<u8, Measured>,
     bytes_sent: u64,
+    data_bytes_sent: u64,
     bytes_received: u64,
     postcopy_page_bytes: BTreeMap<Direction, u64>,
     starts: BTreeMap<StartKind, u64>,
@@ -171,6 +175,11 @@ pub struct Snapshot {
 pub const STATES: [&str; 4] = ["standby", "running", "busy", "exited"];
 
 const MODES: [MigrationMode; 3] = [MigrationMode::StopCopy, MigrationMode::PreCopy, MigrationMode::PostCopy];
+/// The modes, and `auto` when something was counted under it (an `auto`
+/// migration that failed before it chose a mode).
+fn with_auto(modes: [MigrationMode; 3], auto: bool) -> impl Iterator<Item = MigrationMode> {
+    modes.into_iter().chain(auto.then_some(MigrationMode::Auto))
+}
 const DIRECTIONS: [Direction; 2] = [Direction::Out, Direction::In];
 
 impl Metrics {
@@ -212,6 +221,11 @@ impl Metrics {
 
     pub fn bytes_sent(&self, n: u64) {
         self.lock().bytes_sent += n;
+    }
+
+    /// The same data before zstd (`migration::compress`).
+    pub fn data_bytes_sent(&self, n: u64) {
+        self.lock().data_bytes_sent += n;
     }
 
     pub fn bytes_received(&self, n: u64) {
@@ -274,7 +288,7 @@ impl Metrics {
         ] {
             out.family(name, "counter", help);
             for d in DIRECTIONS {
-                for m in MODES {
+                for m in with_auto(MODES, map.keys().any(|k| k.0 == d && k.1 == mode_key(MigrationMode::Auto))) {
                     let v = map.get(&(d, mode_key(m))).copied().unwrap_or(0);
                     out.sample(name, &[("direction", d.as_str()), ("mode", m.as_str())], v as f64);
                 }
@@ -287,7 +301,7 @@ impl Metrics {
              running at the source.",
         );
         for d in DIRECTIONS {
-            for m in MODES {
+            for m in with_auto(MODES, g.failed.keys().any(|k| k.0 == d && k.1 == mode_key(MigrationMode::Auto))) {
                 // Every known reason from the start, at zero, so that
                 // increase() sees the first failure of each; then any other.
                 let known = d.reasons();
@@ -372,9 +386,16 @@ impl Metrics {
         out.family(
             "ums_migration_sent_bytes_total",
             "counter",
-            "Checkpoint, writable-layer and image bytes sent to destinations (post-copy pages included).",
+            "Checkpoint, writable-layer and image bytes sent to destinations as they went on the wire (after zstd; \
+             post-copy pages included).",
         );
         out.sample("ums_migration_sent_bytes_total", &[], g.bytes_sent as f64);
+        out.family(
+            "ums_migration_sent_data_bytes_total",
+            "counter",
+            "The same bytes before zstd: divided by ums_migration_sent_bytes_total, the compression ratio.",
+        );
+        out.sample("ums_migration_sent_data_bytes_total", &[], g.data_bytes_sent as f64);
         out.family(
             "ums_migration_received_bytes_total",
             "counter",

@@ -126,6 +126,7 @@ async fn dest(peer_timeout: Duration) -> Dest {
         publisher: ums::net::proxy::Publisher::new(cfg.net.address, cfg.hold.clone()),
         migrate_out: ums::migration::migrate_out_boxed(),
         page_links: ums::migration::postcopy::links_status,
+        progress: ums::migration::progress::status,
         in_doubt: Default::default(),
         metrics: Default::default(),
     };
@@ -167,6 +168,7 @@ async fn dest(peer_timeout: Duration) -> Dest {
         cpu_features: None,
         post_copy: false,
         pre_copy: false,
+        compression: None,
         witness: None,
     };
     let before = tree(root);
@@ -618,4 +620,68 @@ async fn a_migration_refused_after_hello_leaves_no_files() {
     d.clean();
     let _c = d.ready("m-next").await;
     assert_eq!(d.event().await, Ev::Begin(true));
+}
+
+/// `--mode auto`'s probe: another protocol version is refused by name; this
+/// one is answered with what arrived, and no migration begins.
+#[tokio::test]
+async fn a_probe_is_answered_and_a_wrong_version_refused() {
+    use ums::migration::auto::{Probe, ProbeAnswer};
+    let mut d = dest(Duration::from_secs(5)).await;
+    let mut c = d.connect("keys/src").await.unwrap();
+    wire::send_json(&mut c.write, Kind::Probe, &Probe { protocol: 5 }).await.unwrap();
+    let why = refusal(&mut c).await;
+    assert!(why.contains("protocol version 5 not supported"), "{why}");
+    let mut c = d.connect("keys/src").await.unwrap();
+    wire::send_json(&mut c.write, Kind::Probe, &Probe { protocol: wire::PROTOCOL_VERSION }).await.unwrap();
+    for k in 0..3u64 {
+        wire::write_frame(&mut c.write, Kind::Data, &[&wire::data_header(0, k * 1000), &[7u8; 1000]]).await.unwrap();
+    }
+    wire::write_frame(&mut c.write, Kind::Data, &[&wire::data_header(0, 3000)]).await.unwrap();
+    c.write.flush().await.unwrap();
+    let a: ProbeAnswer = read(&mut c).await.unwrap().expect(Kind::ProbeAnswer).unwrap();
+    assert_eq!(a.received, 3000);
+    d.no_event().await;
+    d.clean();
+}
+
+/// zstd chunks: only when agreed in the handshake, and a chunk that lies
+/// about its length is refused before it is written.
+#[tokio::test]
+async fn compressed_chunks_only_when_agreed_and_within_bounds() {
+    let mut d = dest(Duration::from_secs(5)).await;
+    let chunk = |id: u32, raw_len: u32| {
+        let z = zstd::bulk::compress(&[1u8; 4096], 1).unwrap();
+        let mut p = wire::dataz_header(id, 0, raw_len).to_vec();
+        p.extend_from_slice(&z);
+        p
+    };
+    // Not agreed (this Hello proposes none).
+    let mut c = d.ready("m-noz").await;
+    assert_eq!(d.event().await, Ev::Begin(true));
+    let open = FileOpen { id: 1, kind: FileKind::Image, name: "pages-1.img".into() };
+    wire::send_json(&mut c.write, Kind::FileOpen, &open).await.unwrap();
+    wire::write_frame(&mut c.write, Kind::DataZ, &[&chunk(1, 4096)]).await.unwrap();
+    c.write.flush().await.unwrap();
+    let why = refusal(&mut c).await;
+    assert!(why.contains("no compression was agreed"), "{why}");
+    assert!(matches!(d.event().await, Ev::Done(Some(_))));
+    d.clean();
+    // Agreed: the answer says so; a lying length is refused.
+    let mut c = d.connect("keys/src").await.unwrap();
+    let hello = Hello { migration_id: "m-z".into(), compression: Some("zstd".into()), ..d.hello.clone() };
+    wire::send_json(&mut c.write, Kind::Hello, &hello).await.unwrap();
+    let ok: HelloOk = read(&mut c).await.unwrap().expect(Kind::HelloOk).unwrap();
+    assert_eq!(ok.compression.as_deref(), Some("zstd"));
+    assert_eq!(d.event().await, Ev::Begin(true));
+    wire::send_json(&mut c.write, Kind::BlobsDone, &serde_json::json!({})).await.unwrap();
+    read(&mut c).await.unwrap().expect::<serde_json::Value>(Kind::Ready).unwrap();
+    wire::send_json(&mut c.write, Kind::FileOpen, &open).await.unwrap();
+    wire::write_frame(&mut c.write, Kind::DataZ, &[&chunk(1, 4096)]).await.unwrap();
+    wire::write_frame(&mut c.write, Kind::DataZ, &[&chunk(1, 100)]).await.unwrap();
+    c.write.flush().await.unwrap();
+    let why = refusal(&mut c).await;
+    assert!(why.contains("DataZ"), "{why}");
+    assert!(matches!(d.event().await, Ev::Done(Some(_))));
+    d.clean();
 }

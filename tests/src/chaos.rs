@@ -240,7 +240,14 @@ fn inject(p: &mut Pair, rng: &mut StdRng, fault: Fault, from: usize, mib: u32) -
             let proxy = FaultProxy::start(&p.hosts[to].netns_path(), port, target, f).expect("fault proxy");
             note = format!("at byte {at}");
             let mut cmd = p.sides[from].command(crate::outer::UMS_IN_OUTER);
-            cmd.args(["migrate", "--json", "--to", &format!("{}:{}", p.hosts[to].addr(), proxy.port())]);
+            cmd.args([
+                "migrate",
+                "--json",
+                "--mode",
+                "stop-copy",
+                "--to",
+                &format!("{}:{}", p.hosts[to].addr(), proxy.port()),
+            ]);
             let out = cmd.output().expect("ums migrate");
             out.status.success()
         }

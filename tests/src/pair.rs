@@ -97,7 +97,7 @@ impl Pair {
     /// `ums migrate --json --to OTHER` from `side`, in the background.
     pub fn start_migrate(&self, side: usize) -> std::thread::JoinHandle<std::process::Output> {
         let mut cmd = self.sides[side].command(crate::outer::UMS_IN_OUTER);
-        cmd.args(["migrate", "--json", "--to", &self.addr(1 - side)]);
+        cmd.args(["migrate", "--json", "--mode", "stop-copy", "--to", &self.addr(1 - side)]);
         std::thread::spawn(move || cmd.output().expect("run ums migrate"))
     }
 

@@ -110,7 +110,7 @@ fn fifty_clients_see_no_error_through_a_migration() {
     }
     std::thread::sleep(Duration::from_millis(1500));
     let before = result.lock().unwrap().ok;
-    let out = a.ums_ok(&["migrate", "--json", "--to", &format!("{}:7411", hb.addr())]).unwrap();
+    let out = a.ums_ok(&["migrate", "--json", "--mode", "stop-copy", "--to", &format!("{}:7411", hb.addr())]).unwrap();
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     let frozen_ms = report["result"]["frozen_ms"].as_f64().unwrap();
     std::thread::sleep(Duration::from_millis(2000));
@@ -216,7 +216,7 @@ fn bad_clients_and_floods_get_clean_closes() {
     // During the freeze (the destination restores slowly) a flood of 20
     // connections: 5 are held and served afterwards, the rest closed cleanly.
     let mut cmd = a.command("/opt/ums/ums");
-    cmd.args(["migrate", "--to", &format!("{}:7411", hb.addr())]);
+    cmd.args(["migrate", "--mode", "stop-copy", "--to", &format!("{}:7411", hb.addr())]);
     let mig = std::thread::spawn(move || cmd.output().unwrap());
     b.wait_for_line("checkpoint verified; restoring", T).unwrap();
     let flood = in_netns(hb.netns_path(), move || {

@@ -43,7 +43,7 @@ fn clocks(o: &Outer, from: usize) -> Vec<Clocks> {
 /// line at the source and its first lines at the destination.
 fn migrate(src: &Outer, dst: &Outer, addr: std::net::Ipv4Addr) -> (serde_json::Value, Clocks, Vec<Clocks>) {
     let from_dst = dst.log().len();
-    let out = src.ums(&["migrate", "--json", "--to", &format!("{addr}:{PEER_PORT}")]).unwrap();
+    let out = src.ums(&["migrate", "--json", "--mode", "stop-copy", "--to", &format!("{addr}:{PEER_PORT}")]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "migrate failed: {text} {}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_str::<serde_json::Value>(&text).unwrap()["result"].clone();

@@ -63,7 +63,7 @@ fn standby(name: &str, h: &Host, img: &OciImage, slow_restore: bool) -> Outer {
 /// `ums migrate` A -> B, in the background.
 fn start_migrate(p: &Pair) -> JoinHandle<Output> {
     let mut cmd = p.a.command("/opt/ums/ums");
-    cmd.args(["migrate", "--json", "--to", &format!("{}:{PEER_PORT}", p.hb.addr())]);
+    cmd.args(["migrate", "--json", "--mode", "stop-copy", "--to", &format!("{}:{PEER_PORT}", p.hb.addr())]);
     std::thread::spawn(move || cmd.output().unwrap())
 }
 

@@ -156,7 +156,7 @@ fn scrapes_show_failed_stop_copy_and_post_copy_migrations_on_both_sides() {
     assert_eq!(get(&local, r#"ums_workload_state{state="running"}"#), 1.0);
 
     // A migration to a port nobody listens on fails, by reason `connect`.
-    let out = a.ums(&["migrate", "--to", &format!("{}:1", hb.addr())]).unwrap();
+    let out = a.ums(&["migrate", "--mode", "stop-copy", "--to", &format!("{}:1", hb.addr())]).unwrap();
     assert!(!out.status.success());
     let (_, sa) = scrape(&hb, ha.addr());
     assert_eq!(get(&sa, &format!("ums_migrations_started_total{{{OUT_SC}}}")), 1.0);

@@ -23,7 +23,7 @@ fn counter_image(tmp: &std::path::Path, mib: &str) -> OciImage {
 /// no repeat and no restart.
 fn migrate(src: &Outer, dst: &Outer, addr: std::net::Ipv4Addr) -> serde_json::Value {
     let from_dst = dst.log().len();
-    let out = src.ums(&["migrate", "--json", "--to", &format!("{addr}:{PEER_PORT}")]).unwrap();
+    let out = src.ums(&["migrate", "--json", "--mode", "stop-copy", "--to", &format!("{addr}:{PEER_PORT}")]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "migrate failed: {text} {}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -126,7 +126,7 @@ fn pair_with(name: &str, mib: &str, b_env: &[(&str, &str)], insecure: bool) -> P
 fn failed_migration(p: &Pair, to: &str, expect_in_error: &str) {
     let sum0 = p.a.lines().iter().find_map(|l| parse_sum(l)).unwrap();
     let from = p.a.log().len();
-    let out = p.a.ums(&["migrate", "--to", to]).unwrap();
+    let out = p.a.ums(&["migrate", "--mode", "stop-copy", "--to", to]).unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "migration should have failed: {}", String::from_utf8_lossy(&out.stdout));
     assert!(err.contains(expect_in_error), "error {err:?} does not mention {expect_in_error:?}");
@@ -181,7 +181,7 @@ fn a_destination_killed_during_restore_leaves_the_workload_at_the_source() {
     let mut p = pair("dkill", "64", &[("UMS_FAILPOINT", "slow-restore")]);
     let to = format!("{}:{PEER_PORT}", p.hb.addr());
     let mut cmd = p.a.command("/opt/ums/ums");
-    cmd.args(["migrate", "--to", &to]);
+    cmd.args(["migrate", "--mode", "stop-copy", "--to", &to]);
     let h = std::thread::spawn(move || cmd.output().unwrap());
     p.b.wait_for_line("checkpoint verified; restoring", T).unwrap();
     p.b.signal(Signal::SIGKILL).unwrap();
@@ -234,15 +234,15 @@ fn a_busy_or_occupied_destination_refuses_and_nothing_moves() {
     let p = pair("busy", "16", &[]);
     // To itself: the destination (A) is busy with this very migration.
     let sum0 = p.a.lines().iter().find_map(|l| parse_sum(l)).unwrap();
-    let out = p.a.ums(&["migrate", "--to", &format!("{}:{PEER_PORT}", p.ha.addr())]).unwrap();
+    let out = p.a.ums(&["migrate", "--mode", "stop-copy", "--to", &format!("{}:{PEER_PORT}", p.ha.addr())]).unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("peer refused: busy"), "{out:?}");
     // B -> A while A runs a workload: A is not a standby.
-    let out = p.b.ums(&["migrate", "--to", &format!("{}:{PEER_PORT}", p.ha.addr())]).unwrap();
+    let out = p.b.ums(&["migrate", "--mode", "stop-copy", "--to", &format!("{}:{PEER_PORT}", p.ha.addr())]).unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no workload"), "{out:?}");
     // A peer that is not listening at all.
-    let out = p.a.ums(&["migrate", "--to", &format!("{}:1", p.hb.addr())]).unwrap();
+    let out = p.a.ums(&["migrate", "--mode", "stop-copy", "--to", &format!("{}:1", p.hb.addr())]).unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"), "{out:?}");
     assert_eq!(status(&p.a)["state"], "running");
@@ -254,7 +254,7 @@ fn sigterm_during_a_migration_waits_for_it_to_end() {
     let mut p = pair("term", "32", &[("UMS_FAILPOINT", "slow-restore")]);
     let to = format!("{}:{PEER_PORT}", p.hb.addr());
     let mut cmd = p.a.command("/opt/ums/ums");
-    cmd.args(["migrate", "--to", &to]);
+    cmd.args(["migrate", "--mode", "stop-copy", "--to", &to]);
     let h = std::thread::spawn(move || cmd.output().unwrap());
     p.b.wait_for_line("checkpoint verified; restoring", T).unwrap();
     // The orchestrator stops the source pod in the middle of the migration.

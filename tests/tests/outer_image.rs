@@ -611,7 +611,7 @@ fn last_tick(o: &EngineOuter) -> u64 {
 /// destination with no gap, no repeat and no restart; the source is a standby.
 fn migrate(src: &EngineOuter, dst: &EngineOuter, addr: std::net::Ipv4Addr) -> serde_json::Value {
     let from_dst = dst.log.len();
-    let out = src.exec("ums", &["migrate", "--json", "--to", &format!("{addr}:{PEER_PORT}")]);
+    let out = src.exec("ums", &["migrate", "--json", "--mode", "stop-copy", "--to", &format!("{addr}:{PEER_PORT}")]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -955,7 +955,7 @@ fn outer_image_migrates_between_docker_and_podman() {
 /// `ums migrate --json` from `src` to `dst`; then `src` is a standby and
 /// `dst` runs the workload.
 fn migrate_web(src: &EngineOuter, dst: &EngineOuter, addr: std::net::Ipv4Addr) -> serde_json::Value {
-    let out = src.exec("ums", &["migrate", "--json", "--to", &format!("{addr}:{PEER_PORT}")]);
+    let out = src.exec("ums", &["migrate", "--json", "--mode", "stop-copy", "--to", &format!("{addr}:{PEER_PORT}")]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),

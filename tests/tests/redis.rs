@@ -1,6 +1,6 @@
 //! End-to-end: Debian's redis server, with keys loaded by the test through
 //! its published port, moved with each mode in turn (stop-copy, pre-copy,
-//! post-copy) between two outer containers on two hosts: every key and
+//! post-copy, then auto, the default) between two outer containers on two hosts: every key and
 //! value is there after each move, read by a client on the other host.
 
 use std::time::Duration;
@@ -81,4 +81,10 @@ fn redis_keeps_every_key_through_stop_copy_pre_copy_and_post_copy() {
     // Post-copy there again.
     migrate(&a, &b, &hb, "post-copy");
     check(&ha, &hb, 0);
+    // And back with the default, auto: whatever it chose, every key is there.
+    let r = migrate(&b, &a, &ha, "auto");
+    assert_eq!(r["requested_mode"], "auto", "{r}");
+    println!("redis auto: {}", r["choice"]);
+    assert!(r["choice"].as_str().is_some_and(|c| c.contains("(auto: ")), "{r}");
+    check(&hb, &ha, 0);
 }

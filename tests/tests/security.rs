@@ -43,7 +43,7 @@ fn images_dir_empty(b: &Outer) {
 }
 
 fn migrate(a: &Outer, to: &str) -> std::process::Output {
-    a.ums(&["migrate", "--json", "--to", to]).unwrap()
+    a.ums(&["migrate", "--json", "--mode", "stop-copy", "--to", to]).unwrap()
 }
 
 fn ok(out: &std::process::Output) -> serde_json::Value {
@@ -216,8 +216,8 @@ fn two_sources_pushing_at_once_one_is_busy() {
     let b = s.standby(Outer::builder("two-b"));
     let to = s.to_b();
     let (mut c1, mut c2) = (a1.command("/opt/ums/ums"), a2.command("/opt/ums/ums"));
-    c1.args(["migrate", "--json", "--to", &to]);
-    c2.args(["migrate", "--json", "--to", &to]);
+    c1.args(["migrate", "--json", "--mode", "stop-copy", "--to", &to]);
+    c2.args(["migrate", "--json", "--mode", "stop-copy", "--to", &to]);
     let h1 = std::thread::spawn(move || c1.output().unwrap());
     let h2 = std::thread::spawn(move || c2.output().unwrap());
     let (o1, o2) = (h1.join().unwrap(), h2.join().unwrap());

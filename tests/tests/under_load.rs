@@ -358,7 +358,7 @@ fn ports_and_command_outside_the_image_travel_there_and_back() {
         }
     };
     let migrate = |src: &Outer, to: Ipv4Addr| {
-        src.ums_ok(&["migrate", "--to", &format!("{to}:{PEER_PORT}")]).expect("migration");
+        src.ums_ok(&["migrate", "--mode", "stop-copy", "--to", &format!("{to}:{PEER_PORT}")]).expect("migration");
     };
     migrate(&a, n.hb.addr());
     let at_b = status(&b)["workload"].clone();
@@ -407,7 +407,9 @@ fn connections_not_yet_accepted_are_skipped_counted_and_reset() {
     })
     .join()
     .unwrap();
-    let out = a.ums_ok(&["migrate", "--json", "--to", &format!("{}:{PEER_PORT}", n.hb.addr())]).expect("migration");
+    let out = a
+        .ums_ok(&["migrate", "--json", "--mode", "stop-copy", "--to", &format!("{}:{PEER_PORT}", n.hb.addr())])
+        .expect("migration");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let r = &v["result"];
     println!("migration: in flight skipped {}, listen drain {} ms", r["in_flight_skipped"], r["listen_drain_ms"]);
@@ -477,7 +479,7 @@ fn a_destination_lacking_a_cpu_feature_refuses_before_the_freeze() {
         .unwrap();
     a.wait_for_line("listening", T).unwrap();
     b.wait_for_line("standby", T).unwrap();
-    let out = a.ums(&["migrate", "--to", &format!("{}:{PEER_PORT}", hb.addr())]).unwrap();
+    let out = a.ums(&["migrate", "--mode", "stop-copy", "--to", &format!("{}:{PEER_PORT}", hb.addr())]).unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     println!("ums migrate: {err}");
     assert!(!out.status.success());

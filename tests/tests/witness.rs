@@ -81,7 +81,7 @@ fn three(name: &str, b_env: &[(&str, &str)]) -> Three {
 
 fn start_migrate(p: &Three) -> JoinHandle<Output> {
     let mut cmd = p.a.command("/opt/ums/ums");
-    cmd.args(["migrate", "--json", "--to", &format!("{}:{PEER_PORT}", p.b_addr)]);
+    cmd.args(["migrate", "--json", "--mode", "stop-copy", "--to", &format!("{}:{PEER_PORT}", p.b_addr)]);
     std::thread::spawn(move || cmd.output().unwrap())
 }
 

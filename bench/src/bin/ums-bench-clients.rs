@@ -418,7 +418,7 @@ fn timeline(a: &Outer, ha: &Host, hb: &Host, clients: usize) -> anyhow::Result<T
         .collect();
     std::thread::sleep(Duration::from_secs(3));
     let cmd_start = t0.elapsed().as_secs_f64();
-    let out = a.ums(&["migrate", "--json", "--to", &format!("{}:7411", hb.addr())]);
+    let out = a.ums(&["migrate", "--json", "--mode", "stop-copy", "--to", &format!("{}:7411", hb.addr())]);
     let cmd_end = t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(3));
     stop.store(true, Ordering::Relaxed);

@@ -47,7 +47,7 @@ fn one(img: &std::path::Path, rate: Option<&str>, tls: bool, mib: u32) -> anyhow
     let b = bb.start()?;
     a.wait_for_line("tick 3 ", T)?;
     b.wait_for_line("standby", T)?;
-    let out = a.ums(&["migrate", "--json", "--to", &format!("{}:7411", hb.addr())])?;
+    let out = a.ums(&["migrate", "--json", "--mode", "stop-copy", "--to", &format!("{}:7411", hb.addr())])?;
     if !out.status.success() {
         bail!("{mode} migration of {mib} MiB failed: {}", String::from_utf8_lossy(&out.stderr));
     }

@@ -140,6 +140,12 @@ pub struct Args {
     /// frozen one (5); fewer when rounds stop shrinking.
     #[arg(long, env = "UMS_PRECOPY_ROUNDS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub precopy_rounds: u32,
+    /// zstd on the wire for migrations from here: `auto` (the level from
+    /// the link rate `--mode auto` measured and this CPU's measured zstd
+    /// speed; level 1 when the link was not measured), `off`, or a level
+    /// from 1 to 19. Chunks that do not shrink go raw.
+    #[arg(long, env = "UMS_COMPRESS", default_value = "auto", value_parser = crate::migration::compress::parse_policy)]
+    pub compress: crate::migration::compress::Policy,
     /// Command to run instead of the image's Entrypoint and Cmd.
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -182,6 +188,7 @@ impl Args {
             witness: self.witness,
             precopy_target_freeze: self.precopy_target_freeze,
             precopy_rounds: self.precopy_rounds,
+            compress: self.compress,
             ..Config::default()
         }
     }
@@ -272,6 +279,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             publisher,
             migrate_out: crate::migration::migrate_out_boxed(),
             page_links: crate::migration::postcopy::links_status,
+            progress: crate::migration::progress::status,
             in_doubt: Default::default(),
             metrics: Default::default(),
         };

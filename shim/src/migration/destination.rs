@@ -97,6 +97,11 @@ async fn handle(
         wire::send_json(&mut w, Kind::QueryAnswer, &answer).await?;
         return Ok(());
     }
+    if first.kind == Kind::Probe {
+        let received = super::auto::answer_probe(&ctx.cfg, &first, &mut r, &mut w).await?;
+        tracing::info!(peer = %peer, received, "link probe answered");
+        return Ok(());
+    }
     if first.kind == Kind::WitnessRecord {
         let rec: super::witness::Record = refuse_malformed(&mut w, first.parse()).await?;
         let held = match witness.record(&rec) {
@@ -407,6 +412,7 @@ async fn receive(
             protocol: wire::PROTOCOL_VERSION,
             missing_blobs: missing.clone(),
             criu_version,
+            compression: zstd(hello).then(|| "zstd".to_string()),
             witness: hello.witness.is_some(),
         },
     )
@@ -421,7 +427,7 @@ async fn receive(
         }
         prepare_image(cfg, hello, &layout, w).await?;
         wire::send_json(w, Kind::Ready, &serde_json::json!({})).await?;
-        receive_checkpoint(cfg, dir, r, w, hello.pre_copy, &mut total).await
+        receive_checkpoint(cfg, dir, r, w, hello, &mut total).await
     }
     .await;
     // Every byte that arrived counts, also of a migration that failed.
@@ -579,7 +585,8 @@ async fn receive_blobs(
         let f = wire::read_frame_within(r, deadline).await?;
         match f.kind {
             Kind::BlobsDone => break,
-            Kind::FileOpen | Kind::Data => {
+            Kind::FileOpen | Kind::Data | Kind::DataZ => {
+                let f = plain(f, zstd(hello))?;
                 accept_file_frame(&f, dir, &mut files, total, cfg.max_checkpoint_bytes, FileKind::Blob, missing)?
             }
             _ => {
@@ -690,7 +697,7 @@ async fn receive_checkpoint(
     dir: &Path,
     r: &mut (impl tokio::io::AsyncReadExt + Unpin),
     w: &mut (impl AsyncWriteExt + Unpin),
-    pre_copy: bool,
+    hello: &Hello,
     total: &mut u64,
 ) -> Result<(Manifest, HashMap<u32, Incoming>), InError> {
     let deadline = cfg.peer_read_timeout;
@@ -698,10 +705,11 @@ async fn receive_checkpoint(
     let manifest: Manifest = loop {
         let f = wire::read_frame_within(r, deadline).await?;
         match f.kind {
-            Kind::FileOpen | Kind::Data => {
+            Kind::FileOpen | Kind::Data | Kind::DataZ => {
+                let f = plain(f, zstd(hello))?;
                 accept_file_frame(&f, dir, &mut files, total, cfg.max_checkpoint_bytes, FileKind::Image, &[])?
             }
-            Kind::RoundEnd if pre_copy => {
+            Kind::RoundEnd if hello.pre_copy => {
                 let end: super::RoundEnd = f.parse()?;
                 take_round(cfg, dir, end, std::mem::take(&mut files), w).await?;
                 // Each round is bounded on its own.
@@ -872,6 +880,22 @@ async fn answer_query(q: &Query, outcomes: &Outcomes, inbox: &mpsc::Sender<Msg>)
                 QueryAnswer { state: PeerState::Running, since_unix_ms: since }
             }
         }
+    }
+}
+
+/// Whether this migration's data may come compressed: the source proposed
+/// zstd, which this ums always accepts.
+fn zstd(hello: &Hello) -> bool {
+    hello.compression.as_deref() == Some("zstd")
+}
+
+/// A `DataZ` frame as the `Data` frame it stands for (only when zstd was
+/// agreed); any other frame as it is.
+fn plain(f: wire::Frame, zstd: bool) -> Result<wire::Frame, InError> {
+    match f.kind {
+        Kind::DataZ if zstd => Ok(wire::inflate(&f)?),
+        Kind::DataZ => Err(InError::Refuse("compressed data, but no compression was agreed".into())),
+        _ => Ok(f),
     }
 }
 

@@ -23,6 +23,8 @@
 //!
 //! The frame format is in `wire`, the sides in `source` and `destination`.
 
+pub mod auto;
+pub mod compress;
 pub mod cpu;
 pub mod destination;
 pub mod in_doubt;
@@ -31,6 +33,7 @@ pub mod outcomes;
 pub mod pagedelta;
 pub mod postcopy;
 pub mod precopy;
+pub mod progress;
 pub mod resumable;
 pub mod source;
 pub mod streamer;
@@ -46,12 +49,34 @@ pub use source::{migrate_out, Finish};
 /// The migration layer's entry point in the form the supervisor takes it
 /// (`supervisor::Ctx::migrate_out`).
 pub fn migrate_out_boxed() -> crate::supervisor::MigrateOut {
-    std::sync::Arc::new(|ctx, n, to, mode| {
+    std::sync::Arc::new(|ctx, n, to, how| {
         Box::pin(async move {
             use crate::metrics::{Direction, Measured};
+            let _progress = progress::Tracker::begin(match how.mode {
+                crate::supervisor::control::MigrationMode::Auto => "measuring the workload and the link",
+                _ => "pre-migration",
+            });
+            // `auto` measures and chooses first; the metrics count the mode chosen.
+            let resolved = match auto::resolve(&ctx, &n, &to, how).await {
+                Ok(r) => r,
+                Err(e) => {
+                    ctx.metrics.migration_started(Direction::Out, how.mode);
+                    ctx.metrics.migration_failed(Direction::Out, how.mode, e.reason());
+                    return Err(crate::supervisor::describe(&e));
+                }
+            };
+            let mode = resolved.mode;
             ctx.metrics.migration_started(Direction::Out, mode);
-            match migrate_out(&ctx, &n, &to, mode).await {
-                Ok((report, finish)) => {
+            match migrate_out(&ctx, &n, &to, mode, resolved.link_bytes_s).await {
+                Ok((mut report, finish)) => {
+                    report["requested_mode"] = serde_json::json!(how.mode.as_str());
+                    report["choice"] = serde_json::json!(resolved.line.unwrap_or_else(|| mode.as_str().to_string()));
+                    if let Some(a) = resolved.report {
+                        // The measuring came before the migration proper: its time counts.
+                        let measure_ms = a["measure_ms"].as_f64().unwrap_or(0.0);
+                        report["total_ms"] = serde_json::json!(report["total_ms"].as_f64().unwrap_or(0.0) + measure_ms);
+                        report["auto"] = a;
+                    }
                     let s = |k: &str| report[k].as_f64().unwrap_or(0.0) / 1000.0;
                     let measured =
                         Measured { duration: s("total_ms"), downtime: s("downtime_ms"), freeze: s("freeze_ms") };
@@ -94,6 +119,10 @@ pub struct Hello {
     /// with `RoundOk`, before the final, frozen one (`precopy`).
     #[serde(default)]
     pub pre_copy: bool,
+    /// The source would compress data chunks with this (`"zstd"`), if the
+    /// destination accepts (`HelloOk.compression`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
     /// The witness (HOST:PORT, a third `ums` of the group) whose record is
     /// this migration's commit point (`witness`). Absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -106,6 +135,10 @@ pub struct HelloOk {
     pub protocol: u32,
     pub missing_blobs: Vec<String>,
     pub criu_version: String,
+    /// The compression accepted (the one `Hello` proposed), if any: the
+    /// source may then send `DataZ` frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
     /// The destination commits at the Hello's witness before it restores.
     /// A source that named a witness migrates only when this is true.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

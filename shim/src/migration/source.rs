@@ -10,6 +10,7 @@ use serde_json::json;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 
+use super::compress::{self, Codec};
 use super::in_doubt::{self, Resolution, Settled};
 use super::pagedelta::Held;
 use super::postcopy::{self, Mode};
@@ -76,7 +77,11 @@ const OUT_QUEUE: usize = 8;
 
 /// The single writer of a peer connection: frames arrive on a channel, in
 /// order; data is flushed whenever the channel runs dry.
-async fn writer(mut w: BufWriter<super::transport::PeerWrite>, mut rx: mpsc::Receiver<Out>) -> Result<u64, WireError> {
+async fn writer(
+    mut w: BufWriter<super::transport::PeerWrite>,
+    mut rx: mpsc::Receiver<Out>,
+    codec: Arc<Codec>,
+) -> Result<u64, WireError> {
     let mut bytes = 0u64;
     while let Some(o) = rx.recv().await {
         match o {
@@ -92,8 +97,28 @@ async fn writer(mut w: BufWriter<super::transport::PeerWrite>, mut rx: mpsc::Rec
             }
             Out::Open(f) => wire::send(&mut w, &Frame::json(Kind::FileOpen, &f)).await?,
             Out::Data { id, offset, bytes: b } => {
-                bytes += b.len() as u64;
-                wire::write_frame(&mut w, Kind::Data, &[&wire::data_header(id, offset), &b]).await?;
+                // zstd, when agreed and when it pays (compress.rs), off the async threads.
+                let (z, b) = match codec.level() {
+                    0 => (None, b),
+                    _ => {
+                        let c = codec.clone();
+                        tokio::task::spawn_blocking(move || (c.pack(&b), b)).await.map_err(std::io::Error::other)?
+                    }
+                };
+                let sent = match &z {
+                    Some(z) => {
+                        let h = wire::dataz_header(id, offset, b.len() as u32);
+                        wire::write_frame(&mut w, Kind::DataZ, &[&h, z]).await?;
+                        h.len() + z.len()
+                    }
+                    None => {
+                        let h = wire::data_header(id, offset);
+                        wire::write_frame(&mut w, Kind::Data, &[&h, &b]).await?;
+                        h.len() + b.len()
+                    }
+                };
+                codec.count(b.len(), sent, z.is_some());
+                bytes += sent as u64;
             }
         }
         if rx.is_empty() {
@@ -117,11 +142,12 @@ pub async fn migrate_out(
     n: &Arc<Nested>,
     to: &str,
     mode: Mode,
+    link_bytes_s: Option<f64>,
 ) -> Result<(serde_json::Value, Finish), MigrateError> {
     use tracing::Instrument;
     let migration_id = format!("m-{:016x}", rand::random::<u64>());
     let span = tracing::info_span!("migrate", peer = %to, workload = %n.id, id = %migration_id, mode = mode.as_str());
-    migrate(ctx, n, to, migration_id, mode).instrument(span).await
+    migrate(ctx, n, to, migration_id, (mode, link_bytes_s)).instrument(span).await
 }
 
 /// An open connection to the destination after pre-migration.
@@ -132,6 +158,8 @@ struct Session {
     peer: String,
     blob_bytes: u64,
     missing_blobs: usize,
+    /// Compression of the data chunks (level 0 until agreed).
+    codec: Arc<Codec>,
 }
 
 /// Pre-migration (UMS III-B): connect, say hello, send the blobs the
@@ -142,7 +170,7 @@ async fn pre_migration(
     n: &Nested,
     to: &str,
     migration_id: &str,
-    mode: Mode,
+    (mode, link_bytes_s): (Mode, Option<f64>),
 ) -> Result<Session, MigrateError> {
     let cfg = &ctx.cfg;
     let facts = postcopy::host_facts();
@@ -172,7 +200,10 @@ async fn pre_migration(
     let (tx, rx) = mpsc::channel::<Out>(OUT_QUEUE);
     // Small on purpose, as on the receiving side: a chunk larger than the
     // buffer goes straight to the TLS stream instead of being copied first.
-    let writer_task = tokio::spawn(writer(BufWriter::with_capacity(wire::SMALL_BUF, w), rx));
+    let codec = Arc::new(Codec::default());
+    super::progress::attach(&codec);
+    super::progress::phase("pre-migration", None);
+    let writer_task = tokio::spawn(writer(BufWriter::with_capacity(wire::SMALL_BUF, w), rx, codec.clone()));
     let send = |f: Frame| {
         let tx = tx.clone();
         async move { tx.send(Out::Control(f)).await.map_err(|_| WireError::Closed) }
@@ -190,6 +221,7 @@ async fn pre_migration(
         cpu_features: Some(super::cpu::local(&cfg.cpu_hide).into_iter().collect()),
         post_copy: mode == Mode::PostCopy,
         pre_copy: mode == Mode::PreCopy,
+        compression: (cfg.compress != compress::Policy::Off).then(|| "zstd".to_string()),
         witness: cfg.witness.clone(),
     };
     send(Frame::json(Kind::Hello, &hello)).await.map_err(MigrateError::Pre)?;
@@ -201,6 +233,12 @@ async fn pre_migration(
         };
     if mode == Mode::PostCopy {
         postcopy::check_criu_versions(&facts.criu_version, &ok.criu_version).map_err(MigrateError::Refused)?;
+    }
+    if ok.compression.as_deref() == Some("zstd") {
+        let policy = cfg.compress;
+        let speeds = tokio::task::spawn_blocking(compress::speeds).await.unwrap_or(&[]);
+        codec.set_level(compress::choose_level(policy, link_bytes_s, speeds));
+        tracing::info!(level = codec.level(), link_bytes_s, "zstd on the wire");
     }
     if let (Some(w), false) = (&cfg.witness, ok.witness) {
         return Err(MigrateError::Refused(format!(
@@ -241,7 +279,7 @@ async fn pre_migration(
             WireError::Peer(m) => MigrateError::Refused(m),
             e => MigrateError::Pre(e),
         })?;
-    Ok(Session { r, tx, writer_task, peer, blob_bytes, missing_blobs: ok.missing_blobs.len() })
+    Ok(Session { r, tx, writer_task, peer, blob_bytes, missing_blobs: ok.missing_blobs.len(), codec })
 }
 
 /// The migration in its phases: pre-migration (the workload untouched),
@@ -253,13 +291,13 @@ async fn migrate(
     n: &Arc<Nested>,
     to: &str,
     migration_id: String,
-    mode: Mode,
+    (mode, link_bytes_s): (Mode, Option<f64>),
 ) -> Result<(serde_json::Value, Finish), MigrateError> {
     let t_start = Instant::now();
     // A workload restored lazily here may still be paging in from its local
     // images: dump it only once its memory is all there.
     let _ = tokio::task::spawn_blocking(|| checkpoint::wait_paging_in(Duration::from_secs(30))).await;
-    let mut session = pre_migration(ctx, n, to, &migration_id, mode).await?;
+    let mut session = pre_migration(ctx, n, to, &migration_id, (mode, link_bytes_s)).await?;
     let pre_ms = ms(t_start.elapsed());
     tracing::info!(
         pre_ms,
@@ -283,6 +321,8 @@ async fn migrate(
         _ => None,
     };
     let held = rounds.as_mut().map(|r| std::mem::take(&mut r.held));
+    let expected = (mode == Mode::StopCopy).then(|| resident_bytes(&nested::pids(n.pid)));
+    super::progress::phase("frozen: dump and transfer", expected);
     let mut frozen = freeze_and_stream(ctx, n, &dir, &session.tx, mode).await?;
     // Post-copy: the page link to the destination, open while the rest of
     // the checkpoint streams, so its lazy-pages daemon finds it.
@@ -345,6 +385,7 @@ async fn migrate(
     let mut last_page = frozen_for;
     let mut done = None;
     if let (Some((d, at)), Some(l)) = (lazy.take(), link.take()) {
+        super::progress::phase("post-copy: it runs there, its memory follows", None);
         match post_copy(ctx, to, &migration_id, &mut session.r, l, d, at).await {
             Ok(d) => (last_page, done) = (frozen.t_freeze.elapsed(), d),
             Err((e, thaw_here)) => {
@@ -363,7 +404,7 @@ async fn migrate(
         }
     }
     let page_bytes = pages.load(std::sync::atomic::Ordering::Relaxed);
-    let Session { tx, writer_task, peer, blob_bytes, .. } = session;
+    let Session { tx, writer_task, peer, blob_bytes, codec, .. } = session;
     drop(tx);
     // A writer stuck on a dead connection (after a doubt) is not waited for.
     let wire_bytes = match tokio::time::timeout(Duration::from_secs(1), writer_task).await {
@@ -405,6 +446,7 @@ async fn migrate(
         "wire_bytes": wire_bytes,
         "blob_bytes": blob_bytes,
         "throughput_mib_s": (committed.bytes as f64 / 1048576.0) / transfer_s,
+        "compression": codec.report(),
     });
     let mut report = report;
     if let Some(r) = &rounds {
@@ -424,6 +466,7 @@ async fn migrate(
     }
     tracing::info!(total_ms = ms(total), frozen_ms = ms(frozen_for), bytes = committed.bytes, "migration done");
     ctx.metrics.bytes_sent(wire_bytes + page_bytes);
+    ctx.metrics.data_bytes_sent(codec.raw.load(std::sync::atomic::Ordering::Relaxed) + page_bytes);
     ctx.metrics.postcopy_page_bytes(crate::metrics::Direction::Out, page_bytes);
     Ok((report, Finish { ctx: ctx.clone(), n: n.clone(), images: cleanup_dir }))
 }
@@ -467,7 +510,9 @@ async fn live_rounds(ctx: &Ctx, n: &Arc<Nested>, dir: &Path, session: &mut Sessi
     let mut rule = StopRule::new(cfg.precopy_target_freeze, cfg.precopy_rounds);
     let mut held: HashMap<String, Held> = HashMap::new();
     let mut report = Vec::new();
+    let mut expected = resident_bytes(&nested::pids(n.pid));
     for round in 1u32.. {
+        super::progress::phase(&format!("pre-copy round {round} (the workload runs)"), Some(expected));
         let rdir = dir.join(format!("round-{round}"));
         let images = rdir.join("criu");
         std::fs::create_dir_all(&images).map_err(|e| MigrateError::Stream(format!("{}: {e}", images.display())))?;
@@ -503,6 +548,8 @@ async fn live_rounds(ctx: &Ctx, n: &Arc<Nested>, dir: &Path, session: &mut Sessi
             Err(e) => return Err(peer_reason(&mut session.r).await.map(MigrateError::Refused).unwrap_or(e)),
         };
         let bytes: u64 = files.iter().map(|f| f.size).sum();
+        // The next round's delta is about this one's.
+        expected = bytes;
         let end = RoundEnd { round, files, pages: p.pages.clone() };
         session
             .tx
@@ -578,7 +625,7 @@ async fn freeze_and_stream(
     // Post-copy: CRIU serves the memory at a loopback port after the dump.
     let lazy_at = match mode {
         Mode::PostCopy => Some(postcopy::free_loopback_port().map_err(|e| MigrateError::Stream(e.to_string()))?),
-        Mode::StopCopy | Mode::PreCopy => None,
+        Mode::StopCopy | Mode::PreCopy | Mode::Auto => None,
     };
     // Clients: new connections wait from here on; those in flight may finish.
     let still_open = ctx.publisher.hold_and_drain().await;
@@ -750,6 +797,7 @@ async fn commit(
     tx.send(Out::Flushed(done_tx)).await.map_err(|_| MigrateError::Transfer(WireError::Closed))?;
     let sent_at = done_rx.await.map(|t| t.duration_since(t_freeze)).unwrap_or_else(|_| t_freeze.elapsed());
     *sent = Some(Sent { bytes, flushed_at: Some(sent_at) });
+    super::progress::phase("frozen: the destination verifies and restores", None);
     // The destination verifies and restores, sending heartbeats meanwhile.
     let result: MigrationResult = wire::read_frame_live(&mut session.r, ctx.cfg.peer_read_timeout)
         .await

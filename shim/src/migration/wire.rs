@@ -10,7 +10,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// 4: the post-copy page link is framed and resumable (`PageLinkOk`,
 /// `PageAck`, offsets in its `Data` frames).
 /// 5: pre-copy (`Hello.pre_copy`, `RoundEnd`, `RoundOk`, page deltas).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: `--mode auto`'s probe (`Probe`, `ProbeAnswer`); zstd chunks
+/// (`DataZ`, `Hello.compression`, `HelloOk.compression`); the witness
+/// fields of `Hello` and `HelloOk` came in the same version.
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Largest frame accepted (a data chunk is at most `CHUNK` plus its header).
 pub const MAX_FRAME: usize = 4 << 20;
 /// Largest JSON frame accepted.
@@ -58,6 +61,15 @@ pub enum Kind {
     RoundEnd = 15,
     /// JSON, destination to source: the round's images are rebuilt and held.
     RoundOk = 16,
+    /// JSON, the first frame of a connection that only measures (`auto`):
+    /// `{protocol}`; `Data` frames of file id 0 follow, an empty one ends them.
+    Probe = 17,
+    /// JSON, destination to source: what arrived of the probe, and what the
+    /// destination supports (`auto::ProbeAnswer`).
+    ProbeAnswer = 18,
+    /// Binary: u32 file id, u64 offset, u32 length before compression, a
+    /// zstd frame of those bytes (only when `HelloOk.compression` is zstd).
+    DataZ = 19,
     /// JSON, the first frame of a connection to a witness (`witness`):
     /// `{migration_id, decision}`, "record this unless a decision is held".
     WitnessRecord = 30,
@@ -87,6 +99,9 @@ impl Kind {
             21 => PageAck,
             15 => RoundEnd,
             16 => RoundOk,
+            17 => Probe,
+            18 => ProbeAnswer,
+            19 => DataZ,
             30 => WitnessRecord,
             31 => WitnessAnswer,
             _ => return None,
@@ -169,6 +184,36 @@ pub fn parse_data(payload: &[u8]) -> Result<(u32, u64, &[u8]), WireError> {
     let id = u32::from_be_bytes(payload[..4].try_into().expect("4 bytes"));
     let off = u64::from_be_bytes(payload[4..12].try_into().expect("8 bytes"));
     Ok((id, off, &payload[12..]))
+}
+
+/// Header of a compressed data frame.
+pub fn dataz_header(id: u32, offset: u64, raw_len: u32) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..12].copy_from_slice(&data_header(id, offset));
+    h[12..].copy_from_slice(&raw_len.to_be_bytes());
+    h
+}
+
+/// A `DataZ` frame as the `Data` frame it stands for. The announced
+/// length is checked against `CHUNK` before anything is allocated, and the
+/// output may not exceed it.
+pub fn inflate(f: &Frame) -> Result<Frame, WireError> {
+    let bad = |detail: String| WireError::Malformed { kind: Kind::DataZ, detail };
+    if f.payload.len() < 16 {
+        return Err(bad("shorter than its header".into()));
+    }
+    let raw_len = u32::from_be_bytes(f.payload[12..16].try_into().expect("4 bytes")) as usize;
+    if raw_len > CHUNK {
+        return Err(bad(format!("{raw_len} bytes announced, more than a chunk")));
+    }
+    let mut payload = Vec::with_capacity(12 + raw_len);
+    payload.extend_from_slice(&f.payload[..12]);
+    let out = zstd::bulk::decompress(&f.payload[16..], raw_len).map_err(|e| bad(e.to_string()))?;
+    if out.len() != raw_len {
+        return Err(bad(format!("{} bytes after decompression, {raw_len} announced", out.len())));
+    }
+    payload.extend_from_slice(&out);
+    Ok(Frame { kind: Kind::Data, payload })
 }
 
 pub async fn write_frame(w: &mut (impl AsyncWriteExt + Unpin), kind: Kind, parts: &[&[u8]]) -> Result<(), WireError> {
@@ -270,6 +315,32 @@ mod tests {
         assert_eq!(f.kind, Kind::Ready);
         assert_eq!(heartbeat_interval(std::time::Duration::from_secs(30)), std::time::Duration::from_secs(5));
         assert_eq!(heartbeat_interval(std::time::Duration::from_secs(2)), std::time::Duration::from_millis(500));
+    }
+
+    #[test]
+    fn compressed_data_frames_inflate_within_bounds() {
+        let bytes: Vec<u8> = b"abcabcabc".iter().cycle().take(100_000).copied().collect();
+        let z = zstd::bulk::compress(&bytes, 3).unwrap();
+        let mut payload = dataz_header(7, 4096, bytes.len() as u32).to_vec();
+        payload.extend_from_slice(&z);
+        let f = inflate(&Frame { kind: Kind::DataZ, payload: payload.clone() }).unwrap();
+        assert_eq!(f.kind, Kind::Data);
+        let (id, off, b) = parse_data(&f.payload).unwrap();
+        assert_eq!((id, off, b), (7, 4096, &bytes[..]));
+        // A length above a chunk, a lie about the length, or garbage: refused.
+        let mut big = payload.clone();
+        big[12..16].copy_from_slice(&((CHUNK as u32) + 1).to_be_bytes());
+        assert!(inflate(&Frame { kind: Kind::DataZ, payload: big }).is_err());
+        let mut short = payload.clone();
+        short[12..16].copy_from_slice(&1000u32.to_be_bytes());
+        assert!(inflate(&Frame { kind: Kind::DataZ, payload: short }).is_err());
+        let mut long = payload.clone();
+        long[12..16].copy_from_slice(&200_000u32.to_be_bytes());
+        assert!(inflate(&Frame { kind: Kind::DataZ, payload: long }).is_err());
+        let mut junk = dataz_header(1, 0, 10).to_vec();
+        junk.extend_from_slice(b"not zstd at all");
+        assert!(inflate(&Frame { kind: Kind::DataZ, payload: junk }).is_err());
+        assert!(inflate(&Frame { kind: Kind::DataZ, payload: vec![0; 15] }).is_err());
     }
 
     #[tokio::test]

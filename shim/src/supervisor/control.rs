@@ -34,9 +34,13 @@ pub enum Request {
     },
     Migrate {
         to: String,
-        /// `stop-copy` (the default) or `post-copy`.
+        /// `auto` (the default), `stop-copy`, `pre-copy` or `post-copy`.
         #[serde(default)]
         mode: MigrationMode,
+        /// `auto` never chooses post-copy (the split-state mode); refused
+        /// with `post-copy`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        no_post_copy: bool,
     },
     /// Settle a migration that is in doubt (`ums resolve`).
     Resolve {
@@ -48,8 +52,11 @@ pub enum Request {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationMode {
-    /// Freeze, copy everything, then run at the destination (the default).
+    /// Choose one of the others from what is measured before the migration
+    /// (memory, dirty rate, link rate, what both sides support): the default.
     #[default]
+    Auto,
+    /// Freeze, copy everything, then run at the destination.
     StopCopy,
     /// Freeze, copy all but the memory, run at the destination at once and
     /// fetch the memory afterwards (CRIU lazy pages, userfaultfd).
@@ -66,8 +73,17 @@ impl MigrationMode {
             MigrationMode::StopCopy => "stop-copy",
             MigrationMode::PostCopy => "post-copy",
             MigrationMode::PreCopy => "pre-copy",
+            MigrationMode::Auto => "auto",
         }
     }
+}
+
+/// What a `migrate` request asks for: the mode, and whether `auto` may
+/// choose post-copy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MigrateHow {
+    pub mode: MigrationMode,
+    pub no_post_copy: bool,
 }
 
 fn yes() -> bool {
@@ -303,7 +319,7 @@ mod tests {
         );
         assert_eq!(
             parse(r#"{"op":"migrate","to":"10.0.0.2:7411"}"#),
-            Ok(Request::Migrate { to: "10.0.0.2:7411".into(), mode: Default::default() })
+            Ok(Request::Migrate { to: "10.0.0.2:7411".into(), mode: Default::default(), no_post_copy: false })
         );
         use crate::supervisor::in_doubt::Resolution;
         assert_eq!(parse(r#"{"op":"resolve","action":"thaw"}"#), Ok(Request::Resolve { action: Resolution::Thaw }));

@@ -39,6 +39,8 @@ pub struct Ctx {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The migration layer's page links (post-copy), for `status`.
     pub page_links: fn() -> serde_json::Value,
+    /// The outgoing migration's progress (phase, bytes, rate), for `status`.
+    pub progress: fn() -> serde_json::Value,
 }
 
 /// A boxed future, sendable to a task.
@@ -52,7 +54,7 @@ pub type MigrateOut = Arc<
             Ctx,
             Arc<Nested>,
             String,
-            crate::supervisor::control::MigrationMode,
+            crate::supervisor::control::MigrateHow,
         ) -> BoxFuture<Result<(serde_json::Value, BoxFuture<f64>), String>>
         + Send
         + Sync,
@@ -228,6 +230,7 @@ impl Supervisor {
                 "in_doubt": in_doubt,
                 "stopping_remote": stopping_remote,
                 "page_links": (self.ctx.page_links)(),
+                "progress": (self.ctx.progress)(),
             },
             "workload": workload,
             "runtime": self.ctx.cfg.runtime,
@@ -390,7 +393,11 @@ impl Supervisor {
                     ctx.clone(),
                     n.clone(),
                     peer.clone(),
-                    crate::supervisor::control::MigrationMode::default(),
+                    // Evacuation keeps stop-copy: no measuring, no split state.
+                    crate::supervisor::control::MigrateHow {
+                        mode: crate::supervisor::control::MigrationMode::StopCopy,
+                        no_post_copy: true,
+                    },
                 )
                 .await
                 {
@@ -646,10 +653,11 @@ impl Supervisor {
                     let _ = inbox.send(Msg::Done(OpResult { op, reply: Some(reply), result, new_workload })).await;
                 });
             }
-            Request::Migrate { to, mode } => {
+            Request::Migrate { to, mode, no_post_copy } => {
                 let n = workload.expect("running state has a workload");
+                let how = crate::supervisor::control::MigrateHow { mode, no_post_copy };
                 tokio::spawn(async move {
-                    let result = match (ctx.migrate_out)(ctx.clone(), n, to, mode).await {
+                    let result = match (ctx.migrate_out)(ctx.clone(), n, to, how).await {
                         Ok((mut report, finish)) => {
                             // Answered once this outer is a standby again, so
                             // that a migration back is never refused as busy.

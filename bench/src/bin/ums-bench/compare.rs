@@ -1,7 +1,10 @@
 //! Section 4: ums beside the migration methods a user can pick today, in the
 //! same run, on the same two hosts (issue 7):
 //!
-//! 1. **ums**: `ums migrate` (streaming dump, mutual TLS);
+//! 1. **ums**: `ums migrate --mode stop-copy` (streaming dump, mutual
+//!    TLS), and ums's other modes: `--mode pre-copy`, `--mode post-copy`
+//!    and `--mode auto` (the default, which chooses among them; the bench
+//!    notes its choice);
 //! 2. **stop-then-copy**, UMS's container-level method reproduced in the same
 //!    outer containers: `ums checkpoint --stop` to the source's tmpfs, the
 //!    whole directory (CRIU images and the writable layer) copied with tar
@@ -43,18 +46,43 @@ const PEER_PORT: u16 = 7411;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
     Ums,
+    UmsPreCopy,
+    UmsPostCopy,
+    UmsAuto,
     StopCopy,
     PageServer,
     Podman,
 }
 
 impl Method {
-    pub const ALL: [Method; 4] = [Method::Ums, Method::StopCopy, Method::PageServer, Method::Podman];
+    pub const ALL: [Method; 7] = [
+        Method::Ums,
+        Method::UmsPreCopy,
+        Method::UmsPostCopy,
+        Method::UmsAuto,
+        Method::StopCopy,
+        Method::PageServer,
+        Method::Podman,
+    ];
+
+    /// ums's `--mode` for this method, if it is one of ums's.
+    pub fn ums_mode(self) -> Option<&'static str> {
+        match self {
+            Method::Ums => Some("stop-copy"),
+            Method::UmsPreCopy => Some("pre-copy"),
+            Method::UmsPostCopy => Some("post-copy"),
+            Method::UmsAuto => Some("auto"),
+            _ => None,
+        }
+    }
 
     /// The name used on the command line (`--methods`).
     pub fn key(self) -> &'static str {
         match self {
             Method::Ums => "ums",
+            Method::UmsPreCopy => "ums-pre-copy",
+            Method::UmsPostCopy => "ums-post-copy",
+            Method::UmsAuto => "ums-auto",
             Method::StopCopy => "stop-copy",
             Method::PageServer => "page-server",
             Method::Podman => "podman",
@@ -65,6 +93,9 @@ impl Method {
     pub fn title(self) -> &'static str {
         match self {
             Method::Ums => "ums migrate",
+            Method::UmsPreCopy => "ums pre-copy",
+            Method::UmsPostCopy => "ums post-copy",
+            Method::UmsAuto => "ums auto",
             Method::StopCopy => "stop-then-copy (UMS container-level)",
             Method::PageServer => "CRIU page server",
             Method::Podman => "podman checkpoint --export / restore --import",
@@ -72,10 +103,9 @@ impl Method {
     }
 
     pub fn parse(s: &str) -> anyhow::Result<Method> {
-        Method::ALL
-            .into_iter()
-            .find(|m| m.key() == s)
-            .with_context(|| format!("unknown method {s:?} (ums, stop-copy, page-server, podman)"))
+        Method::ALL.into_iter().find(|m| m.key() == s).with_context(|| {
+            format!("unknown method {s:?} (ums, ums-pre-copy, ums-post-copy, ums-auto, stop-copy, page-server, podman)")
+        })
     }
 }
 
@@ -84,6 +114,9 @@ pub struct Workload {
     pub mib: u32,
     pub procs: u32,
     pub img: OciImage,
+    /// memctr's compressible memory (`MEMCTR_COMPRESSIBLE=1`): its cells
+    /// go under the link's name plus ", compressible memory".
+    pub compressible: bool,
 }
 
 impl Workload {
@@ -242,19 +275,27 @@ fn cpu_s(pid: i32) -> anyhow::Result<f64> {
     Ok(ticks / 100.0)
 }
 
-fn ums_once(src: Side<'_>, dst: Side<'_>, run: &mut Run) -> anyhow::Result<()> {
+fn ums_once(mode: &str, src: Side<'_>, dst: Side<'_>, run: &mut Run) -> anyhow::Result<()> {
     let (ps, pd) = (src.outer.pid1(), dst.outer.pid1());
     let (rs, rd) = (reset_peak(ps)?, reset_peak(pd)?);
     let (cs, cd) = (cpu_s(ps)?, cpu_s(pd)?);
     let to = format!("{}:{PEER_PORT}", dst.host.addr());
-    let out = src.outer.ums_ok(&["migrate", "--json", "--to", &to])?;
+    let out = src.outer.ums_ok(&["migrate", "--json", "--mode", mode, "--to", &to])?;
     let r = json_result(&out)?;
+    if mode == "auto" {
+        run.notes.push(format!("auto chose {}", r["choice"].as_str().unwrap_or("?")));
+    }
+    if let Some(ratio) = r["compression"]["ratio"].as_f64().filter(|x| *x > 1.05) {
+        run.notes.push(format!("zstd level {}: data/wire ratio {ratio:.2}", r["compression"]["level"]));
+    }
     let grown = (rss_hwm(ps)?.1 - rs).max(rss_hwm(pd)?.1 - rd);
     run.mem_mib = Some(grown);
     run.phases.push(("ums CPU source", cpu_s(ps)? - cs));
     run.phases.push(("ums CPU destination", cpu_s(pd)? - cd));
     for (name, key) in [("checkpoint", "checkpoint_ms"), ("transfer", "transfer_ms"), ("restore", "restore_ms")] {
-        run.phases.push((name, field(&r, key)? / 1000.0));
+        if let Ok(v) = field(&r, key) {
+            run.phases.push((name, v / 1000.0));
+        }
     }
     run.phases.push(("ums total_ms", field(&r, "total_ms")? / 1000.0));
     // ums answers once it has ended its frozen copy, after the destination
@@ -324,7 +365,9 @@ fn migrate_once(p: &Point<'_>, m: Method, i: usize, src: Side<'_>, dst: Side<'_>
     let meter = LinkMeter::start(p.ha, p.hb)?;
     let t = Instant::now();
     let result = match m {
-        Method::Ums => ums_once(src, dst, &mut run),
+        Method::Ums | Method::UmsPreCopy | Method::UmsPostCopy | Method::UmsAuto => {
+            ums_once(m.ums_mode().expect("a ums method"), src, dst, &mut run)
+        }
         Method::StopCopy => stop_copy_once(&dir, src, dst, &mut run),
         Method::PageServer => page_server_once(&dir, src, dst, &mut run),
         Method::Podman => bail!("podman runs in its own containers (podman.rs)"),
@@ -351,10 +394,15 @@ fn migrate_once(p: &Point<'_>, m: Method, i: usize, src: Side<'_>, dst: Side<'_>
 /// two fresh outer containers, alternately A -> B and B -> A.
 fn outer_series(p: &Point<'_>, m: Method, out: &mut Vec<Run>) -> anyhow::Result<()> {
     let mk = |side: &str, host: &Host, standby: bool| {
-        let mut b = Outer::builder(&format!("bench-cmp-{}-{}-{side}", m.key(), p.w.mib))
-            .host(host)
-            .layout(&p.w.img.layout)
-            .ums(p.ums);
+        let mut b = Outer::builder(&format!(
+            "bench-cmp-{}-{}{}-{side}",
+            m.key(),
+            p.w.mib,
+            if p.w.compressible { "z" } else { "" }
+        ))
+        .host(host)
+        .layout(&p.w.img.layout)
+        .ums(p.ums);
         if standby {
             b = b.args(&["--standby"]);
         }
@@ -399,6 +447,7 @@ pub fn run(o: &Opts<'_>) -> anyhow::Result<Vec<Cell>> {
         let link = rate.clone().unwrap_or_else(|| "unlimited".into());
         let (ha, hb) = Host::pair("bench-cmp", rate.as_deref())?;
         for w in o.workloads {
+            let link = if w.compressible { format!("{link}, compressible memory") } else { link.clone() };
             for &m in o.methods {
                 check_interrupted()?;
                 let p = Point { ums: o.ums, ha: &ha, hb: &hb, link: &link, w, runs: o.runs };

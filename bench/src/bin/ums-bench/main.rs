@@ -50,6 +50,8 @@ struct Opts {
     rates: Vec<Option<String>>,
     methods: Vec<compare::Method>,
     procs: Vec<u32>,
+    /// compare: sizes of a workload with compressible memory.
+    compressible: Vec<u32>,
     out: Option<PathBuf>,
     verbose: bool,
     /// Draw compare.png again from this compare.md, run nothing.
@@ -61,13 +63,16 @@ const SECTIONS: &[&str] = &["startup", "checkpoint", "migration", "compare"];
 const USAGE: &str =
     "usage: ums-bench [--runs N] [--sizes 0,128,512] [--only startup|checkpoint|migration|compare[,...]]
                  [--rates 1gbit,none] [--methods ums,stop-copy,page-server,podman] [--procs 1,4,8]
-                 [--out DIR] [--verbose]
+                 [--compressible 512] [--out DIR] [--verbose]
   --runs N       runs per figure (median and min–max are shown; default 3)
   --sizes LIST   workload memory sizes in MiB for checkpoint and migration (default 0,128,512)
   --only LIST    run only these sections (default: all four)
   --rates LIST   links for the migrations: tc rates, or none for unlimited (default 1gbit,none)
-  --methods LIST compare: the methods (default: all: ums, stop-copy, page-server, podman)
+  --methods LIST compare: the methods (default: all: ums (stop-copy), ums-pre-copy, ums-post-copy, ums-auto,
+                 stop-copy, page-server, podman)
   --procs LIST   compare: also a 0 MiB workload of each of these process counts above 1 (default 1,4,8)
+  --compressible LIST  compare: also memctr with compressible memory (MEMCTR_COMPRESSIBLE=1) of these
+                 sizes in MiB, in tables of their own (default 512; none for no such row)
   --out DIR      compare: also write compare.md and compare.png into DIR (make bench-compare: docs/bench)
   --replot MD    draw compare.png again from a compare.md written earlier (into --out DIR, or beside MD); run nothing
   --verbose      output of the outer containers and runc to stderr (default: target/ums-bench.log)
@@ -85,6 +90,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         rates: vec![Some("1gbit".into()), None],
         methods: compare::Method::ALL.to_vec(),
         procs: vec![1, 4, 8],
+        compressible: vec![512],
         out: None,
         verbose: false,
         replot: None,
@@ -129,6 +135,14 @@ fn parse_args() -> anyhow::Result<Opts> {
                 o.procs = list(&v)
                     .iter()
                     .map(|s| s.parse::<u32>().ok().filter(|n| *n >= 1).with_context(|| format!("--procs: {s:?}")))
+                    .collect::<Result<_, _>>()?;
+            }
+            "--compressible" => {
+                let v = value("a list of sizes in MiB, or none")?;
+                o.compressible = list(&v)
+                    .iter()
+                    .filter(|s| *s != "none")
+                    .map(|s| s.parse::<u32>().with_context(|| format!("--compressible: {s:?}")))
                     .collect::<Result<_, _>>()?;
             }
             "--out" => o.out = Some(PathBuf::from(value("a directory")?)),
@@ -234,13 +248,22 @@ fn run(o: &Opts) -> anyhow::Result<()> {
         migration::run(&ums, &img_for(&o.sizes), &o.rates, o.runs)?;
     }
     if o.only.iter().any(|s| s == "compare") {
-        let mut workloads: Vec<compare::Workload> =
-            img_for(&o.sizes).into_iter().map(|(mib, img)| compare::Workload { mib, procs: 1, img }).collect();
+        let mut workloads: Vec<compare::Workload> = img_for(&o.sizes)
+            .into_iter()
+            .map(|(mib, img)| compare::Workload { mib, procs: 1, img, compressible: false })
+            .collect();
         for &procs in o.procs.iter().filter(|p| **p > 1) {
             let img = ImageBuilder::new(&memctr)
                 .cmd(&["0", &procs.to_string()])
                 .build(&tmp.path().join(format!("layout-0-x{procs}")))?;
-            workloads.push(compare::Workload { mib: 0, procs, img });
+            workloads.push(compare::Workload { mib: 0, procs, img, compressible: false });
+        }
+        for &mib in &o.compressible {
+            let img = ImageBuilder::new(&memctr)
+                .cmd(&[&mib.to_string()])
+                .env("MEMCTR_COMPRESSIBLE", "1")
+                .build(&tmp.path().join(format!("layout-{mib}-z")))?;
+            workloads.push(compare::Workload { mib, procs: 1, img, compressible: true });
         }
         let started_load = format!("load average at the start: {}", loadavg());
         let cells = compare::run(&compare::Opts {

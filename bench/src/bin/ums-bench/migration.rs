@@ -49,7 +49,7 @@ fn migrate_once(
     let from_dst = dst.log().len();
     let to = format!("{dst_addr}:{PEER_PORT}");
     let t = Instant::now();
-    let out = src.ums_ok(&["migrate", "--json", "--to", &to])?;
+    let out = src.ums_ok(&["migrate", "--json", "--mode", "stop-copy", "--to", &to])?;
     let wall = ms(t.elapsed());
     let r = json_result(&out)?;
     // The source's last tick may still be in the pipe: read it once the

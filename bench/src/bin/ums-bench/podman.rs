@@ -188,7 +188,7 @@ fn round_trip() -> anyhow::Result<()> {
     let tmp = tempfile::Builder::new().prefix(&ums_e2e::unique_name("bench-podman-check")).tempdir()?;
     let memctr = ums_e2e::workload::try_build_workload(tmp.path())?;
     let img = ImageBuilder::new(&memctr).cmd(&["0"]).build(&tmp.path().join("layout"))?;
-    let w = Workload { mib: 0, procs: 1, img };
+    let w = Workload { mib: 0, procs: 1, img, compressible: false };
     let (ha, hb) = Host::pair("podman-check", None)?;
     // `ums` is not used by this method.
     let p = Point { ums: Path::new("ums"), ha: &ha, hb: &hb, link: "unlimited", w: &w, runs: 1 };

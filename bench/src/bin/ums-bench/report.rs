@@ -12,7 +12,8 @@ use crate::compare::{Cell, Method};
 
 /// A tc rate (`1gbit`, `500mbit`, `10gbit`) in bits per second.
 pub fn rate_bps(rate: &str) -> Option<f64> {
-    let r = rate.trim().to_ascii_lowercase();
+    // "1gbit, compressible memory": the link is the part before the comma.
+    let r = rate.split(',').next().unwrap_or("").trim().to_ascii_lowercase();
     let (num, mult) = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)]
         .iter()
         .find_map(|(suffix, m)| r.strip_suffix(suffix).map(|n| (n.to_string(), *m)))?;
@@ -234,7 +235,7 @@ pub fn targets(cells: &[Cell]) -> String {
         let Some(u) = med_total(cells, Method::Ums, &link, mib, procs) else { continue };
         let others: Vec<(Method, f64)> = Method::ALL
             .into_iter()
-            .filter(|m| *m != Method::Ums)
+            .filter(|m| m.ums_mode().is_none())
             .filter_map(|m| med_total(cells, m, &link, mib, procs).map(|t| (m, t)))
             .collect();
         let faster: Vec<String> =
@@ -269,6 +270,70 @@ pub fn targets(cells: &[Cell]) -> String {
             let _ =
                 writeln!(out, "   - {link}, {mib} MiB: {:.2}× ({s:.2} s / {u:.2} s): {}", s / u, verdict(s / u >= 1.3));
         }
+    }
+    // Issue 14's targets: ums's modes side by side.
+    let _ = writeln!(out, "6. (issue 14) pre-copy freeze at 1 GiB on 1 Gbit/s at most 1.5 s (idle workload):");
+    for (link, mib) in sizes.iter().filter(|(l, m)| rate_bps(l) == Some(1e9) && !l.contains(',') && *m >= 1024) {
+        if let Some(c) = cell(cells, Method::UmsPreCopy, link, *mib, 1) {
+            if let Some(d) = median(&c.runs.iter().map(|r| r.downtime_s).collect::<Vec<_>>()) {
+                let _ = writeln!(out, "   - {link}, {mib} MiB: {d:.2} s: {}", verdict(d <= 1.5));
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "7. (issue 14) compressible memory: total migration time at most 0.6 × the wire time of its memory:"
+    );
+    for (link, mib) in sizes.iter().filter(|(l, _)| l.contains("compressible") && rate_bps(l).is_some()) {
+        let best = Method::ALL
+            .into_iter()
+            .filter(|m| m.ums_mode().is_some())
+            .filter_map(|m| med_total(cells, m, link, *mib, 1).map(|t| (m, t)))
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        if let (Some((m, t)), Some(w)) = (best, wire_s(link, *mib)) {
+            let _ = writeln!(
+                out,
+                "   - {link}, {mib} MiB: best {} {t:.2} s against 0.6 × {w:.2} s = {:.2} s: {}",
+                m.key(),
+                0.6 * w,
+                verdict(t <= 0.6 * w)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "8. (issue 14) auto at most 10% slower (total) than the best single ums mode, and no longer a freeze than \
+         the shortest:"
+    );
+    for (link, mib, procs) in points(cells) {
+        let Some(a) = cell(cells, Method::UmsAuto, &link, mib, procs) else { continue };
+        let med = |c: &Cell, f: fn(&crate::compare::Run) -> f64| median(&c.runs.iter().map(f).collect::<Vec<_>>());
+        let (Some(at), Some(ad)) = (med(a, |r| r.total_s), med(a, |r| r.downtime_s)) else { continue };
+        let singles: Vec<(Method, f64, f64)> = [Method::Ums, Method::UmsPreCopy, Method::UmsPostCopy]
+            .into_iter()
+            .filter_map(|m| {
+                let c = cell(cells, m, &link, mib, procs)?;
+                Some((m, med(c, |r| r.total_s)?, med(c, |r| r.downtime_s)?))
+            })
+            .collect();
+        let (Some(bt), Some(bd)) =
+            (singles.iter().min_by(|x, y| x.1.total_cmp(&y.1)), singles.iter().min_by(|x, y| x.2.total_cmp(&y.2)))
+        else {
+            continue;
+        };
+        let chose = a.runs.iter().flat_map(|r| r.notes.iter()).find(|n| n.starts_with("auto chose")).cloned();
+        let _ = writeln!(
+            out,
+            "   - {link}, {}: auto {at:.2} s against {} {:.2} s: {}; freeze {ad:.2} s against {} {:.2} s: {}{}",
+            workload_label(mib, procs),
+            bt.0.key(),
+            bt.1,
+            verdict(at <= 1.1 * bt.1),
+            bd.0.key(),
+            bd.2,
+            verdict(ad <= bd.2),
+            chose.map(|c| format!(" ({})", c.split(" (auto").next().unwrap_or(&c))).unwrap_or_default()
+        );
     }
     // 4. Memory.
     let mem: Vec<f64> = cells
@@ -316,7 +381,8 @@ pub fn targets(cells: &[Cell]) -> String {
     out
 }
 
-const COLORS: [[u8; 3]; 4] = [[31, 90, 200], [230, 120, 20], [40, 150, 70], [200, 40, 60]];
+const COLORS: [[u8; 3]; 7] =
+    [[31, 90, 200], [90, 170, 230], [20, 160, 160], [0, 40, 110], [230, 120, 20], [40, 150, 70], [200, 40, 60]];
 /// The UMS paper's series: muted, so that the methods measured here stand out.
 const PAPER_COLORS: [[u8; 3]; 3] = [[140, 60, 160], [150, 110, 40], [90, 130, 140]];
 
