@@ -4,6 +4,8 @@
 #                between two outer containers on this machine (with timings)
 #   make test    install the dependencies (with the test extras), build, and run
 #                every test: unit tests and end-to-end tests (root, namespaces)
+#   make install-shim  build containerd-shim-ums-v1 (runtime io.containerd.ums.v1)
+#                in release and install it into $(PREFIX)/bin (docs/containerd.md)
 #   make bench   the benchmarks (extra arguments: make bench ARGS="...")
 #   make bench-compare  ums (stop-copy, pre-copy, post-copy, auto) beside
 #                stop-then-copy, CRIU's page server and podman: 0..1024 MiB,
@@ -37,7 +39,7 @@ ARGS ?=
 # Where cargo puts its output (honours CARGO_TARGET_DIR like cargo does).
 TARGET_DIR ?= $(abspath $(or $(CARGO_TARGET_DIR),target))
 
-.PHONY: all deps test-deps build demo test chaos bench bench-compare clean test-image image-deps
+.PHONY: all deps test-deps build install-shim demo test chaos bench bench-compare clean test-image image-deps
 
 all: build
 
@@ -48,7 +50,14 @@ test-deps:
 	bash image/install-deps.sh --test
 
 build:
-	$(CARGO) build -p ums
+	$(CARGO) build -p ums -p containerd-shim-ums
+
+# The containerd shim (runtime io.containerd.ums.v1) on containerd's PATH
+# (docs/containerd.md); PREFIX=/usr/local by default.
+PREFIX ?= /usr/local
+install-shim:
+	$(CARGO) build --release -p containerd-shim-ums
+	install -D -m 0755 $(TARGET_DIR)/release/containerd-shim-ums-v1 $(DESTDIR)$(PREFIX)/bin/containerd-shim-ums-v1
 
 # ums in release (it moves the bytes); the demo driver in the dev profile,
 # because the release profile aborts on panic, and the driver must unwind to
@@ -61,7 +70,7 @@ demo: test-deps
 # The end-to-end tests use target/debug/ums (or $$UMS_BIN). The benchmarks
 # (crate ums-bench) are not built here.
 test: test-deps
-	$(CARGO) build -p ums
+	$(CARGO) build -p ums -p containerd-shim-ums
 	$(CARGO) test -p ums -p ums-e2e -- --test-threads $(TEST_THREADS)
 
 CHAOS_ARGS ?= --count 200 --seed 2027 --time-limit 3600

@@ -5,7 +5,8 @@
 #     fails on kernels >= 6.x here, 4.1.1 cannot dump TCP sockets on >= 6.16);
 #   - with --test: what the end-to-end tests use (busybox-static, a static C
 #     toolchain for the test workloads, redis-tools for Debian's redis server
-#     as a real workload).
+#     as a real workload, containerd 1.6 with ctr for the containerd shim's
+#     tests, which start their own containerd: tests/tests/containerd_shim.rs).
 # Idempotent: when a working CRIU >= 4.2 and the runtimes are present it only
 # checks them. Used by the README, .ci/run and the Dockerfile alike.
 set -euo pipefail
@@ -28,7 +29,7 @@ RUNTIME_PKGS=(runc crun iptables iproute2 ca-certificates curl xz-utils)
 CRIU_BUILD_PKGS=(build-essential pkg-config libprotobuf-c-dev protobuf-c-compiler
   protobuf-compiler libprotobuf-dev python3-protobuf libnl-3-dev libnet1-dev libcap-dev libbsd-dev
   libgnutls28-dev libnftables-dev libaio-dev uuid-dev)
-TEST_PKGS=(busybox-static gcc libc6-dev util-linux procps psmisc zstd gzip redis-tools)
+TEST_PKGS=(busybox-static gcc libc6-dev util-linux procps psmisc zstd gzip redis-tools containerd)
 
 missing_pkgs() {
   local p

@@ -7,6 +7,7 @@
 //! - [`oci_layout`]: writes a deterministic OCI image layout (busybox + memctr);
 //! - [`host`]: simulated hosts, network namespaces joined by a veth pair;
 //! - [`copy`]: tar over TCP between hosts, `criu page-server` in an outer;
+//! - [`containerd`]: a containerd of a test's own (root, state, socket);
 //! - [`outer`]: a simulated outer container (`tests/outer.sh`) with `ums init`
 //!   as its PID 1, its output captured line by line ([`output`]);
 //!
@@ -16,6 +17,7 @@
 
 pub mod cgroup;
 pub mod chaos;
+pub mod containerd;
 pub mod copy;
 pub mod debs;
 pub mod fault;

@@ -70,6 +70,46 @@ impl Runtime {
         a
     }
 
+    /// `create`: the container's init waits (runc's exec fifo) until `start`.
+    /// containerd's Create/Start pair maps onto it (containerd-shim-ums).
+    /// With `console`, runc sends the terminal's master end to that Unix
+    /// socket (a spec with `process.terminal`).
+    pub fn create_args(&self, id: &str, bundle: &Path, pid_file: &Path, console: Option<&Path>) -> Vec<String> {
+        let mut a = self.global();
+        a.extend(["create", "--bundle"].map(String::from));
+        a.push(s(bundle));
+        a.push("--pid-file".into());
+        a.push(s(pid_file));
+        if let Some(c) = console {
+            a.push("--console-socket".into());
+            a.push(s(c));
+        }
+        a.push(id.into());
+        a
+    }
+
+    pub fn start_args(&self, id: &str) -> Vec<String> {
+        let mut a = self.global();
+        a.extend(["start".to_string(), id.to_string()]);
+        a
+    }
+
+    /// `exec --detach`: one more process, described by an OCI `process`
+    /// JSON file, in a running container.
+    pub fn exec_args(&self, id: &str, process: &Path, pid_file: &Path, console: Option<&Path>) -> Vec<String> {
+        let mut a = self.global();
+        a.extend(["exec", "--detach", "--process"].map(String::from));
+        a.push(s(process));
+        a.push("--pid-file".into());
+        a.push(s(pid_file));
+        if let Some(c) = console {
+            a.push("--console-socket".into());
+            a.push(s(c));
+        }
+        a.push(id.into());
+        a
+    }
+
     pub fn kill_args(&self, id: &str, signal: &str, all: bool) -> Vec<String> {
         let mut a = self.global();
         a.push("kill".into());
@@ -171,6 +211,33 @@ impl Runtime {
         self.detached(reaper, self.run_args(id, bundle, pid_file), stdio, None, None)
     }
 
+    /// Create the container (its init waits for `start`), its stdio being
+    /// the given pipe ends.
+    pub fn create_detached(
+        &self,
+        reaper: &Reaper,
+        id: &str,
+        bundle: &Path,
+        pid_file: &Path,
+        console: Option<&Path>,
+        stdio: [Stdio; 3],
+    ) -> Result<(), ExecError> {
+        self.detached(reaper, self.create_args(id, bundle, pid_file, console), stdio, None, None)
+    }
+
+    /// Run one more process in the container, detached, with these stdio.
+    pub fn exec_detached(
+        &self,
+        reaper: &Reaper,
+        id: &str,
+        process: &Path,
+        pid_file: &Path,
+        console: Option<&Path>,
+        stdio: [Stdio; 3],
+    ) -> Result<(), ExecError> {
+        self.detached(reaper, self.exec_args(id, process, pid_file, console), stdio, None, None)
+    }
+
     /// Restore detached; the new pipe ends replace the checkpointed stdio.
     pub fn restore_detached(
         &self,
@@ -238,6 +305,9 @@ impl Runtime {
 
     pub fn kill(&self, reaper: &Reaper, id: &str, signal: &str, all: bool) -> Result<(), ExecError> {
         exec::check_blocking(reaper, self.command(self.kill_args(id, signal, all))).map(|_| ())
+    }
+    pub fn start(&self, reaper: &Reaper, id: &str) -> Result<(), ExecError> {
+        exec::check_blocking(reaper, self.command(self.start_args(id))).map(|_| ())
     }
     pub fn delete(&self, reaper: &Reaper, id: &str) -> Result<(), ExecError> {
         exec::check_blocking(reaper, self.command(self.delete_args(id))).map(|_| ())
@@ -451,6 +521,19 @@ mod tests {
         assert_eq!(a.last().unwrap(), "w2");
         let a = rt().restore_args("w2", &RestoreOpts { criu: Some("/run/ums/criu-hang".into()), ..o });
         assert_eq!(&a[2..5], ["--criu", "/run/ums/criu-hang", "restore"]);
+    }
+
+    #[test]
+    fn create_start_and_exec_name_the_container_last() {
+        let a = rt().create_args("w1", Path::new("/b"), Path::new("/b/init.pid"), None);
+        assert_eq!(a, ["--root", "/run/ums/runtime", "create", "--bundle", "/b", "--pid-file", "/b/init.pid", "w1"]);
+        let a = rt().create_args("w1", Path::new("/b"), Path::new("/b/init.pid"), Some(Path::new("/c.sock")));
+        assert_eq!(a[7..], ["--console-socket", "/c.sock", "w1"]);
+        assert_eq!(rt().start_args("w1")[2..], ["start", "w1"]);
+        let a = rt().exec_args("w1", Path::new("/b/e1.json"), Path::new("/b/e1.pid"), None);
+        assert_eq!(a[2..], ["exec", "--detach", "--process", "/b/e1.json", "--pid-file", "/b/e1.pid", "w1"]);
+        let a = rt().exec_args("w1", Path::new("/b/e1.json"), Path::new("/b/e1.pid"), Some(Path::new("/c.sock")));
+        assert_eq!(a[8..], ["--console-socket", "/c.sock", "w1"]);
     }
 
     #[test]
