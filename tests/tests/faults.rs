@@ -261,3 +261,25 @@ fn a_partition_while_the_image_is_sent_fails_before_anything_is_frozen() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(verdict(&mut p, &m).verdict, Verdict::Runs(1));
 }
+
+#[test]
+fn a_link_of_a_few_hundred_kib_per_second_is_slow_but_not_a_fault() {
+    // 800 kbit/s (100 KB/s after a 1 MB burst), no compression, a 6 s peer
+    // deadline: the checkpoint of a 2 MiB workload takes about twice the
+    // deadline to arrive, while the source wrote its last byte (into socket
+    // buffers) almost at once and waits for `Result`. Each read on either
+    // side still gets a frame within the deadline (data one way, the
+    // destination's heartbeats the other), so the migration completes.
+    let opts = PairOpts { mib: 2, rate: Some("800kbit".into()), peer_timeout: "6s".into() };
+    let mut p = Pair::start("fslow", opts, |side, b| if side == 0 { b.args(&["--compress", "off"]) } else { b });
+    let m = marks(&p);
+    let t0 = std::time::Instant::now();
+    let out = p.start_migrate(0).join().unwrap();
+    let took = t0.elapsed();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("{took:?}: {} bytes, frozen {} ms", r["result"]["bytes"], r["result"]["frozen_ms"]);
+    assert!(took > Duration::from_secs(7), "the link was not slow: {took:?}");
+    assert_eq!(r["result"]["in_doubt_ms"], 0.0, "the source went in doubt: {r}");
+    assert_eq!(verdict(&mut p, &m).verdict, Verdict::Runs(1));
+}

@@ -706,7 +706,12 @@ async fn receive_checkpoint(
     let deadline = cfg.peer_read_timeout;
     let mut files: HashMap<u32, Incoming> = HashMap::new();
     let manifest: Manifest = loop {
-        let f = wire::read_frame_within(r, deadline).await?;
+        // Heartbeats while a frame arrives: on a slow link the source wrote
+        // its last byte (into socket buffers) long ago and waits for
+        // `Result` with its deadline while the bytes are still on their way
+        // here, a chunk taking longer than that deadline on a link of a few
+        // KiB/s.
+        let f = with_heartbeats(w, deadline, wire::read_frame_within(r, deadline)).await?;
         match f.kind {
             Kind::FileOpen | Kind::Data | Kind::DataZ => {
                 let f = plain(f, zstd(hello))?;

@@ -41,8 +41,9 @@ pub enum Kind {
     /// JSON: "did migration X end with a running workload here?"
     Query = 10,
     QueryAnswer = 11,
-    /// Empty: the destination is alive and working (unpacking, verifying,
-    /// restoring); it resets the source's read deadline and means nothing else.
+    /// Empty: the destination is alive and working (receiving, unpacking,
+    /// verifying, restoring); it resets the source's read deadline and means
+    /// nothing else.
     Heartbeat = 12,
     /// JSON, the first frame of a second connection of a post-copy migration:
     /// `{migration_id}`. CRIU's page-server bytes follow it, raw, both ways.
@@ -277,12 +278,21 @@ pub async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> Result<Frame, Wi
     Ok(Frame { kind, payload })
 }
 
-/// `read_frame` with a deadline: a silent peer is dropped.
+/// `read_frame` with a deadline on progress: a peer from which no byte
+/// arrives for `deadline` is dropped. A frame that keeps arriving, however
+/// slowly (a chunk of 1 MiB over a link of a few KiB/s), is waited for: the
+/// deadline detects a dead or silent peer, not a slow link.
 pub async fn read_frame_within(
     r: &mut (impl AsyncReadExt + Unpin),
     deadline: std::time::Duration,
 ) -> Result<Frame, WireError> {
-    tokio::time::timeout(deadline, read_frame(r)).await.map_err(|_| WireError::Timeout(deadline))?
+    let mut idle = tokio_io_timeout::TimeoutReader::new(r);
+    idle.set_timeout(Some(deadline));
+    tokio::pin!(idle);
+    match read_frame(&mut idle).await {
+        Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => Err(WireError::Timeout(deadline)),
+        other => other,
+    }
 }
 
 /// The next frame that is not a `Heartbeat`: every frame, heartbeats
@@ -323,6 +333,35 @@ mod tests {
         assert_eq!(f.kind, Kind::Ready);
         assert_eq!(heartbeat_interval(std::time::Duration::from_secs(30)), std::time::Duration::from_secs(5));
         assert_eq!(heartbeat_interval(std::time::Duration::from_secs(2)), std::time::Duration::from_millis(500));
+    }
+
+    /// A frame that trickles in, a piece every 60 ms, takes far longer than
+    /// the 150 ms deadline in all and is still read; one that stops
+    /// mid-frame is dropped at the deadline.
+    #[tokio::test]
+    async fn the_deadline_is_on_progress_not_on_the_whole_frame() {
+        use std::time::Duration;
+        let mut frame = Vec::new();
+        write_frame(&mut frame, Kind::Data, &[&[7u8; 40]]).await.unwrap();
+        let (mut tx, mut rx) = tokio::io::duplex(1024);
+        let f2 = frame.clone();
+        let sender = tokio::spawn(async move {
+            for piece in f2.chunks(5) {
+                tx.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+            tx
+        });
+        let t0 = std::time::Instant::now();
+        let f = read_frame_within(&mut rx, Duration::from_millis(150)).await.unwrap();
+        assert_eq!((f.kind, f.payload.len()), (Kind::Data, 40));
+        assert!(t0.elapsed() > Duration::from_millis(300), "{:?}", t0.elapsed());
+        let mut tx = sender.await.unwrap();
+        tx.write_all(&frame[..10]).await.unwrap();
+        let t0 = std::time::Instant::now();
+        let err = read_frame_within(&mut rx, Duration::from_millis(150)).await.unwrap_err();
+        assert!(matches!(err, WireError::Timeout(_)), "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(2));
     }
 
     #[test]
