@@ -76,7 +76,18 @@ fn backoff(d: Duration) -> Duration {
 
 /// Stay in doubt until the destination answers `running` or `not_running`,
 /// or an operator decides. Shown on `board` meanwhile.
-pub async fn settle(cfg: &Config, board: &Board, to: &str, id: &str, cause: String, known: Vec<String>) -> Settled {
+/// `witness`: ask it too (stop-copy and pre-copy, where the destination may
+/// not have committed); `None` once the destination is known to have run the
+/// workload (post-copy), where a witness's `abort` could only come from one
+/// that lost its records, and must not thaw this copy while that one runs.
+pub async fn settle(
+    cfg: &Config,
+    board: &Board,
+    (to, witness): (&str, Option<&str>),
+    id: &str,
+    cause: String,
+    known: Vec<String>,
+) -> Settled {
     let (tx, mut decided) = oneshot::channel();
     {
         let mut g = board.lock();
@@ -98,7 +109,7 @@ pub async fn settle(cfg: &Config, board: &Board, to: &str, id: &str, cause: Stri
     let mut witness_held = None;
     // The sender stays on the board until an operator uses it.
     let settled = loop {
-        if let (Some(addr), None) = (&cfg.witness, witness_held) {
+        if let (Some(addr), None) = (witness, witness_held) {
             let asked = tokio::select! {
                 Ok((r, reply)) = &mut decided => break Settled::Operator(r, reply),
                 a = super::witness::ask(cfg, addr, id, super::witness::Decision::Abort, query_timeout(cfg)) => a,
@@ -114,20 +125,20 @@ pub async fn settle(cfg: &Config, board: &Board, to: &str, id: &str, cause: Stri
                 Ok(h) if h.decision == super::witness::Decision::Abort => {
                     tracing::warn!(
                         id,
-                        witness = addr.as_str(),
+                        witness = addr,
                         "the witness holds `abort`: the destination can never restore the workload; it runs here again"
                     );
-                    break Settled::AbortedAtWitness { witness: addr.clone() };
+                    break Settled::AbortedAtWitness { witness: addr.to_string() };
                 }
                 Ok(h) => {
                     tracing::warn!(
                         id,
-                        witness = addr.as_str(),
+                        witness = addr,
                         "the witness holds `commit`: the destination may run the workload; waiting for its answer"
                     );
                     witness_held = Some(h.decision);
                 }
-                Err(e) => tracing::info!(id, witness = addr.as_str(), error = %e, "the witness does not answer yet"),
+                Err(e) => tracing::info!(id, witness = addr, error = %e, "the witness does not answer yet"),
             }
         }
         let asked = tokio::select! {
@@ -222,7 +233,7 @@ mod tests {
         let board = Board::default();
         let b2 = board.clone();
         let t = tokio::spawn(async move {
-            settle(&cfg, &b2, "127.0.0.1:1", "m-1", "test".into(), vec!["the manifest was sent".into()]).await
+            settle(&cfg, &b2, ("127.0.0.1:1", None), "m-1", "test".into(), vec!["the manifest was sent".into()]).await
         });
         let until = tokio::time::Instant::now() + Duration::from_secs(5);
         while board.status().0.map(|i| i.queries).unwrap_or(0) == 0 {

@@ -870,7 +870,8 @@ async fn settle(
         "no Result came back: the destination may or may not have restored it".to_string(),
     ];
     ctx.metrics.migration_in_doubt(mode);
-    let settled = in_doubt::settle(&ctx.cfg, &ctx.in_doubt, to, migration_id, e.to_string(), known).await;
+    let witness = ctx.cfg.witness.as_deref();
+    let settled = in_doubt::settle(&ctx.cfg, &ctx.in_doubt, (to, witness), migration_id, e.to_string(), known).await;
     let in_doubt_ms = ms(t_doubt.elapsed());
     let flushed_at = sent.flushed_at.unwrap_or_else(|| t_freeze.elapsed());
     let none = MigrationResult { running: true, error: None, verify_ms: 0.0, restore_ms: 0.0 };
@@ -1008,11 +1009,14 @@ async fn post_copy(
                 format!("post-copy was interrupted: {reason}"),
             ];
             ctx.metrics.migration_in_doubt(Mode::PostCopy);
-            match in_doubt::settle(&ctx.cfg, &ctx.in_doubt, to, id, reason.clone(), known).await {
+            // The destination ran the workload: its commit is on record, so
+            // the witness is not asked (in_doubt::settle).
+            match in_doubt::settle(&ctx.cfg, &ctx.in_doubt, (to, None), id, reason.clone(), known).await {
                 Settled::Running { .. } => {
                     end_lazy_dump(dump, (!link_done).then_some(link), at).await;
                     Ok(None)
                 }
+                // (AbortedAtWitness cannot come: the witness was not asked.)
                 Settled::NotRunning | Settled::AbortedAtWitness { .. } => {
                     end_lazy_dump(dump, (!link_done).then_some(link), at).await;
                     Err((
